@@ -1,0 +1,3 @@
+"""The `leuk` command line."""
+import typer
+app = typer.Typer()
