@@ -1,3 +1,175 @@
-"""The `leuk` command line."""
+"""The `leuk` command line: data checks, centralized training, evaluation, prediction, simulation."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Optional
+
 import typer
-app = typer.Typer()
+
+from leukfed.common.cli_support import new_app, print_json, progress_bar, run_app
+
+app = new_app("leukfed: federated learning for leukemia diagnosis from blood-smear images.")
+data_app = new_app("Inspect datasets and make leak-free splits.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    directory: Path = typer.Argument(..., help="Dataset folder (class folders, patient folders or C-NMC)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Count images per class and patient, list corrupt, non-image and duplicate files."""
+    from leukfed.common.data import check_dataset, format_check_report
+
+    report = check_dataset(directory)
+    print_json(report) if as_json else typer.echo(format_check_report(report))
+
+
+@data_app.command("split")
+def data_split(
+    directory: Path = typer.Argument(..., help="Dataset folder."),
+    out: Path = typer.Option(..., "--out", help="Split JSON file to write."),
+    val: float = typer.Option(0.15, help="Validation fraction."),
+    test: float = typer.Option(0.15, help="Test fraction."),
+    seed: int = typer.Option(0, help="Random seed."),
+    by: str = typer.Option("auto", help="Grouping: auto (patient when known), image, patient, block:N."),
+) -> None:
+    """Make a stratified, duplicate- and patient-aware train/val/test split and save it."""
+    from leukfed.common.data import scan_dataset
+    from leukfed.common.splits import make_split, save_split, split_summary
+
+    manifest = scan_dataset(directory)
+    split = make_split(manifest, val_fraction=val, test_fraction=test, seed=seed, group_by=by)
+    save_split(split, out)
+    print_json(split_summary(split, manifest))
+
+
+@app.command("models")
+def models_list() -> None:
+    """List the registered models with their default input size."""
+    from leukfed.models import list_models, resolve_data_config
+
+    for name in list_models():
+        config = resolve_data_config(name)
+        typer.echo(f"{name:22s} input {config.input_size[1]}px x{config.input_size[0]} (min {config.min_size})")
+
+
+@app.command("train")
+def train(
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    model: str = typer.Option("dscnet", "--model", help="Model name (see `leuk models`)."),
+    out: Path = typer.Option(..., "--out", help="Run directory to create."),
+    epochs: int = typer.Option(20, help="Epochs."),
+    batch_size: int = typer.Option(32, help="Batch size."),
+    lr: float = typer.Option(1e-3, help="Learning rate."),
+    optimizer: str = typer.Option("adam", help="adam, adamw or sgd."),
+    weight_decay: float = typer.Option(0.0, help="Weight decay."),
+    loss: str = typer.Option("ce", help="ce (cross-entropy) or kl (KL-divergence, as DSCNet)."),
+    label_smoothing: float = typer.Option(0.0, help="Label smoothing."),
+    class_weights: bool = typer.Option(False, "--class-weights", help="Weight the loss by inverse class frequency of the training split."),
+    image_size: Optional[int] = typer.Option(None, help="Input size in px (default: the model's)."),
+    augment: str = typer.Option("paper002", help="paper002, flip or none."),
+    pretrained: str = typer.Option("auto", help="auto (offline package weights when the model has them), none, hub, package, or a weights file."),
+    weights: Optional[Path] = typer.Option(None, help="Start from this weights file (.safetensors/.pt)."),
+    seed: int = typer.Option(0, help="Random seed (same seed, same metrics)."),
+    patience: int = typer.Option(0, help="Early stopping after this many epochs without a better validation loss (0: off)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    split: Optional[Path] = typer.Option(None, "--split", help="Split JSON from `leuk data split` (default: make one)."),
+    group_by: str = typer.Option("auto", help="Split grouping when no --split: auto, image, patient, block:N."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images instead of refusing."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+) -> None:
+    """Train one model centrally; writes model, metrics, history and plots to --out."""
+    from leukfed.common.centralized import Callbacks, TrainConfig, train_centralized
+    from leukfed.common.data import check_dataset, scan_dataset
+    from leukfed.common.errors import LeukError
+    from leukfed.common.metrics import format_metrics_table
+
+    cfg = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                      weight_decay=weight_decay, loss=loss, label_smoothing=label_smoothing,
+                      class_weights=class_weights, image_size=image_size, augment=augment,
+                      pretrained=pretrained, weights=str(weights) if weights else None, seed=seed,
+                      patience=patience, device=device, group_by=group_by, skip_bad=skip_bad)
+    report = check_dataset(data)
+    if (report["unreadable"] or report["non_image_files"]) and not skip_bad:
+        bad = report["unreadable"] + report["non_image_files"]
+        raise LeukError(f"{len(bad)} unreadable or non-image files in {data} (e.g. {bad[0]}); "
+                        "fix them or pass --skip-bad")
+    with progress_bar() as progress:
+        task = progress.add_task("epoch", total=None)
+
+        def on_epoch_start(epoch: int, steps: int) -> None:
+            progress.reset(task, total=None, description=f"epoch {epoch}/{epochs}")
+
+        def on_epoch_end(row: dict) -> None:
+            progress.console.print(
+                f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
+                f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  ({row['train_seconds']:.0f}s)")
+
+        callbacks = Callbacks(on_epoch_start, lambda n: progress.advance(task, n), on_epoch_end)
+        metrics = train_centralized(data, out, cfg, split_file=split, resume=resume, callbacks=callbacks,
+                                    manifest=scan_dataset(data))
+    typer.echo(format_metrics_table(metrics, title=f"{model} on the test split"))
+    typer.echo(f"run saved to {out}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Path = typer.Option(..., "--model", help="Run directory (from `leuk train` or leuk-server)."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    split: Optional[Path] = typer.Option(None, "--split", help="Score only this split's subset (default: all images)."),
+    subset: str = typer.Option("test", help="With --split: train, val or test."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics JSON here."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Score a saved model: accuracy, sensitivity, specificity, F1, AUC, confusion matrix."""
+    from leukfed.common.atomic import atomic_write_json
+    from leukfed.common.errors import LeukError
+    from leukfed.common.inference import evaluate_run
+    from leukfed.common.metrics import format_metrics_table
+
+    if subset not in ("train", "val", "test"):
+        raise LeukError(f"--subset must be train, val or test, not {subset!r}")
+    metrics = evaluate_run(model, data, split_file=split, subset=subset, device=device)
+    typer.echo(format_metrics_table(metrics, title=f"{model} on {data}"))
+    if "patient_level" in metrics:
+        typer.echo(format_metrics_table(metrics["patient_level"], title="per patient (mean cell probability)"))
+    if out:
+        atomic_write_json(out, metrics)
+        typer.echo(f"metrics written to {out}")
+
+
+@app.command("predict")
+def predict_cmd(
+    paths: list[Path] = typer.Argument(..., help="Image files, or folders (one patient each: mean over its images)."),
+    model: Path = typer.Option(..., "--model", help="Run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print CSV."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Class probabilities and the predicted class per image or per patient folder."""
+    from leukfed.common.inference import predict_paths
+
+    rows = predict_paths(model, paths, device=device)
+    if as_json:
+        print_json(rows)
+        return
+    classes = list(rows[0]["probabilities"])
+    if as_csv:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path", "kind", "num_images", "predicted", *classes])
+        for r in rows:
+            writer.writerow([r["path"], r["kind"], r["num_images"], r["predicted"],
+                             *(f"{r['probabilities'][c]:.6f}" for c in classes)])
+        typer.echo(buffer.getvalue().rstrip("\n"))
+        return
+    typer.echo(f"{'path':50s} {'predicted':>10s} " + " ".join(f"{c:>8s}" for c in classes))
+    for r in rows:
+        typer.echo(f"{r['path'][-50:]:50s} {r['predicted']:>10s} "
+                   + " ".join(f"{r['probabilities'][c]:8.4f}" for c in classes))
+
+
+main = run_app(app)

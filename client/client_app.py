@@ -1,0 +1,73 @@
+"""Flower ClientApp: unpack a message, call the site's training functions, pack the reply."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from leukfed.client.audit import append_audit
+from leukfed.client.records import decode_state, encode_state
+from leukfed.common.fedconfig import FedConfig, SiteConfig
+from leukfed.common.site import load_site_data, local_evaluate, local_train, site_class_names, suppress_small
+
+app = ClientApp()
+
+
+def _settings(context: Context, msg: Message | None = None) -> tuple[FedConfig, SiteConfig]:
+    """Run-wide settings (with the class list the server fixed for this run) and this site's facts."""
+    fed = FedConfig.from_run_config(context.run_config)
+    if msg is not None and "config" in msg.content.config_records:
+        classes = msg.content["config"].get("class-names")
+        if classes:
+            fed = dataclasses.replace(fed, class_names=str(classes))
+    return fed, SiteConfig.from_node_config(context.node_config)
+
+
+def _reply(msg: Message, fed: FedConfig, site: SiteConfig, *, kind: str, num_examples: int,
+           metrics: dict[str, float], arrays=None, started: float) -> Message:
+    released = suppress_small(metrics, num_examples, fed.min_metric_examples)
+    metric_record = MetricRecord({"num-examples": num_examples, **released,
+                                  "client_seconds": time.perf_counter() - started})
+    content = RecordDict({"metrics": metric_record})
+    if arrays is not None:
+        content["arrays"] = arrays
+    append_audit(site, msg, kind=kind, metrics=dict(metric_record), sent=arrays)
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
+    fed, site = _settings(context, msg)
+    data = load_site_data(fed, site)
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 1)) + int(config.get("round-offset", 0))
+    result = local_train(fed, site, data, decode_state(msg.content["arrays"]), server_round,
+                         proximal_mu=float(config.get("proximal-mu", 0.0)))
+    metrics = {**result.metrics, "load_seconds": data.load_seconds}
+    arrays = encode_state(result.state, fed.transfer_dtype)
+    return _reply(msg, fed, site, kind="train", num_examples=result.num_examples, metrics=metrics,
+                  arrays=arrays, started=started)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
+    fed, site = _settings(context, msg)
+    data = load_site_data(fed, site)
+    result = local_evaluate(fed, site, data, decode_state(msg.content["arrays"]))
+    return _reply(msg, fed, site, kind="evaluate", num_examples=result.num_examples,
+                  metrics=result.metrics, started=started)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The site's class list (no counts, no names of files or patients)."""
+    fed, site = _settings(context)
+    classes = site_class_names(fed, site)
+    append_audit(site, msg, kind="query", metrics={}, sent=None)
+    return Message(content=RecordDict({"info": ConfigRecord({"class-names": list(classes)})}),
+                   reply_to=msg)
+

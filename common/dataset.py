@@ -1,0 +1,78 @@
+"""In-memory torch datasets of smear images, decoded once and resized to the model's input."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from leukfed.common.data import Manifest, Sample, load_image
+from leukfed.common.errors import LeukError
+from leukfed.common.transforms import Normalize, augmentation, prepare_image
+
+
+def decode_images(root: Path, samples: Sequence[Sample], data_config, *, workers: int = 4,
+                  skip_bad: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """Decode, convert and resize every sample once; returns uint8 NCHW and the kept indices."""
+
+    def load(sample: Sample) -> torch.Tensor | None:
+        try:
+            return prepare_image(load_image(root / sample.path), data_config)
+        except LeukError:
+            if skip_bad:
+                return None
+            raise
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        tensors = list(pool.map(load, samples))
+    kept = [i for i, t in enumerate(tensors) if t is not None]
+    if not kept:
+        raise LeukError(f"no readable images among {len(samples)} in {root}")
+    return torch.stack([tensors[i] for i in kept]), kept
+
+
+class SmearDataset(Dataset):
+    """Images held as uint8 tensors; augmentation (train only) and normalisation per item."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, data_config, *, train: bool,
+                 augment: str = "paper002", groups: Sequence[str | None] | None = None) -> None:
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.groups = list(groups) if groups is not None else [None] * len(labels)
+        self.augment = augmentation(augment if train else "none", data_config.input_size[1])
+        self.normalize = Normalize(data_config)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.normalize(self.augment(self.images[index])), self.labels[index]
+
+
+def build_dataset(manifest: Manifest, paths: Sequence[str], data_config, *, train: bool,
+                  augment: str = "paper002", skip_bad: bool = False) -> SmearDataset:
+    """Dataset over the given sample paths of a manifest (labels and patients from it)."""
+    by_path = {s.path: s for s in manifest.samples}
+    missing = [p for p in paths if p not in by_path]
+    if missing:
+        raise LeukError(f"{len(missing)} split paths are not in the data, e.g. {missing[0]}")
+    samples = [by_path[p] for p in paths]
+    images, kept = decode_images(manifest.root, samples, data_config, skip_bad=skip_bad)
+    samples = [samples[i] for i in kept]
+    index = {name: i for i, name in enumerate(manifest.class_names)}
+    labels = np.array([index[s.label] for s in samples], dtype=np.int64)
+    return SmearDataset(images, labels, data_config, train=train, augment=augment,
+                        groups=[s.patient for s in samples])
+
+
+def make_loader(dataset: SmearDataset, batch_size: int, *, shuffle: bool, seed: int = 0,
+                num_workers: int = 0, drop_last: bool = False) -> DataLoader:
+    """A seeded DataLoader; with a GPU, pinned memory."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      drop_last=drop_last and len(dataset) > batch_size,
+                      persistent_workers=num_workers > 0)

@@ -1,0 +1,159 @@
+"""What one hospital does in a federated round: load its data, train locally, evaluate. No Flower."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from leukfed.common.data import Manifest, scan_dataset
+from leukfed.common.dataset import SmearDataset, build_dataset, make_loader
+from leukfed.common.errors import LeukError
+from leukfed.common.fedconfig import FedConfig, SiteConfig
+from leukfed.common.splits import make_split
+from leukfed.common.train import (evaluate, make_loss, make_optimizer, prepare_model, proximal_term,
+                                  seed_everything, select_hardware, train_epoch)
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class SiteData:
+    """A site's training and site-local validation images, decoded once."""
+
+    class_names: tuple[str, ...]
+    train: SmearDataset
+    val: SmearDataset
+    load_seconds: float
+
+
+_CACHE: dict[tuple, SiteData] = {}
+
+
+def _site_paths(fed: FedConfig, site: SiteConfig) -> tuple[Manifest, list[str], list[str]]:
+    """Simulation: the partition file's share; deployment: a site-local split of data-path."""
+    if fed.partition_file:
+        partition = json.loads(Path(fed.partition_file).read_text())
+        if not 0 <= site.partition_id < len(partition["sites"]):
+            raise LeukError(f"partition id {site.partition_id} is outside the {len(partition['sites'])} sites")
+        share = partition["sites"][site.partition_id]
+        return scan_dataset(partition["data"]), share["train"], share["val"]
+    if not site.data_path:
+        raise LeukError(f"site {site.name} has no data-path in its node config")
+    manifest = scan_dataset(site.data_path)
+    split = make_split(manifest, val_fraction=fed.site_val_fraction, test_fraction=0.0, seed=fed.seed)
+    return manifest, list(split.train), list(split.val)
+
+
+def site_class_names(fed: FedConfig, site: SiteConfig) -> tuple[str, ...]:
+    """The class list of the site's data, without decoding any image."""
+    if fed.partition_file:
+        return fed.classes or scan_dataset(json.loads(Path(fed.partition_file).read_text())["data"]).class_names
+    if not site.data_path:
+        raise LeukError(f"site {site.name} has no data-path in its node config")
+    return scan_dataset(site.data_path).class_names
+
+
+def check_site_classes(site_classes, run_classes, site_name: str) -> None:
+    if run_classes and tuple(site_classes) != tuple(run_classes):
+        raise LeukError(f"site {site_name} refused: its classes {list(site_classes)} differ from the "
+                        f"run's classes {list(run_classes)}")
+
+
+def load_site_data(fed: FedConfig, site: SiteConfig) -> SiteData:
+    """Decode the site's images once per process (simulation actors reuse them across rounds)."""
+    from leukfed.models import resolve_data_config
+
+    key = (fed.partition_file, site.partition_id, site.data_path, fed.model, fed.image_size,
+           fed.augment, fed.seed, fed.site_val_fraction)
+    if key not in _CACHE:
+        start = time.perf_counter()
+        manifest, train_paths, val_paths = _site_paths(fed, site)
+        if fed.partition_file:
+            classes = fed.classes or manifest.class_names
+        else:
+            classes = manifest.class_names
+            check_site_classes(classes, fed.classes, site.name)
+        data_config = resolve_data_config(fed.model, fed.image_size or None)
+        train = build_dataset(manifest, train_paths, data_config, train=True, augment=fed.augment)
+        val = build_dataset(manifest, val_paths, data_config, train=False)
+        _CACHE.clear()  # one site per process: keep memory flat
+        _CACHE[key] = SiteData(tuple(classes), train, val, time.perf_counter() - start)
+    return _CACHE[key]
+
+
+def build_site_model(fed: FedConfig, num_classes: int, state: State | None = None) -> nn.Module:
+    """The run's architecture, filled with the global weights the server sent."""
+    from leukfed.models import create_model
+
+    model = create_model(fed.model, num_classes, pretrained=False, image_size=fed.image_size or None)
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise LeukError(f"global weights do not fit model {fed.model}: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+@dataclass
+class LocalResult:
+    state: State
+    num_examples: int
+    metrics: dict[str, float]
+
+
+def local_train(fed: FedConfig, site: SiteConfig, data: SiteData, state: State, server_round: int,
+                *, proximal_mu: float = 0.0, lr: float | None = None) -> LocalResult:
+    """Train the global weights on the site's data for the round's local epochs or steps."""
+    hardware = select_hardware(site.device)
+    seed_everything(fed.seed * 100_003 + server_round * 1_009 + max(site.partition_id, 0))
+    model = prepare_model(build_site_model(fed, len(data.class_names), state), hardware)
+    loss_fn = make_loss(fed.loss, len(data.class_names), label_smoothing=fed.label_smoothing)
+    optimizer = make_optimizer(model, fed.optimizer, lr or fed.lr)
+    loader = make_loader(data.train, fed.batch_size, shuffle=True, seed=fed.seed + server_round)
+    regularizer = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
+    stats_list = []
+    if fed.local_steps > 0:
+        stats_list.append(train_epoch(model, loader, optimizer, loss_fn, hardware,
+                                      max_steps=fed.local_steps, regularizer=regularizer))
+    else:
+        for _ in range(fed.local_epochs):
+            stats_list.append(train_epoch(model, loader, optimizer, loss_fn, hardware, regularizer=regularizer))
+    seen = sum(s.num_examples for s in stats_list)
+    metrics = {
+        "train_loss": sum(s.loss * s.num_examples for s in stats_list) / seen,
+        "train_accuracy": sum(s.accuracy * s.num_examples for s in stats_list) / seen,
+        "train_seconds": sum(s.seconds for s in stats_list),
+        "examples_processed": float(seen),
+    }
+    new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return LocalResult(new_state, len(data.train), metrics)
+
+
+def local_evaluate(fed: FedConfig, site: SiteConfig, data: SiteData, state: State) -> LocalResult:
+    """Score the global weights on the site-local validation split (aggregate numbers only)."""
+    hardware = select_hardware(site.device)
+    model = prepare_model(build_site_model(fed, len(data.class_names), state), hardware)
+    loss_fn = make_loss(fed.loss, len(data.class_names))
+    loader = make_loader(data.val, fed.batch_size * 2, shuffle=False)
+    metrics = evaluate(model, loader, hardware, data.class_names, loss_fn=loss_fn)
+    summary = {"eval_loss": metrics.get("loss", float("nan")), "eval_accuracy": metrics["accuracy"],
+               "eval_balanced_accuracy": metrics["balanced_accuracy"], "eval_macro_f1": metrics["macro_f1"]}
+    return LocalResult(state, len(data.val), summary)
+
+
+def suppress_small(metrics: dict[str, float], num_examples: int, minimum: int) -> dict[str, float]:
+    """Data minimisation: metrics computed on fewer than `minimum` examples are not released."""
+    return metrics if num_examples >= minimum else {}
+
+
+def state_nbytes(state: State) -> int:
+    return int(sum(v.numel() * v.element_size() for v in state.values()))
+
+
+def finite_state(state: State) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+

@@ -1,0 +1,174 @@
+"""Flower ServerApp: federated rounds with per-round checkpoints, history and a final run export."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from leukfed.client.records import encode_state
+from leukfed.common.errors import LeukError
+from leukfed.common.fedconfig import FedConfig
+from leukfed.server.state import Resumed, export_final, load_resumed, save_round
+from leukfed.server.strategies import make_strategy, restore_strategy_state, strategy_state
+
+app = ServerApp()
+
+
+def log(message: str) -> None:
+    print(f"[leukfed] {message}", flush=True)
+
+
+def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise LeukError(f"only {len(nodes)} of the {minimum} required sites connected within {timeout:.0f}s")
+        time.sleep(1.0)
+    return nodes
+
+
+def ask_class_names(grid: Grid, fed: FedConfig) -> tuple[str, ...]:
+    """The run's classes: given in the config, else the list most sites report."""
+    if fed.classes:
+        return fed.classes
+    nodes = wait_for_sites(grid, fed.min_sites, fed.round_timeout)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    replies = [r for r in grid.send_and_receive(messages, timeout=fed.round_timeout) if not r.has_error()]
+    lists = Counter(tuple(r.content["info"]["class-names"]) for r in replies)
+    if not lists:
+        raise LeukError("no site answered the class-list query")
+    classes, _ = lists.most_common(1)[0]
+    for other in lists:
+        if other != classes:
+            log(f"sites with classes {list(other)} differ from the run's {list(classes)} and will be refused")
+    return classes
+
+
+def initial_model(fed: FedConfig, num_classes: int):
+    from leukfed.common.centralized import TrainConfig, build_model
+
+    return build_model(TrainConfig(model=fed.model, image_size=fed.image_size or None,
+                                   pretrained=fed.pretrained), num_classes)
+
+
+def server_evaluator(fed: FedConfig, class_names):
+    """Scores the global model on held-out data at the coordinator, when the run names some."""
+    if not fed.eval_data:
+        return None
+    from leukfed.common.data import scan_dataset
+    from leukfed.common.dataset import build_dataset, make_loader
+    from leukfed.common.splits import load_split
+    from leukfed.common.train import evaluate, select_hardware
+    from leukfed.models import resolve_data_config
+
+    manifest = scan_dataset(fed.eval_data)
+    paths = list(load_split(fed.eval_split, manifest).test) if fed.eval_split else [s.path for s in manifest.samples]
+    dataset = build_dataset(manifest, paths, resolve_data_config(fed.model, fed.image_size or None), train=False)
+    loader = make_loader(dataset, fed.batch_size * 2, shuffle=False)
+    hardware = select_hardware("auto")
+
+    def score(model) -> dict:
+        return evaluate(model.to(hardware.device), loader, hardware, class_names, patients=dataset.groups)
+    return score
+
+
+def round_row(round_: int, strategy, server_metrics: dict | None,
+              server_eval_seconds: float, round_seconds: float) -> dict:
+    """One history entry: per-site and aggregated metrics, bytes and timings."""
+    log_ = strategy.log
+    slowest = max((m.get("train_seconds", 0.0) for m in log_.train.values()), default=0.0)
+    return {
+        "round": round_,
+        "sites_sampled": len(log_.sites_sampled),
+        "sites_replied": len(log_.train),
+        "sites": {str(n): {"train": log_.train.get(n, {}), "evaluate": log_.evaluate.get(n, {})}
+                  for n in sorted(set(log_.train) | set(log_.evaluate))},
+        "failures": log_.failures,
+        "rejected": log_.rejected,
+        "train": log_.aggregated_train,
+        "evaluate": log_.aggregated_evaluate,
+        "server_evaluate": server_metrics or {},
+        "bytes_sent": log_.bytes_sent,
+        "bytes_received": log_.bytes_received,
+        "round_seconds": round_seconds,
+        "train_phase_seconds": log_.train_phase_seconds,
+        "slowest_site_train_seconds": slowest,
+        "aggregation_seconds": log_.aggregation_seconds,
+        "evaluate_phase_seconds": log_.evaluate_phase_seconds,
+        "server_evaluate_seconds": server_eval_seconds,
+        "time": time.time(),
+    }
+
+
+def print_round(row: dict, total_rounds: int) -> None:
+    acc = row["server_evaluate"].get("accuracy", row["evaluate"].get("eval_accuracy"))
+    acc_text = f" accuracy {acc:.4f}" if isinstance(acc, float) else ""
+    log(f"round {row['round']}/{total_rounds}: {row['sites_replied']}/{row['sites_sampled']} sites,"
+        f" train loss {row['train'].get('train_loss', float('nan')):.4f}{acc_text},"
+        f" {row['round_seconds']:.1f}s" + (f", {len(row['failures'])} failures" if row["failures"] else "")
+        + (f", {len(row['rejected'])} updates rejected" if row["rejected"] else ""))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    fed = FedConfig.from_run_config(context.run_config)
+    state_dir = Path(fed.state_dir or "leuk-server-state")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    resumed: Resumed | None = load_resumed(state_dir, fed) if fed.resume else None
+    class_names = resumed.class_names if resumed else ask_class_names(grid, fed)
+    fed = FedConfig.from_run_config({**fed.to_run_config(), "class-names": ",".join(class_names)})
+    model = initial_model(fed, len(class_names))
+    if resumed:
+        model.load_state_dict(resumed.state)
+    start_round = resumed.round + 1 if resumed else 1
+    history = resumed.history if resumed else []
+    if start_round > fed.rounds:
+        log(f"all {fed.rounds} rounds are already complete")
+    strategy = make_strategy(fed)
+    if resumed:
+        restore_strategy_state(strategy, resumed.strategy_state)
+    score = server_evaluator(fed, class_names)
+    final_metrics: dict = {}
+
+    def after_round(current_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower calls this after every round: evaluate, checkpoint, record (round 0: skip)."""
+        nonlocal final_metrics
+        if current_round == 0:
+            return None
+        round_ = start_round - 1 + current_round
+        state = {k: v.numpy() for k, v in arrays.items()}
+        model.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()})
+        started = time.perf_counter()
+        server_metrics = score(model) if score else None
+        server_seconds = time.perf_counter() - started
+        row = round_row(round_, strategy, server_metrics, server_seconds,
+                        time.perf_counter() - strategy.log.started)
+        history.append(row)
+        save_round(state_dir, round_=round_, state=state, strategy_state=strategy_state(strategy),
+                   fed=fed, class_names=class_names, history=history)
+        print_round(row, fed.rounds)
+        final_metrics = server_metrics or row["evaluate"]
+        return MetricRecord({k: v for k, v in (server_metrics or {}).items() if isinstance(v, (int, float))})
+
+    if start_round <= fed.rounds:
+        strategy.start(
+            grid=grid,
+            initial_arrays=encode_state(model.state_dict()),
+            num_rounds=fed.rounds - start_round + 1,
+            timeout=fed.round_timeout,
+            # ClientApps check their classes against the run's before touching the weights.
+            train_config=ConfigRecord({"round-offset": start_round - 1, "class-names": fed.class_names}),
+            evaluate_config=ConfigRecord({"class-names": fed.class_names}),
+            evaluate_fn=after_round,
+        )
+    if not history:
+        raise LeukError("no round completed")
+    if not final_metrics:
+        final_metrics = history[-1]["server_evaluate"] or history[-1]["evaluate"]
+    export_final(state_dir, model, class_names, fed, final_metrics, history)
+    log(f"finished {len(history)} rounds; model exported to {state_dir}")

@@ -1,0 +1,462 @@
+"""Run and drive a `flower-superlink` process: start, health, site registration, runs, shutdown."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import os
+import re
+import sqlite3
+import ssl
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from leukfed.common.errors import LeukError
+from leukfed.server.flower_env import (
+    ConfigValue,
+    flower_env,
+    flower_executable,
+    kill_process_group,
+    log_tail,
+    port_in_use,
+    strip_ansi,
+    toml_pairs,
+    write_flwr_config,
+)
+
+DEFAULT_PORT = 9092
+CONNECTION = "leukfed"
+FINISHED = "finished:"
+CLI_TIMEOUT_S = 120.0
+TlsFiles = tuple[Path, Path, Path]  # (ca.crt, server.pem, server.key)
+
+
+class FlwrCliError(LeukError):
+    """A `flwr` command failed; the message is Flower's own error line."""
+
+
+class SuperLink:
+    """One `flower-superlink` child process plus a private FLWR_HOME to drive it with the `flwr` CLI.
+
+    Use as `with SuperLink().start(state_dir, ...) as link:`; leaving the block terminates it.
+    """
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.state_dir = Path()
+        self.host = "127.0.0.1"
+        self.port = DEFAULT_PORT
+        self.ca: Path | None = None
+        self.database_path = Path()
+        self._started_at = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(
+        self,
+        state_dir: str | Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        certs: TlsFiles | None = None,
+        insecure: bool = False,
+        supernode_auth: bool = True,
+        database: str | Path | None = None,
+        health_timeout: float = 60.0,
+    ) -> SuperLink:
+        """Start the SuperLink on host:port and return once GET /health answers (or raise LeukError).
+
+        `database` defaults to STATE_DIR/superlink.db: registrations and run history survive restarts.
+        """
+        if self.proc is not None:
+            raise LeukError("this SuperLink is already started")
+        self.state_dir = Path(state_dir).expanduser().resolve()
+        self.host, self.port = host, port
+        args = self._tls_args(certs, insecure, supernode_auth)
+        db = Path(database).expanduser().resolve() if database else self.state_dir / "superlink.db"
+        self.database_path = db
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._refuse_running_twin()
+        if port_in_use(host, port):
+            raise LeukError(f"port {port} on {host} is already in use (another leuk-server?): choose another --port")
+        write_flwr_config(self.flwr_home, {CONNECTION: self._connection()})
+        cmd = [flower_executable("flower-superlink"), *args, "--database", str(db)]
+        cmd += ["--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+        self._spawn(cmd)
+        self.wait_healthy(health_timeout)
+        return self
+
+    def _tls_args(self, certs: TlsFiles | None, insecure: bool, supernode_auth: bool) -> list[str]:
+        if insecure:
+            if supernode_auth:
+                raise LeukError("site authentication needs TLS: give certificates or turn site authentication off")
+            return ["--insecure"]
+        if certs is None:
+            raise LeukError("no TLS certificates given (create them with `leuk certs init`)")
+        ca, cert, key = (Path(p).expanduser().resolve() for p in certs)
+        check_server_certs(ca, cert, key)
+        self.ca = ca
+        args = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+        return [*args, "--enable-supernode-auth"] if supernode_auth else args
+
+    def _spawn(self, cmd: list[str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            log.write(f"\n=== leukfed: {' '.join(cmd)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=flower_env(self.flwr_home),
+                cwd=self.state_dir,
+                start_new_session=True,  # own process group: terminate() also reaches ServerApp children
+            )
+        self._started_at = time.monotonic()
+        self.pid_path.write_text(str(self.proc.pid))
+
+    def _refuse_running_twin(self) -> None:
+        pid = _read_pid(self.pid_path)
+        if pid and _is_flower_process(pid, "flower-superlink"):
+            raise LeukError(f"a SuperLink for {self.state_dir} is already running (pid {pid}): stop it first")
+
+    def wait_healthy(self, timeout: float = 60.0) -> float:
+        """Poll GET /health until it answers 200; return seconds since start. Raise LeukError on death/timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._raise_if_dead()
+            if self.healthy():
+                return time.monotonic() - self._started_at
+            if time.monotonic() > deadline:
+                raise LeukError(f"the SuperLink did not become healthy within {timeout:.0f} s; see {self.log_path}")
+            time.sleep(0.2)
+
+    def healthy(self) -> bool:
+        """True if GET /health on the SuperLink answers 200 (TLS verified against the CA)."""
+        try:
+            return _get(self.local_host, self.port, "/health", self._ssl_context(), timeout=2.0)[0] == 200
+        except (OSError, http.client.HTTPException):
+            return False
+
+    def running(self) -> bool:
+        """True while the SuperLink process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM the SuperLink's process group, SIGKILL after `timeout` s; return its exit code.
+
+        During a run the SuperLink can need ~55 s to exit on SIGTERM; between runs ~3 s.
+        """
+        if self.proc is None:
+            return None
+        code = kill_process_group(self.proc, timeout)
+        self.pid_path.unlink(missing_ok=True)
+        return code
+
+    def __enter__(self) -> SuperLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+    # ------------------------------------------------------------------ sites
+
+    def register_site(self, public_key: str | Path, name: str) -> int:
+        """Register a site's public key and return its node id; an already registered key returns its id."""
+        pub = Path(public_key).expanduser().resolve()
+        digest = public_key_digest(pub)
+        try:
+            out = self._flwr("supernode", "register", str(pub), CONNECTION, "--name", name)
+        except FlwrCliError as err:
+            if "code: 23" not in str(err) and "already in use" not in str(err):
+                raise
+            node_id = self._known_node_id(digest, pub)
+        else:
+            node_id = int(out["node-id"])
+        self._remember_site(name, node_id, digest)
+        return node_id
+
+    def _known_node_id(self, digest: str, pub: Path) -> int:
+        known = {s["public_key_sha256"]: s["node_id"] for s in self.sites().values()}
+        node_id = known.get(digest) or _node_id_from_database(self.database_path, pub)
+        if node_id is None:
+            raise LeukError(f"{pub} is already registered with this SuperLink, but its node id is unknown here")
+        status = next((n["status"] for n in self.list_nodes() if int(n["node-id"]) == node_id), "unknown")
+        if status in ("unregistered", "deleted"):
+            raise LeukError(
+                f"the key {pub} was unregistered (node {node_id}) and can never be registered again: "
+                "create a new key pair for this site (`leuk certs add-site` with a new name)"
+            )
+        return node_id
+
+    def sites(self) -> dict[str, dict[str, int | str]]:
+        """Registered sites known to this state dir: {name: {"node_id": int, "public_key_sha256": str}}."""
+        try:
+            data = json.loads(self.sites_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        return {str(k): v for k, v in data.items()}
+
+    def _remember_site(self, name: str, node_id: int, digest: str) -> None:
+        sites = self.sites()
+        sites[name] = {"node_id": node_id, "public_key_sha256": digest}
+        tmp = self.sites_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sites, indent=2, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, self.sites_path)
+
+    def unregister_site(self, node_id: int) -> None:
+        """Unregister a node (its key can never be registered again; a live node stops within ~6 s)."""
+        self._flwr("supernode", "unregister", str(node_id), CONNECTION)
+
+    def list_nodes(self) -> list[dict[str, object]]:
+        """`flwr supernode list`: dicts with node-id, status (registered|online|offline|unregistered), ..."""
+        return list(self._flwr("supernode", "list", CONNECTION).get("nodes", []))
+
+    def online_node_ids(self) -> set[int]:
+        """Node ids the SuperLink currently counts as online."""
+        return {int(str(n["node-id"])) for n in self.list_nodes() if n.get("status") == "online"}
+
+    # ------------------------------------------------------------------ runs
+
+    def submit(self, app_dir: str | Path, run_config: Mapping[str, ConfigValue] | None = None) -> int:
+        """`flwr run APP_DIR` with run-config overrides; returns the run id at once."""
+        app = Path(app_dir).expanduser().resolve()
+        if not (app / "pyproject.toml").is_file():
+            raise LeukError(f"{app} is not a Flower app (no pyproject.toml)")
+        args = ["run", str(app), CONNECTION]
+        if run_config:
+            args += ["--run-config", toml_pairs(run_config)]
+        return int(self._flwr(*args)["run-id"])
+
+    def run_info(self, run_id: int) -> dict[str, object]:
+        """The `flwr ls --run-id` record: status, status-details, timestamps, compute time."""
+        runs = self._flwr("ls", "--run-id", str(run_id), CONNECTION).get("runs", [])
+        if not runs:
+            raise LeukError(f"run {run_id} is unknown to this SuperLink")
+        return dict(runs[0])
+
+    def status(self, run_id: int) -> str:
+        """pending | starting | running | finished:completed | finished:failed | finished:stopped."""
+        return str(self.run_info(run_id)["status"])
+
+    def wait(
+        self,
+        run_id: int,
+        poll_s: float = 3.0,
+        on_poll: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Poll until the run finishes; return its final status (e.g. `finished:completed`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._raise_if_dead()
+            status = self.status(run_id)
+            if on_poll is not None:
+                on_poll(status)
+            if status.startswith(FINISHED):
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise LeukError(f"run {run_id} still '{status}' after {timeout:.0f} s")
+            time.sleep(poll_s)
+
+    def logs(self, run_id: int) -> str:
+        """The ServerApp's output of a run (`flwr log --show`), without colour codes."""
+        proc = self._flwr_raw("log", str(run_id), CONNECTION, "--show")
+        lines = strip_ansi(proc.stdout).splitlines()
+        keep = [ln for ln in lines if not ln.startswith("Using SuperLink:") and "Printing logstream" not in ln]
+        return "\n".join(keep).strip() + "\n"
+
+    def stop_run(self, run_id: int) -> None:
+        """`flwr stop`: the run ends as finished:stopped within a few seconds."""
+        self._flwr("stop", str(run_id), CONNECTION)
+
+    # ------------------------------------------------------------------ paths and plumbing
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr-home"
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "superlink.log"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.state_dir / "superlink.pid"
+
+    @property
+    def sites_path(self) -> Path:
+        return self.state_dir / "sites.json"
+
+    @property
+    def local_host(self) -> str:
+        """Where this machine reaches the SuperLink (the certificate always covers 127.0.0.1)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "", "::", "[::]") else self.host
+
+    @property
+    def address(self) -> str:
+        return f"{self.local_host}:{self.port}"
+
+    def _connection(self) -> dict[str, object]:
+        if self.ca is None:
+            return {"address": self.address, "insecure": True}
+        return {"address": self.address, "root-certificates": str(self.ca)}
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        return None if self.ca is None else ssl.create_default_context(cafile=str(self.ca))
+
+    def _raise_if_dead(self) -> None:
+        if self.proc is None:
+            raise LeukError("the SuperLink is not started")
+        code = self.proc.poll()
+        if code is not None:
+            raise LeukError(f"{_death_reason(self.log_path, self.port)} (exit code {code})\n{log_tail(self.log_path)}")
+
+    def _flwr_raw(self, *args: str) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                [flower_executable("flwr"), *args],
+                capture_output=True,
+                text=True,
+                env=flower_env(self.flwr_home),
+                cwd=self.flwr_home,  # keep `flwr` away from any pyproject.toml in the caller's folder
+                timeout=CLI_TIMEOUT_S,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            raise LeukError(f"`flwr {args[0]}` did not answer within {CLI_TIMEOUT_S:.0f} s") from None
+
+    def _flwr(self, *args: str) -> dict[str, object]:
+        """Run `flwr ... --format json`; return the JSON or raise FlwrCliError with Flower's message."""
+        proc = self._flwr_raw(*args, "--format", "json")
+        data = _parse_json(proc.stdout)
+        # `--format json` reports failures as success=false with exit status 0.
+        if data is None or not data.get("success", False):
+            raise FlwrCliError(f"`flwr {' '.join(args[:2])}` failed: {_cli_error(data, proc)}")
+        return data
+
+
+def check_server_certs(ca: Path, cert: Path, key: Path) -> None:
+    """Raise LeukError unless cert is CA-signed, matches key, is valid now and covers 127.0.0.1."""
+    for p in (ca, cert, key):
+        if not p.is_file():
+            raise LeukError(f"certificate file {p} not found")
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca.read_bytes())
+        server = x509.load_pem_x509_certificate(cert.read_bytes())
+        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise LeukError(f"cannot read the TLS files {ca.name}/{cert.name}/{key.name}: {err}") from None
+    if private.public_key().public_bytes(*_SPKI) != server.public_key().public_bytes(*_SPKI):
+        raise LeukError(f"{key} is not the private key of {cert}")
+    try:
+        server.verify_directly_issued_by(ca_cert)
+    except (InvalidSignature, ValueError, TypeError) as err:
+        raise LeukError(f"{cert} is not signed by the CA {ca}: {type(err).__name__}") from None
+    now = time.time()
+    if not server.not_valid_before_utc.timestamp() <= now <= server.not_valid_after_utc.timestamp():
+        raise LeukError(
+            f"{cert} is valid only from {server.not_valid_before_utc:%Y-%m-%d} to "
+            f"{server.not_valid_after_utc:%Y-%m-%d}: check this machine's clock or renew the certificate"
+        )
+    ips = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    if "127.0.0.1" not in map(str, ips.get_values_for_type(x509.IPAddress)):
+        # Flower's own launcher dials 127.0.0.1: without this SAN runs stay pending forever.
+        raise LeukError(f"{cert} has no IP SAN 127.0.0.1: re-create it with `leuk certs init`")
+
+
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def public_key_digest(pub: Path) -> str:
+    """SHA-256 of an OpenSSH public key's blob (comment ignored)."""
+    try:
+        blob = base64.b64decode(pub.read_text(encoding="utf-8").split()[1])
+    except (OSError, IndexError, ValueError):
+        raise LeukError(f"{pub} is not an OpenSSH public key (site.pub)") from None
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _node_id_from_database(db: Path, pub: Path) -> int | None:
+    """Best effort: look the key up in the SuperLink's SQLite state (internal schema of flwr 1.41)."""
+    try:
+        pem = serialization.load_ssh_public_key(pub.read_bytes()).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            row = con.execute("SELECT node_id FROM node WHERE public_key = ?", (pem,)).fetchone()
+    except (sqlite3.Error, ValueError, OSError):
+        return None
+    return None if row is None else int(row[0]) % (1 << 64)
+
+
+def _get(host: str, port: int, path: str, ctx: ssl.SSLContext | None, timeout: float) -> tuple[int, str, str]:
+    """One GET; returns (status, Server header, Allow header)."""
+    conn: http.client.HTTPConnection
+    if ctx is None:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    else:
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, resp.getheader("server", ""), resp.getheader("allow", "")
+    finally:
+        conn.close()
+
+
+def _death_reason(log_path: Path, port: int) -> str:
+    text = strip_ansi(log_tail(log_path, 60)).lower()
+    if "address already in use" in text or "errno 98" in text:
+        return f"the SuperLink could not listen on port {port}: address already in use"
+    if "ssl" in text or "certificate" in text or "pem" in text:
+        return "the SuperLink could not load its TLS certificate or key"
+    if "database" in text or "sqlite" in text:
+        return "the SuperLink could not open its database"
+    return "the SuperLink exited early"
+
+
+def _parse_json(stdout: str) -> dict[str, object] | None:
+    start = stdout.find("{")
+    if start < 0:
+        return None
+    try:
+        data = json.loads(stdout[start:])
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _cli_error(data: dict[str, object] | None, proc: subprocess.CompletedProcess[str]) -> str:
+    if data and data.get("error-message"):
+        text = str(data["error-message"])
+    else:
+        text = strip_ansi(proc.stderr or proc.stdout)
+    lines = [ln.strip(" │╭╮╰╯─") for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("Using SuperLink") and not re.fullmatch(r"Error", ln)]
+    return " ".join(lines)[:500] or f"exit status {proc.returncode}"
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+def _is_flower_process(pid: int, program: str) -> bool:
+    """True if `pid` is alive and runs `program` (Linux /proc; False elsewhere)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return program.encode() in cmdline

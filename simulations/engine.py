@@ -1,0 +1,128 @@
+"""Runs the leukfed ServerApp/ClientApp on Flower's simulation engine (Ray), privately and offline."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import tomli_w
+
+from leukfed.common.atomic import atomic_write_text
+from leukfed.common.errors import LeukError
+from leukfed.common.fedconfig import FedConfig
+from leukfed.server.flower_env import (flower_env, flower_executable, free_port, kill_process_group,
+                                       log_tail, strip_ansi)
+from leukfed.server.flwr_app import write_app_dir, write_run_config
+
+CONNECTION = "leuk-sim"
+
+
+@dataclass(frozen=True)
+class SimulationResources:
+    """How many virtual sites, and each one's share of the machine."""
+
+    num_sites: int
+    cpus_per_site: float = 1.0
+    gpus_per_site: float = 0.0
+
+
+def _write_config(flwr_home: Path, resources: SimulationResources) -> None:
+    options = {"num-supernodes": resources.num_sites,
+               "backend": {"client-resources": {"num-cpus": resources.cpus_per_site,
+                                                "num-gpus": resources.gpus_per_site}}}
+    config = {"superlink": {"default": CONNECTION, CONNECTION: {"address": ":local:", "options": options}}}
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(flwr_home / "config.toml", tomli_w.dumps(config))
+
+
+def _start_superlink(work_dir: Path, env: dict[str, str], http_port: int, control_port: int) -> subprocess.Popen:
+    """Our own simulation SuperLink on free ports, so concurrent simulations never collide."""
+    log_file = work_dir / "superlink.log"
+    command = [flower_executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+               "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1",
+               "--port", str(http_port), "--database", str(work_dir / "superlink.db"),
+               "--disable-runtime-dependency-installation", "--log-file", str(log_file)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 60
+    import httpx
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LeukError(f"the simulation SuperLink exited early: {log_tail(log_file, 5)}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=0.5).is_success:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    kill_process_group(process, 5)
+    raise LeukError("the simulation SuperLink did not become healthy within 60 s")
+
+
+def run_simulation(fed: FedConfig, resources: SimulationResources, work_dir: Path,
+                   on_line: Callable[[str], None] | None = None) -> None:
+    """Submit one federated run to a private simulation SuperLink and wait for it to finish."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    flwr_home = work_dir / "flwr-home"
+    http_port, control_port = free_port(), free_port()
+    env = flower_env(flwr_home, {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+                                 "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)})
+    _write_config(flwr_home, resources)
+    app_dir = write_app_dir(work_dir / "app")
+    run_config = write_run_config(work_dir / "run_config.toml", fed)
+    superlink = _start_superlink(work_dir, env, http_port, control_port)
+    try:
+        run_id = _submit(app_dir, run_config, env)
+        _stream_until_done(run_id, env, on_line)
+    finally:
+        kill_process_group(superlink, 10)
+
+
+def _flwr(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([flower_executable("flwr"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _submit(app_dir: Path, run_config: Path, env: dict[str, str]) -> int:
+    result = _flwr(["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"], env)
+    try:
+        payload = json.loads(result.stdout)
+        return int(payload["run-id"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        message = strip_ansi(result.stdout + result.stderr).strip().splitlines()
+        raise LeukError(f"flwr run failed: {message[-1] if message else 'no output'}") from None
+
+
+def _run_status(run_id: int, env: dict[str, str]) -> tuple[str, str]:
+    result = _flwr(["ls", "--run-id", str(run_id), CONNECTION, "--format", "json"], env)
+    try:
+        run = json.loads(result.stdout)["runs"][0]
+        return run["status"], run.get("status-details", "")
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+        return "unknown", strip_ansi(result.stdout + result.stderr)[-300:]
+
+
+def _stream_until_done(run_id: int, env: dict[str, str], on_line: Callable[[str], None] | None) -> None:
+    """Follow the ServerApp's log (our `[leukfed]` lines) until Flower reports the run finished."""
+    stream = subprocess.Popen([flower_executable("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        for line in stream.stdout:  # type: ignore[union-attr]
+            line = strip_ansi(line.rstrip("\n"))
+            if on_line is not None and "[leukfed]" in line:
+                on_line(line[line.index("[leukfed]") + 10:])
+            if "finished" in line.lower() and "run" in line.lower():
+                break
+    finally:
+        kill_process_group(stream, 2)
+    status, details = _run_status(run_id, env)
+    while status.startswith(("pending", "starting", "running")):
+        time.sleep(1)
+        status, details = _run_status(run_id, env)
+    if status != "finished:completed":
+        raise LeukError(f"the federated run ended {status}: {details.strip()[-500:] or 'see the logs'}")
+
