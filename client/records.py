@@ -45,7 +45,7 @@ def decode_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 def widen(record: ArrayRecord) -> ArrayRecord:
     """A float32 ArrayRecord from a possibly half-precision one (what the strategies aggregate)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in decode_arrays(record).items()})
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in decode_arrays(record).items()})
 
 
 def record_digest(record: ArrayRecord) -> str:

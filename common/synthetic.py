@@ -105,7 +105,7 @@ def _cell_look(k: int, num_classes: int, rng: np.random.Generator) -> _Look:
         k = int((k + rng.integers(1, num_classes)) % num_classes)
     t = k / (num_classes - 1)
     return _Look(
-        radius=0.15 + 0.09 * t + rng.normal(0.0, 0.02),
+        radius=0.13 + 0.13 * t + rng.normal(0.0, 0.015),
         elongation=1.0 + 0.25 * ((k * 2) % 3) / 2 + abs(rng.normal(0.0, 0.08)),
         texture=float(np.clip(0.15 + 0.6 * ((k * _GOLDEN) % 1.0) + rng.normal(0.0, 0.08), 0.0, 1.0)),
         lobes=2 if k % 3 == 1 else 1,
@@ -145,7 +145,7 @@ def _nucleus_colour(look: _Look, size: int, rng: np.random.Generator) -> np.ndar
     base = np.array([112.0, 58.0, 142.0]) + rng.normal(0.0, 8.0, 3)
     noise = rng.normal(0.0, 1.0, (size, size))
     smooth = (noise + np.roll(noise, 1, 0) + np.roll(noise, 1, 1) + np.roll(noise, (1, 1), (0, 1))) / 2.0
-    shade = 1.0 + 0.35 * look.texture * smooth
+    shade = 1.0 + 0.5 * look.texture * smooth
     return base[None, None, :] * shade[:, :, None]
 
 

@@ -79,7 +79,10 @@ def map_lite_keys(src_keys: list[str], model: nn.Module) -> dict[str, str]:
 
 
 def mapped_state_dict(src: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """`src` renamed into `model`'s keys; every model key filled exactly once, shapes equal."""
+    """`src` renamed into `model`'s keys; every model key filled exactly once, shapes equal.
+
+    The classifier may differ in shape (1000 ImageNet classes vs ours): `fit_state_dict` decides.
+    """
     own = model.state_dict()
     try:
         names = map_lite_keys(list(src), model)
@@ -89,7 +92,9 @@ def mapped_state_dict(src: Mapping[str, torch.Tensor], model: nn.Module) -> dict
     for key, new in names.items():
         if new in out:
             raise LeukError(f"package weights: two tensors map onto {new}")
-        if new not in own or tuple(own[new].shape) != tuple(src[key].shape):
+        if new not in own or (
+            not new.startswith("classifier.") and tuple(own[new].shape) != tuple(src[key].shape)
+        ):
             raise LeukError(f"package weight {key} does not fit timm {new}")
         out[new] = src[key]
     unfilled = [k for k in own if k not in out]

@@ -129,7 +129,8 @@ def init_certs(out_dir: str | Path, server_names: list[str], sites: list[str]) -
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = _ca_certificate(ca_key)
     server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = _server_certificate(server_key, ca_key, ca_cert, dns, ips)
+    primary = next((s.strip() for n in server_names for s in n.split(",") if s.strip()), "localhost")
+    server_cert = _server_certificate(server_key, ca_key, ca_cert, primary, dns, ips)
 
     _write_new(layout.ca_key, _pkcs8_pem(ca_key), secret=True)
     _write_new(layout.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
@@ -194,11 +195,11 @@ def _server_certificate(
     key: ec.EllipticCurvePrivateKey,
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
+    common_name: str,
     dns: list[str],
     ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
 ) -> x509.Certificate:
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns] + [x509.IPAddress(i) for i in ips]
-    common_name = next((d for d in dns if d != "localhost"), str(ips[0]) if ips else "localhost")
     builder = _validity(x509.CertificateBuilder(), SERVER_DAYS)
     builder = (
         builder.subject_name(_name(common_name))

@@ -30,9 +30,10 @@ class SimulationResources:
 
 
 def _write_config(flwr_home: Path, resources: SimulationResources) -> None:
+    # Flower 1.41 refuses a float CPU count (it calls range() on it): whole CPUs only.
+    cpus = max(1, round(resources.cpus_per_site))
     options = {"num-supernodes": resources.num_sites,
-               "backend": {"client-resources": {"num-cpus": resources.cpus_per_site,
-                                                "num-gpus": resources.gpus_per_site}}}
+               "backend": {"client-resources": {"num-cpus": cpus, "num-gpus": resources.gpus_per_site}}}
     config = {"superlink": {"default": CONNECTION, CONNECTION: {"address": ":local:", "options": options}}}
     flwr_home.mkdir(parents=True, exist_ok=True)
     atomic_write_text(flwr_home / "config.toml", tomli_w.dumps(config))

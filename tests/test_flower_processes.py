@@ -1,0 +1,237 @@
+"""Real SuperLink/SuperNode processes on loopback with TLS and site authentication (no mocks)."""
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from leukfed.client.preflight import check_server
+from leukfed.client.supernode import SuperNode
+from leukfed.common.errors import LeukError
+from leukfed.server.certs import CertsLayout, certificate_fingerprint, init_certs
+from leukfed.server.flower_env import free_port
+from leukfed.server.superlink import SuperLink
+
+ECHO_APP = Path(__file__).parent / "fixtures" / "echo_app"
+TIMINGS: dict[str, float] = {}
+
+
+def _our_processes(marker: str) -> list[int]:
+    """Live processes whose command line mentions `marker` (our unique temp folder)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("flower")
+    yield path
+    strays = _our_processes(str(path))
+    for pid in strays:  # safety net; each fixture below already cleans up after itself
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not strays, f"stray Flower processes left running: {strays}"
+
+
+@pytest.fixture(scope="module")
+def pki(root: Path) -> CertsLayout:
+    return init_certs(root / "certs", ["localhost"], ["h1", "h2", "rogue"])
+
+
+@pytest.fixture(scope="module")
+def other_ca(root: Path) -> CertsLayout:
+    return init_certs(root / "other-certs", ["localhost"], [])
+
+
+@pytest.fixture(scope="module")
+def link(root: Path, pki: CertsLayout) -> Iterator[SuperLink]:
+    t0 = time.monotonic()
+    sl = SuperLink()
+    try:
+        sl.start(
+            root / "server",
+            port=free_port(),
+            certs=(pki.ca_cert, pki.server_cert, pki.server_key),
+            supernode_auth=True,
+            database=root / "server" / "state.db",
+        )
+        TIMINGS["superlink start -> healthy"] = time.monotonic() - t0
+        yield sl
+    finally:
+        sl.terminate(timeout=5)
+
+
+def _node(root: Path, link: SuperLink, name: str, key: Path | None, ca: Path) -> SuperNode:
+    return SuperNode(
+        f"127.0.0.1:{link.port}",
+        state_dir=root / "nodes" / name,
+        ca=ca,
+        private_key=key,
+        node_config={"site-name": name, "data-path": str(root / "data dir" / name)},
+    )
+
+
+@pytest.fixture
+def nodes(root: Path, pki: CertsLayout, link: SuperLink) -> Iterator[dict[str, SuperNode]]:
+    started = {n: _node(root, link, n, pki.site(n).private_key, pki.ca_cert) for n in ("h1", "h2")}
+    try:
+        yield started
+    finally:
+        for node in started.values():
+            node.stop(timeout=10)
+
+
+@pytest.mark.slow
+def test_superlink_healthy_registration_idempotent(link: SuperLink, pki: CertsLayout) -> None:
+    assert link.running() and link.healthy()
+    t0 = time.monotonic()
+    first = link.register_site(pki.site("h1").public_key, "h1")
+    TIMINGS["register one site"] = time.monotonic() - t0
+    again = link.register_site(pki.site("h1").public_key, "h1")  # "public key already in use" -> same id
+    assert first == again
+    assert link.sites()["h1"]["node_id"] == first
+    listed = {int(str(n["node-id"])): n["status"] for n in link.list_nodes()}
+    assert listed[first] in ("registered", "online", "offline")
+
+
+@pytest.mark.slow
+def test_preflight_accepts_the_superlink(link: SuperLink, pki: CertsLayout) -> None:
+    info = check_server("127.0.0.1", link.port, pki.ca_cert)
+    assert info.tls and info.fingerprint_sha256 == certificate_fingerprint(pki.server_cert.read_bytes())
+    assert "CN=localhost" in info.subject
+
+
+@pytest.mark.slow
+def test_two_sites_join_and_echo_run_completes(
+    link: SuperLink, pki: CertsLayout, nodes: dict[str, SuperNode]
+) -> None:
+    for name in nodes:
+        link.register_site(pki.site(name).public_key, name)
+    t0 = time.monotonic()
+    for node in nodes.values():
+        node.start()
+    ids = {name: node.wait_joined(timeout=60) for name, node in nodes.items()}
+    TIMINGS["two nodes start -> joined"] = time.monotonic() - t0
+    assert ids["h1"] == link.sites()["h1"]["node_id"]
+
+    t0 = time.monotonic()
+    run_id = link.submit(ECHO_APP, {"num-rounds": 2, "min-nodes": 2, "round-timeout": 60.0, "greeting": "it's me"})
+    seen: list[str] = []
+    status = link.wait(run_id, poll_s=1.0, on_poll=seen.append, timeout=150)
+    TIMINGS["echo run submit -> finished"] = time.monotonic() - t0
+    logs = link.logs(run_id)
+    assert status == "finished:completed", (status, link.run_info(run_id), logs)
+    assert "echo: it's me, waiting for 2 nodes" in logs  # run-config string with a quote survived
+    assert "echo finished: 2 rounds, 2 sites" in logs and "sites=['h1', 'h2']" in logs
+    assert link.online_node_ids() >= set(ids.values())
+
+
+@pytest.mark.slow
+def test_unregistered_site_key_is_refused_quickly(root: Path, link: SuperLink, pki: CertsLayout) -> None:
+    node = _node(root, link, "rogue", pki.site("rogue").private_key, pki.ca_cert)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(LeukError, match=r"refused this site's key .*it is not registered .*code 2004"):
+            node.supervise(max_restarts=3, backoff_s=(0.5,))
+    finally:
+        node.stop()
+    TIMINGS["unregistered key -> LeukError"] = time.monotonic() - t0
+    assert TIMINGS["unregistered key -> LeukError"] < 30
+
+
+@pytest.mark.slow
+def test_wrong_ca_fails_with_clear_message(root: Path, link: SuperLink, pki: CertsLayout, other_ca: CertsLayout) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(LeukError, match=r"not signed by the CA in .*other-certs/ca.crt \(wrong CA file\?\)"):
+        check_server("127.0.0.1", link.port, other_ca.ca_cert)
+    TIMINGS["preflight wrong CA"] = time.monotonic() - t0
+
+    node = _node(root, link, "h2-wrong-ca", pki.site("h2").private_key, other_ca.ca_cert)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(LeukError, match=r"presented a certificate not signed by the CA in .*\(wrong CA file\?\)"):
+            node.supervise(max_restarts=3, backoff_s=(0.5,))
+    finally:
+        node.stop()
+    TIMINGS["node wrong CA -> LeukError"] = time.monotonic() - t0
+    assert TIMINGS["node wrong CA -> LeukError"] < 30
+
+
+def test_preflight_closed_port() -> None:
+    port = free_port()
+    with pytest.raises(LeukError, match=rf"cannot reach the federation server at 127.0.0.1:{port}: connection refused"):
+        check_server("127.0.0.1", port, None)
+
+
+def test_preflight_plain_tcp_listener_is_not_a_superlink(pki: CertsLayout) -> None:
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(LeukError, match=rf"127.0.0.1:{port} is not a Flower SuperLink \(.*wrong port\?\)"):
+            check_server("127.0.0.1", port, pki.ca_cert, timeout=2)
+        TIMINGS["preflight silent TCP port"] = time.monotonic() - t0
+
+
+def test_preflight_other_https_server_is_not_a_superlink(pki: CertsLayout) -> None:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(LeukError, match="answers /health but is not a Flower SuperLink"):
+            check_server("127.0.0.1", server.server_address[1], pki.ca_cert, timeout=3)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_superlink_port_in_use_is_reported(root: Path, pki: CertsLayout) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(LeukError, match=f"port {port} on 127.0.0.1 is already in use"):
+            SuperLink().start(root / "busy", port=port, certs=(pki.ca_cert, pki.server_cert, pki.server_key))
+
+
+def test_superlink_bad_certs_are_reported(root: Path, pki: CertsLayout, other_ca: CertsLayout) -> None:
+    with pytest.raises(LeukError, match="is not the private key"):
+        SuperLink().start(root / "bad", port=free_port(), certs=(pki.ca_cert, pki.server_cert, other_ca.server_key))
+    with pytest.raises(LeukError, match="site authentication needs TLS"):
+        SuperLink().start(root / "bad", port=free_port(), insecure=True, supernode_auth=True)
+
+
+def test_report_timings() -> None:
+    """Not a check: prints what the process tests measured (pytest -s)."""
+    for name, seconds in TIMINGS.items():
+        print(f"timing: {name}: {seconds:.1f} s")
