@@ -109,7 +109,9 @@ def _check_health(sock: socket.socket, host: str, port: int, where: str, *, plai
         status = resp.status
     except (http.client.HTTPException, OSError):
         hint = " or it uses TLS: give the CA certificate" if plain else ""
-        raise LeukError(f"the server at {where} is not a Flower SuperLink (no HTTP answer: wrong port?{hint})") from None
+        raise LeukError(
+            f"the server at {where} is not a Flower SuperLink (no HTTP answer: wrong port?{hint})"
+        ) from None
     if status != 200:
         raise LeukError(f"the server at {where} is not a Flower SuperLink (GET /health answered {status}: wrong port?)")
 

@@ -1,24 +1,25 @@
 """Run one hospital's `flower-supernode`: start, join detection, failure classification, supervised restarts."""
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from leukfed.common.errors import LeukError
 from leukfed.server.flower_env import (
     ConfigValue,
+    claim_pidfile,
     flower_env,
     flower_executable,
     free_port,
     kill_process_group,
     strip_ansi,
     toml_pairs,
+    write_pidfile,
 )
 
 JOINED_RE = re.compile(r"SuperNode ID: (\d+)")
@@ -131,7 +132,7 @@ class SuperNode:
             )
         self._started_at = time.monotonic()
         self._stop_requested = False
-        self.pid_path.write_text(f"{self.proc.pid} {os.getpid()}\n")
+        write_pidfile(self.pid_path, self.proc.pid)
         self.alive_path.touch()
         return self
 
@@ -139,15 +140,7 @@ class SuperNode:
         """Deal with a node left by an earlier leuk-client, and note an earlier unclean end."""
         if self.alive_path.exists():
             self._unclean_at = max(self._unclean_at, self.alive_path.stat().st_mtime_ns / 1e9)
-        node_pid, owner_pid = _read_pids(self.pid_path)
-        if node_pid is None or not _runs(node_pid, b"flower-supernode"):
-            return
-        if owner_pid and owner_pid != os.getpid() and _alive(owner_pid):
-            raise LeukError(
-                f"a SuperNode for this site is already running (pid {node_pid}, started by process {owner_pid}): "
-                "stop that leuk-client first"
-            )
-        _terminate_orphan(node_pid)  # its leuk-client died; SIGTERM lets it leave the federation cleanly
+        claim_pidfile(self.pid_path, "flower-supernode", f"a SuperNode for {self.state_dir}")
 
     def running(self) -> bool:
         """True while the node process is alive."""
@@ -213,7 +206,7 @@ class SuperNode:
         self.pid_path.unlink(missing_ok=True)
         return code
 
-    def __enter__(self) -> SuperNode:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -239,7 +232,7 @@ class SuperNode:
         if "certificate verify failed" in low:
             return self._certificate_reason(low)
         if "wrong version number" in low or "record layer failure" in low:
-            return f"the server at {self.superlink} does not speak TLS (is it a Flower SuperLink started with certificates?)"
+            return f"the server at {self.superlink} does not speak TLS (a SuperLink started without certificates?)"
         if "[code: 2001]" in text or "must be registered" in text:
             return (
                 "the federation server requires site authentication but this node has no site key "
@@ -345,42 +338,3 @@ def _sleep_unless(delay: float, should_stop: Callable[[], bool] | None) -> bool:
             return True
         time.sleep(min(0.5, max(0.0, end - time.monotonic())))
     return False
-
-
-def _read_pids(path: Path) -> tuple[int | None, int | None]:
-    try:
-        node, owner = (int(x) for x in path.read_text().split()[:2])
-    except (FileNotFoundError, ValueError):
-        return None, None
-    return node, owner
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _runs(pid: int, program: bytes) -> bool:
-    try:
-        return program in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-def _terminate_orphan(pid: int, timeout: float = 10.0) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    end = time.monotonic() + timeout
-    while _runs(pid, b"flower-supernode") and time.monotonic() < end:
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -23,9 +23,13 @@ from leukfed.common.errors import LeukError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 LAYOUTS = ("class_folders", "patient_folders", "cnmc")
 PATIENT_TABLE_NAMES = ("patients.csv", "patients.tsv")
-PATIENT_COLUMNS = ("patient", "patient_id", "patientid", "patient_name", "subject", "subject_id", "case", "case_id", "id")
+PATIENT_COLUMNS = (
+    "patient", "patient_id", "patientid", "patient_name", "subject", "subject_id", "case", "case_id", "id",
+)
 DIAGNOSIS_COLUMNS = ("diagnosis", "dx", "label", "class", "target")
-_ROOT_DOC_STEMS = frozenset({"manifest", "readme", "license", "licence", "citation", "checksums", "sha256sums"})
+_ROOT_DOC_STEMS = frozenset(
+    {"manifest", "readme", "license", "licence", "citation", "checksums", "sha256sums"}
+)
 _CNMC_FOLD = re.compile(r"^fold_\w+$", re.IGNORECASE)
 _CNMC_CLASSES = ("all", "hem")
 _CNMC_NAME = re.compile(r"^UID_([A-Za-z]?\d+)_.*?_(all|hem)$", re.IGNORECASE)
@@ -137,7 +141,11 @@ def _check_root(root: str | Path) -> Path:
 
 def _discover(root: Path, *, strict: bool) -> _Discovery:
     layout = detect_layout(root)
-    walkers = {"class_folders": _discover_classes, "patient_folders": _discover_patients, "cnmc": _discover_cnmc}
+    walkers = {
+        "class_folders": _discover_classes,
+        "patient_folders": _discover_patients,
+        "cnmc": _discover_cnmc,
+    }
     found = _Discovery(layout)
     walkers[layout](root, found)
     if not found.images:
@@ -288,7 +296,7 @@ def is_image_file(name: str) -> bool:
 
 def _build_manifest(root: Path, found: _Discovery, shas: list[str]) -> Manifest:
     samples = sorted(
-        (Sample(f.path, f.label, sha, f.patient, f.meta) for f, sha in zip(found.images, shas)),
+        (Sample(f.path, f.label, sha, f.patient, f.meta) for f, sha in zip(found.images, shas, strict=True)),
         key=lambda s: s.path,
     )
     classes = tuple(sorted({s.label for s in samples}))
@@ -490,7 +498,7 @@ def _base_report(root: Path, found: _Discovery, infos: list[_FileInfo]) -> dict[
     classes = Counter(f.label for f in found.images)
     class_names = sorted(set(classes) | set(found.empty_classes))
     sizes = Counter(i.size for i in infos if i.size)
-    unreadable = sorted((f.path, i.error) for f, i in zip(found.images, infos) if i.error)
+    unreadable = sorted((f.path, i.error) for f, i in zip(found.images, infos, strict=True) if i.error)
     return {
         "root": str(root),
         "layout": found.layout,
@@ -524,10 +532,11 @@ def _patient_report(found: _Discovery) -> dict[str, Any]:
 
 def _duplicate_report(found: _Discovery, infos: list[_FileInfo]) -> dict[str, Any]:
     by_sha: dict[str, list[_Found]] = defaultdict(list)
-    for f, info in zip(found.images, infos):
+    for f, info in zip(found.images, infos, strict=True):
         if info.sha256 is not None:
             by_sha[info.sha256].append(f)
-    groups = sorted((sorted(g, key=lambda f: f.path) for g in by_sha.values() if len(g) > 1), key=lambda g: g[0].path)
+    groups = [sorted(g, key=lambda f: f.path) for g in by_sha.values() if len(g) > 1]
+    groups.sort(key=lambda g: g[0].path)
     return {
         "duplicate_groups": len(groups),
         "duplicate_files": sum(len(g) for g in groups),
@@ -545,16 +554,17 @@ def _problems(found: _Discovery, report: dict[str, Any]) -> list[str]:
             + _examples(report["unreadable"])
         )
     if report["non_image_files"]:
-        problems.append(f"{len(report['non_image_files'])} non-image files were skipped: " + _examples(report["non_image_files"]))
+        skipped = report["non_image_files"]
+        problems.append(f"{len(skipped)} non-image files were skipped: {_examples(skipped)}")
     if report["duplicate_groups"]:
         problems.append(
-            f"{report['duplicate_groups']} groups of byte-identical images ({report['duplicate_files']} files): "
-            "splits and partitions keep each group on one side"
+            f"{report['duplicate_groups']} groups of byte-identical images "
+            f"({report['duplicate_files']} files): splits and partitions keep each group on one side"
         )
-    if report["duplicate_groups_across_classes"]:
-        problems.append(f"{report['duplicate_groups_across_classes']} groups of identical images carry different labels")
-    if report["duplicate_groups_across_patients"]:
-        problems.append(f"{report['duplicate_groups_across_patients']} groups of identical images belong to different patients")
+    if n := report["duplicate_groups_across_classes"]:
+        problems.append(f"{n} groups of identical images carry different labels")
+    if n := report["duplicate_groups_across_patients"]:
+        problems.append(f"{n} groups of identical images belong to different patients")
     counts = [n for n in report["classes"].values() if n]
     if len(counts) > 1 and max(counts) >= 3 * min(counts):
         problems.append(f"classes are imbalanced (largest/smallest = {max(counts) / min(counts):.1f})")

@@ -11,7 +11,13 @@ import numpy as np
 
 from leukfed.common.data import Manifest, Sample
 from leukfed.common.errors import LeukError
-from leukfed.common.splits import balance_groups, group_class_counts, sample_groups, samples_summary
+from leukfed.common.splits import (
+    balance_groups,
+    group_class_counts,
+    noisy_largest_first,
+    sample_groups,
+    samples_summary,
+)
 
 PARTITION_KINDS = ("iid", "dirichlet", "patient", "quantity")
 _DIRICHLET_DRAWS = 1000
@@ -80,7 +86,9 @@ def partition_samples(
     samples = _select(manifest, paths)
     has_patients = any(s.patient is not None for s in samples)
     if parsed.kind == "patient" and not has_patients:
-        raise LeukError("partition 'patient' needs patient ids, and this dataset has none (use iid or dirichlet)")
+        raise LeukError(
+            "partition 'patient' needs patient ids, and this dataset has none (use iid or dirichlet)"
+        )
     groups = sample_groups(samples, "patient" if has_patients else "image")
     if len(groups) < num_sites:
         unit = "patients" if has_patients else "distinct images"
@@ -106,7 +114,11 @@ def _select(manifest: Manifest, paths: Sequence[str]) -> list[Sample]:
 
 
 def _assign(
-    spec: PartitionSpec, counts: np.ndarray, num_sites: int, rng: np.random.Generator, min_per_site: int | None
+    spec: PartitionSpec,
+    counts: np.ndarray,
+    num_sites: int,
+    rng: np.random.Generator,
+    min_per_site: int | None,
 ) -> np.ndarray:
     totals = counts.sum(axis=0)
     if spec.kind == "iid":
@@ -151,7 +163,7 @@ def _assign_patients(counts: np.ndarray, num_sites: int, rng: np.random.Generato
     # Rare diagnoses first, so that they spread as evenly as possible.
     for c in sorted(range(counts.shape[1]), key=lambda c: int((majority == c).sum())):
         members = np.flatnonzero(majority == c)
-        members = members[np.argsort(-sizes[members] * np.exp(rng.normal(0.0, 0.15, len(members))), kind="stable")]
+        members = members[noisy_largest_first(sizes[members], rng)]
         for g in members:
             key = np.lexsort((rng.random(num_sites), images, per_class[:, c]))
             site = int(key[0])
@@ -165,11 +177,13 @@ def _collect(
     samples: list[Sample], groups: list[list[int]], assignment: np.ndarray, num_sites: int, spec: str
 ) -> list[tuple[str, ...]]:
     sites: list[list[str]] = [[] for _ in range(num_sites)]
-    for members, site in zip(groups, assignment):
+    for members, site in zip(groups, assignment, strict=True):
         sites[int(site)].extend(samples[i].path for i in members)
     empty = [i for i, paths in enumerate(sites) if not paths]
     if empty:
-        raise LeukError(f"partition '{spec}' left site {empty[0]} without samples: use fewer sites or other weights")
+        raise LeukError(
+            f"partition '{spec}' left site {empty[0]} without samples: use fewer sites or other weights"
+        )
     return [tuple(sorted(paths)) for paths in sites]
 
 

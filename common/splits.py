@@ -52,12 +52,14 @@ def resolve_group_by(manifest: Manifest, group_by: str = "auto") -> str:
         return group_by
     if group_by == "patient":
         if not any(s.patient is not None for s in manifest.samples):
-            raise LeukError("group_by='patient' needs patient ids, and this dataset has none (use 'image' or 'block:N')")
+            raise LeukError(
+                "group_by='patient' needs patient ids, and this dataset has none (use 'image' or 'block:N')"
+            )
         return group_by
     if group_by.startswith("block:"):
         size = group_by.partition(":")[2]
         if not size.isdigit() or int(size) < 1:
-            raise LeukError(f"bad group_by '{group_by}': block size must be a positive integer (e.g. block:10)")
+            raise LeukError(f"bad group_by '{group_by}': the block size must be a positive integer")
         return f"block:{int(size)}"
     raise LeukError(f"unknown group_by '{group_by}' (expected auto, image, patient or block:N)")
 
@@ -126,17 +128,31 @@ def balance_groups(counts: np.ndarray, targets: np.ndarray, rng: np.random.Gener
         assignment, cost = _greedy_assign(counts, targets, rng)
         if cost < best_cost - 1e-12:
             best, best_cost = assignment, cost
-    return best
+    return _fill_empty_bins(best, counts.sum(axis=1), targets.sum(axis=1) > 0)
 
 
-def _greedy_assign(counts: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+def _fill_empty_bins(assignment: np.ndarray, sizes: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Give each wanted but empty bin the smallest group of the bin holding most groups (if it has 2+)."""
+    assignment = assignment.copy()
+    for b in np.flatnonzero(wanted):
+        held = np.bincount(assignment, minlength=len(wanted))
+        donor = int(held.argmax())
+        if held[b] == 0 and held[donor] >= 2:
+            members = np.flatnonzero(assignment == donor)
+            assignment[members[np.argmin(sizes[members])]] = b
+    return assignment
+
+
+def _greedy_assign(
+    counts: np.ndarray, targets: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, float]:
     sizes = counts.sum(axis=1)
     shares = counts / np.maximum(sizes, 1.0)[:, None]  # a group counts once, split over its classes
     class_images = np.maximum(counts.sum(axis=0), 1.0)
     class_groups = np.maximum(shares.sum(axis=0), 1.0)
     group_targets = targets / class_images * class_groups
     safe_targets = np.maximum(targets, 1e-9)
-    order = np.argsort(-sizes * np.exp(rng.normal(0.0, 0.15, len(sizes))), kind="stable")
+    order = noisy_largest_first(sizes, rng)
     images = np.zeros_like(targets)
     groups = np.zeros_like(targets)
     assignment = np.zeros(len(counts), dtype=np.int64)
@@ -150,6 +166,11 @@ def _greedy_assign(counts: np.ndarray, targets: np.ndarray, rng: np.random.Gener
         groups[b] += shares[g]
     final = np.abs(targets - images) / class_images + np.abs(group_targets - groups) / class_groups
     return assignment, float(final.sum())
+
+
+def noisy_largest_first(sizes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Order for greedy packing: largest first, with mild noise so that seeds differ among similar sizes."""
+    return np.argsort(-sizes * np.exp(rng.normal(0.0, 0.15, len(sizes))), kind="stable")
 
 
 def _pick_bin(cost: np.ndarray, relative_deficit: np.ndarray, rng: np.random.Generator) -> int:
@@ -188,7 +209,9 @@ def make_split(
     sides = _collect(m, groups, assignment, 3)
     empty = [SIDES[i] for i in range(3) if fractions[i] > 0 and not sides[i]]
     if empty:
-        raise LeukError(f"the {empty[0]} side of the split came out empty: too few groups ({len(groups)}) by {resolved}")
+        raise LeukError(
+            f"the {empty[0]} side of the split came out empty: too few groups ({len(groups)}) by {resolved}"
+        )
     return Split(
         *sides,
         manifest_digest=m.digest(),
@@ -207,9 +230,11 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
         raise LeukError(f"val_fraction + test_fraction must be below 1, got {val_fraction + test_fraction}")
 
 
-def _collect(m: Manifest, groups: list[list[int]], assignment: np.ndarray, num_bins: int) -> list[tuple[str, ...]]:
+def _collect(
+    m: Manifest, groups: list[list[int]], assignment: np.ndarray, num_bins: int
+) -> list[tuple[str, ...]]:
     bins: list[list[str]] = [[] for _ in range(num_bins)]
-    for members, b in zip(groups, assignment):
+    for members, b in zip(groups, assignment, strict=True):
         bins[int(b)].extend(m.samples[i].path for i in members)
     return [tuple(sorted(paths)) for paths in bins]
 
@@ -271,7 +296,9 @@ def _check_split_paths(sides: list[tuple[str, ...]], manifest: Manifest, path: P
     listed = [p for side in sides for p in side]
     unknown = [p for p in listed if p not in known]
     if unknown:
-        raise LeukError(f"split file {path} lists {len(unknown)} paths missing from the dataset (e.g. {unknown[0]})")
+        raise LeukError(
+            f"split file {path} lists {len(unknown)} paths missing from the dataset (e.g. {unknown[0]})"
+        )
     if len(set(listed)) != len(listed):
         raise LeukError(f"split file {path} lists some paths on more than one side")
 

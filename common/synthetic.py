@@ -70,7 +70,9 @@ def _validate(names: tuple[str, ...], per_class: int, size: int, patients: int, 
         raise LeukError("patients_per_class must be between 1 and per_class")
 
 
-def _write_class_folders(root: Path, names: tuple[str, ...], per_class: int, size: int, rng: np.random.Generator) -> None:
+def _write_class_folders(
+    root: Path, names: tuple[str, ...], per_class: int, size: int, rng: np.random.Generator
+) -> None:
     for k, name in enumerate(names):
         folder = root / name
         folder.mkdir()
@@ -129,7 +131,9 @@ def render_cell(look: _Look, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def _nucleus_mask(look: _Look, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, rng: np.random.Generator) -> np.ndarray:
+def _nucleus_mask(
+    look: _Look, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, rng: np.random.Generator
+) -> np.ndarray:
     mask = np.zeros_like(yy)
     angle = rng.uniform(0, np.pi)
     lobe_r = look.radius / np.sqrt(look.lobes) * 1.15

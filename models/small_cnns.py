@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from torch import nn
 
@@ -19,7 +21,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         chans = (in_chans, 32, 64, 64)
-        for cin, cout in zip(chans, chans[1:]):
+        for cin, cout in pairwise(chans):
             layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*layers)
         side = image_size // 8  # three 2x2 max-pools, each flooring
@@ -43,8 +45,12 @@ class TinyCNN(nn.Module):
         super().__init__()
         chans = (in_chans, 16, 32, 48)
         layers: list[nn.Module] = []
-        for i, (cin, cout) in enumerate(zip(chans, chans[1:])):
-            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        for i, (cin, cout) in enumerate(pairwise(chans)):
+            layers += [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
             if i < len(chans) - 2:
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())

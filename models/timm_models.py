@@ -13,8 +13,9 @@ def timm_data_config(arch: str, *, min_size: int = 32) -> DataConfig:
     cfg = timm.models.get_pretrained_cfg(arch)
     if cfg is None:
         raise ValueError(f"timm has no pretrained config for {arch!r}")
+    c, h, w = cfg.input_size
     return DataConfig(
-        input_size=tuple(cfg.input_size),
+        input_size=(c, h, w),
         mean=tuple(cfg.mean),
         std=tuple(cfg.std),
         interpolation=cfg.interpolation,

@@ -8,7 +8,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 import typer
 from cryptography import x509
@@ -172,7 +173,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return builder.not_valid_before(now - CLOCK_SKEW).not_valid_after(now + dt.timedelta(days=days))
 
 
@@ -315,11 +316,12 @@ certs_app = typer.Typer(help="Create the federation's CA, server certificate and
 
 @certs_app.command("init")
 def init_command(
-    out: Path = typer.Option(..., "--out", help="Folder to create the certificates in."),
-    server_name: list[str] = typer.Option(
-        ..., "--server-name", help="Coordinator DNS name(s)/IP(s) the hospitals dial, comma separated; repeatable."
-    ),
-    sites: str = typer.Option("", "--sites", help="Hospital site names, comma separated (e.g. h1,h2,h3)."),
+    out: Annotated[Path, typer.Option("--out", help="Folder to create the certificates in.")],
+    server_name: Annotated[
+        list[str],
+        typer.Option("--server-name", help="DNS name(s)/IP(s) hospitals dial, comma separated; repeatable."),
+    ],
+    sites: Annotated[str, typer.Option("--sites", help="Hospital site names, comma separated (h1,h2,h3).")] = "",
 ) -> None:
     """Create a CA, the coordinator's TLS certificate and one key pair per hospital."""
     site_list = [s.strip() for s in sites.split(",") if s.strip()]
@@ -334,8 +336,8 @@ def init_command(
 
 @certs_app.command("add-site")
 def add_site_command(
-    name: str = typer.Argument(..., help="New hospital site name."),
-    out: Path = typer.Option(..., "--out", help="The certificate folder made by `leuk certs init`."),
+    name: Annotated[str, typer.Argument(help="New hospital site name.")],
+    out: Annotated[Path, typer.Option("--out", help="The certificate folder made by `leuk certs init`.")],
 ) -> None:
     """Create a key pair for one more hospital."""
     site = _run_cli(lambda: add_site(out, name))

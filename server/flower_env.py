@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def toml_value(value: ConfigValue) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        if math.isnan(value):
+            return "nan"
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, str):
         # Flower splits pairs with the regex '...'|"..."|\S+, so a string may not contain its own quote.
         if "'" not in value and "\n" not in value:
@@ -126,21 +129,57 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def kill_process_group(proc: subprocess.Popen[bytes], timeout: float) -> int:
-    """SIGTERM the process group of `proc`, SIGKILL it after `timeout` s; return the exit code."""
+    """SIGTERM the process group of `proc`, SIGKILL it after `timeout` s; return the exit code.
+
+    Flower starts its SuperExec in a session of its own, so the group alone is not enough: every
+    descendant found before the leader goes (ppid links vanish with it) is killed as well.
+    """
+    tree = descendants(proc.pid) if proc.poll() is None else []
     if proc.poll() is None:
-        _signal_group(proc, signal.SIGTERM)
+        _signal_group(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
-    # Children (ServerApp/ClientApp processes) may outlive a leader that exited cleanly.
-    _signal_group(proc, signal.SIGKILL)
-    return proc.wait()
+    _signal_group(proc.pid, signal.SIGKILL)
+    code = proc.wait()
+    _reap_tree(tree)
+    return code
 
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (Linux /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop(0)
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def _reap_tree(pids: list[int], grace: float = 3.0) -> None:
+    """Give leftover descendants `grace` s to exit (SuperExec follows its parent), then SIGKILL them."""
+    end = time.monotonic() + grace
+    while any(map(_alive, pids)) and time.monotonic() < end:
+        time.sleep(0.1)
+    for p in pids:
+        if _alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
     try:
-        os.killpg(proc.pid, sig)
+        os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
@@ -157,3 +196,48 @@ def log_tail(path: Path, lines: int = 15) -> str:
 def strip_ansi(text: str) -> str:
     """Remove terminal colour codes (Flower colours its log levels)."""
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def write_pidfile(path: Path, pid: int) -> None:
+    """Record `pid` and its owner (this process) so a later start can recognise an orphan."""
+    path.write_text(f"{pid} {os.getpid()}\n", encoding="utf-8")
+
+
+def claim_pidfile(path: Path, program: str, what: str, timeout: float = 10.0) -> None:
+    """Before starting `program` again: stop an orphan whose owner died; LeukError if the owner still lives."""
+    try:
+        pid, owner = (int(x) for x in path.read_text(encoding="utf-8").split()[:2])
+    except (FileNotFoundError, ValueError):
+        return
+    if not _runs(pid, program):
+        return
+    if owner != os.getpid() and _alive(owner):
+        raise LeukError(f"{what} is already running (pid {pid}, started by process {owner}): stop that one first")
+    _stop_orphan(pid, program, timeout)
+
+
+def _runs(pid: int, program: str) -> bool:
+    """True if `pid` is alive and its command line contains `program` (Linux /proc)."""
+    try:
+        return program.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_orphan(pid: int, program: str, timeout: float) -> None:
+    """SIGTERM the orphan's group (a SuperNode leaves the federation cleanly), SIGKILL after `timeout` s."""
+    tree = descendants(pid)
+    _signal_group(pid, signal.SIGTERM)
+    end = time.monotonic() + timeout
+    while _runs(pid, program) and time.monotonic() < end:
+        time.sleep(0.2)
+    _signal_group(pid, signal.SIGKILL)
+    _reap_tree(tree)

@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Self
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from leukfed.common.errors import LeukError
 from leukfed.server.flower_env import (
     ConfigValue,
+    claim_pidfile,
     flower_env,
     flower_executable,
     kill_process_group,
@@ -29,6 +31,7 @@ from leukfed.server.flower_env import (
     strip_ansi,
     toml_pairs,
     write_flwr_config,
+    write_pidfile,
 )
 
 DEFAULT_PORT = 9092
@@ -83,7 +86,7 @@ class SuperLink:
         db = Path(database).expanduser().resolve() if database else self.state_dir / "superlink.db"
         self.database_path = db
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._refuse_running_twin()
+        claim_pidfile(self.pid_path, "flower-superlink", f"a SuperLink for {self.state_dir}")
         if port_in_use(host, port):
             raise LeukError(f"port {port} on {host} is already in use (another leuk-server?): choose another --port")
         write_flwr_config(self.flwr_home, {CONNECTION: self._connection()})
@@ -121,12 +124,7 @@ class SuperLink:
                 start_new_session=True,  # own process group: terminate() also reaches ServerApp children
             )
         self._started_at = time.monotonic()
-        self.pid_path.write_text(str(self.proc.pid))
-
-    def _refuse_running_twin(self) -> None:
-        pid = _read_pid(self.pid_path)
-        if pid and _is_flower_process(pid, "flower-superlink"):
-            raise LeukError(f"a SuperLink for {self.state_dir} is already running (pid {pid}): stop it first")
+        write_pidfile(self.pid_path, self.proc.pid)
 
     def wait_healthy(self, timeout: float = 60.0) -> float:
         """Poll GET /health until it answers 200; return seconds since start. Raise LeukError on death/timeout."""
@@ -161,7 +159,7 @@ class SuperLink:
         self.pid_path.unlink(missing_ok=True)
         return code
 
-    def __enter__(self) -> SuperLink:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -324,6 +322,7 @@ class SuperLink:
         try:
             return subprocess.run(
                 [flower_executable("flwr"), *args],
+                check=False,
                 capture_output=True,
                 text=True,
                 env=flower_env(self.flwr_home),
@@ -444,19 +443,3 @@ def _cli_error(data: dict[str, object] | None, proc: subprocess.CompletedProcess
     lines = [ln.strip(" │╭╮╰╯─") for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("Using SuperLink") and not re.fullmatch(r"Error", ln)]
     return " ".join(lines)[:500] or f"exit status {proc.returncode}"
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (FileNotFoundError, ValueError, IndexError):
-        return None
-
-
-def _is_flower_process(pid: int, program: str) -> bool:
-    """True if `pid` is alive and runs `program` (Linux /proc; False elsewhere)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return program.encode() in cmdline

@@ -17,7 +17,9 @@ from leukfed.common.synthetic import make_synthetic_dataset
 MakeImage = Callable[..., Path]
 
 
-def write_image(path: Path, *, mode: str = "RGB", size: tuple[int, int] = (12, 10), seed: int = 0, **save: object) -> Path:
+def write_image(
+    path: Path, *, mode: str = "RGB", size: tuple[int, int] = (12, 10), seed: int = 0, **save: object
+) -> Path:
     """Write a small noise image in `mode` (format from the suffix); distinct seeds give distinct files."""
     rng = np.random.default_rng(seed)
     w, h = size
@@ -58,7 +60,11 @@ def apl_manifest(data_root: Path) -> Manifest:
 def class_dataset(tmp_path: Path) -> Path:
     """`A`(4) `B`(3) `C`(2) images in mixed formats, a root MANIFEST.csv and README, a hidden file."""
     root = tmp_path / "classes"
-    files = ["A/a1.jpg", "A/a2.JPG", "A/a3.png", "A/sub/a4.jpeg", "B/b1.bmp", "B/b2.tif", "B/b3.TIFF", "C/c1.png", "C/c2.Png"]
+    files = [
+        "A/a1.jpg", "A/a2.JPG", "A/a3.png", "A/sub/a4.jpeg",
+        "B/b1.bmp", "B/b2.tif", "B/b3.TIFF",
+        "C/c1.png", "C/c2.Png",
+    ]
     for seed, rel in enumerate(files):
         write_image(root / rel, seed=seed)
     (root / "MANIFEST.csv").write_text("path,class\n")
@@ -124,5 +130,7 @@ def synthetic_classes(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
 def synthetic_patients(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
     """Synthetic APL/AML patient-folder dataset: 12 patients per diagnosis, 60 cells per diagnosis."""
     root = tmp_path_factory.mktemp("synthetic") / "pf"
-    make_synthetic_dataset(root, layout="patient_folders", per_class=60, patients_per_class=12, size=24, seed=5)
+    make_synthetic_dataset(
+        root, layout="patient_folders", per_class=60, patients_per_class=12, size=24, seed=5
+    )
     return scan_dataset(root)

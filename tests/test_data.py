@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -132,7 +132,7 @@ def test_patients_table_missing(patient_dataset: Path) -> None:
         ("patient,cohort\nPatient_00,x\n", "no diagnosis column"),
         ("", "is empty"),
         ('patient,diagnosis\n"Patient_00,APL\n', "cannot parse"),
-        ("patient,diagnosis\nPatient_00,APL\nPatient_01,AML\nPatient_02,\n", "patient 'Patient_02' has no diagnosis"),
+        ("patient,diagnosis\nPatient_00,APL\nPatient_01,AML\nPatient_02,\n", "'Patient_02' has no diagnosis"),
         ("patient,diagnosis\nPatient_00,APL\nPatient_01,AML\n", "patient 'Patient_02' has no diagnosis"),
         ("patient,diagnosis\nPatient_00,APL\nPatient_00,AML\n", "two diagnoses"),
     ],
@@ -214,7 +214,9 @@ def test_load_rejects_corrupt_truncated_and_missing(tmp_path: Path, make_image: 
 # ---------------------------------------------------------------- check
 
 
-def test_check_lists_corrupt_truncated_non_images_and_duplicates(class_dataset: Path, make_image: MakeImage) -> None:
+def test_check_lists_corrupt_truncated_non_images_and_duplicates(
+    class_dataset: Path, make_image: MakeImage
+) -> None:
     good = make_image(class_dataset / "B" / "big.jpg", size=(64, 64), seed=40)
     (class_dataset / "B" / "cut.jpg").write_bytes(good.read_bytes()[:600])
     (class_dataset / "C" / "junk.png").write_bytes(b"\x89PNG garbage")

@@ -1,4 +1,5 @@
 """Real SuperLink/SuperNode processes on loopback with TLS and site authentication (no mocks)."""
+
 from __future__ import annotations
 
 import http.server
@@ -6,9 +7,11 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,13 +45,20 @@ def _our_processes(marker: str) -> list[int]:
 def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("flower")
     yield path
-    strays = _our_processes(str(path))
+    strays = {pid: _cmdline(pid) for pid in _our_processes(str(path))}
     for pid in strays:  # safety net; each fixture below already cleans up after itself
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     assert not strays, f"stray Flower processes left running: {strays}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:300]
+    except OSError:
+        return "?"
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +130,7 @@ def test_preflight_accepts_the_superlink(link: SuperLink, pki: CertsLayout) -> N
 
 
 @pytest.mark.slow
-def test_two_sites_join_and_echo_run_completes(
-    link: SuperLink, pki: CertsLayout, nodes: dict[str, SuperNode]
-) -> None:
+def test_two_sites_join_and_echo_run_completes(link: SuperLink, pki: CertsLayout, nodes: dict[str, SuperNode]) -> None:
     for name in nodes:
         link.register_site(pki.site(name).public_key, name)
     t0 = time.monotonic()
@@ -135,7 +143,7 @@ def test_two_sites_join_and_echo_run_completes(
     t0 = time.monotonic()
     run_id = link.submit(ECHO_APP, {"num-rounds": 2, "min-nodes": 2, "round-timeout": 60.0, "greeting": "it's me"})
     seen: list[str] = []
-    status = link.wait(run_id, poll_s=1.0, on_poll=seen.append, timeout=150)
+    status = link.wait(run_id, poll_s=2.0, on_poll=seen.append, timeout=150)
     TIMINGS["echo run submit -> finished"] = time.monotonic() - t0
     logs = link.logs(run_id)
     assert status == "finished:completed", (status, link.run_info(run_id), logs)
@@ -158,7 +166,9 @@ def test_unregistered_site_key_is_refused_quickly(root: Path, link: SuperLink, p
 
 
 @pytest.mark.slow
-def test_wrong_ca_fails_with_clear_message(root: Path, link: SuperLink, pki: CertsLayout, other_ca: CertsLayout) -> None:
+def test_wrong_ca_fails_with_clear_message(
+    root: Path, link: SuperLink, pki: CertsLayout, other_ca: CertsLayout
+) -> None:
     t0 = time.monotonic()
     with pytest.raises(LeukError, match=r"not signed by the CA in .*other-certs/ca.crt \(wrong CA file\?\)"):
         check_server("127.0.0.1", link.port, other_ca.ca_cert)
@@ -173,6 +183,79 @@ def test_wrong_ca_fails_with_clear_message(root: Path, link: SuperLink, pki: Cer
         node.stop()
     TIMINGS["node wrong CA -> LeukError"] = time.monotonic() - t0
     assert TIMINGS["node wrong CA -> LeukError"] < 30
+
+
+@pytest.mark.slow
+def test_supervised_node_rejoins_after_sigkill(root: Path, link: SuperLink, pki: CertsLayout) -> None:
+    """An unclean death is refused (2004) until the SuperLink marks the node offline; supervise retries."""
+    link.register_site(pki.site("h1").public_key, "h1")
+    node = _node(root, link, "h1", pki.site("h1").private_key, pki.ca_cert)
+    events: list[tuple[float, str, str]] = []
+    stop = threading.Event()
+    outcome: list[object] = []
+
+    def supervise() -> None:
+        try:
+            outcome.append(
+                node.supervise(
+                    backoff_s=(0.5,),
+                    on_event=lambda k, m: events.append((time.monotonic(), k, m)),
+                    should_stop=stop.is_set,
+                )
+            )
+        except Exception as err:  # noqa: BLE001 - reported by the assertions below
+            outcome.append(err)
+
+    thread = threading.Thread(target=supervise, daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: sum(k == "joined" for _, k, _ in events) == 1, 60, events)
+        killed_at = time.monotonic()
+        os.killpg(node.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        _wait_for(lambda: sum(k == "joined" for _, k, _ in events) == 2, 150, events)
+        TIMINGS["SIGKILL -> supervised node rejoined"] = events[-1][0] - killed_at
+        kinds = [m for _, k, m in events if k == "restarting"]
+        assert kinds and "died" in kinds[0]
+        assert any("still counts this site as online" in m for m in kinds)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        node.stop()
+    assert len(outcome) == 1 and getattr(outcome[0], "kind", None) == "stopped", outcome
+
+
+@pytest.mark.slow
+def test_orphaned_node_of_a_dead_client_is_replaced(root: Path, link: SuperLink, pki: CertsLayout) -> None:
+    """leuk-client killed -9 leaves its SuperNode running; the next start stops it and joins at once."""
+    link.register_site(pki.site("h2").public_key, "h2")
+    script = f"""
+from leukfed.client.supernode import SuperNode
+n = SuperNode({f"127.0.0.1:{link.port}"!r}, state_dir={str(root / "nodes" / "h2")!r}, ca={str(pki.ca_cert)!r},
+              private_key={str(pki.site("h2").private_key)!r}, node_config={{"site-name": "h2"}})
+n.start(); n.wait_joined(60); print(n.pid, flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90, check=True)
+    orphan = int(out.stdout.split()[-1])
+    assert Path(f"/proc/{orphan}").exists()  # its owner is gone, the node lives on
+    node = _node(root, link, "h2", pki.site("h2").private_key, pki.ca_cert)
+    try:
+        t0 = time.monotonic()
+        node.start()
+        assert (
+            not Path(f"/proc/{orphan}/cmdline").exists()
+            or b"supernode" not in Path(f"/proc/{orphan}/cmdline").read_bytes()
+        )
+        node.wait_joined(timeout=60)
+        TIMINGS["orphan replaced -> joined"] = time.monotonic() - t0
+    finally:
+        node.stop()
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float, events: object) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out; events: {events}"
+        time.sleep(0.2)
 
 
 def test_preflight_closed_port() -> None:
@@ -194,7 +277,7 @@ def test_preflight_plain_tcp_listener_is_not_a_superlink(pki: CertsLayout) -> No
 
 def test_preflight_other_https_server_is_not_a_superlink(pki: CertsLayout) -> None:
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self.send_response(200)
             self.end_headers()
 

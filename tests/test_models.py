@@ -15,7 +15,14 @@ from safetensors.torch import save_file
 from timm.data import ImageNetInfo
 
 from leukfed.common.errors import LeukError
-from leukfed.models import DataConfig, ModelInfo, create_model, list_models, register_model, resolve_data_config
+from leukfed.models import (
+    DataConfig,
+    ModelInfo,
+    create_model,
+    list_models,
+    register_model,
+    resolve_data_config,
+)
 from leukfed.models.efficientnet_attn import EfficientNetB0Attention
 from leukfed.models.efficientnet_lite import LITE_VARIANTS, lite_package_file, map_lite_keys
 from leukfed.models.registry import unregister_model
@@ -255,8 +262,9 @@ def test_efficientnet_b0_attn_trains_only_top_layers() -> None:
     assert {"conv_head.weight", "blocks.6.0.conv_dw.weight", "blocks.5.3.conv_pwl.weight"} <= trainable
     assert all(p.requires_grad for p in model.attn.parameters())
 
-    model.train()
     stem_bn = model.backbone.bn1
+    assert model.training and not stem_bn.training  # frozen BatchNorms start in eval mode
+    model.eval().train()
     before = stem_bn.running_mean.clone()
     F.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.tensor([0, 1])).backward()
     for n, p in model.backbone.named_parameters():
@@ -293,7 +301,9 @@ def _top5(model: torch.nn.Module, img: Image.Image) -> list[tuple[str, float]]:
         probs = model.eval()(_imagenet_eval_tensor(img, model.leuk_info.data_config)).softmax(-1)[0]
     top = probs.topk(5)
     names = ImageNetInfo()
-    return [(names.index_to_description(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
+    return [
+        (names.index_to_description(int(i)), float(p)) for p, i in zip(top.values, top.indices, strict=True)
+    ]
 
 
 @pytest.fixture(scope="module", params=sorted(LITE_VARIANTS))
@@ -304,17 +314,13 @@ def lite_imagenet(request: pytest.FixtureRequest) -> torch.nn.Module:
 @pytest.mark.parametrize("name", sorted(LITE_VARIANTS))
 def test_lite_mapping_fills_every_timm_key_exactly_once(name: str) -> None:
     src = torch.load(lite_package_file(name), map_location="cpu", weights_only=True)
-    model = create_model(name, 1000)
+    model = create_model(name, 1000, pretrained="package")
     own = model.state_dict()
     mapping = map_lite_keys(list(src), model)
     assert len(src) == len(own) == len(mapping)
     assert sorted(mapping.values()) == sorted(own)  # a bijection onto timm's keys
     for src_key, timm_key in mapping.items():
-        assert src[src_key].shape == own[timm_key].shape, (src_key, timm_key)
-
-    loaded = create_model(name, 1000, pretrained="package").state_dict()
-    for src_key, timm_key in mapping.items():
-        assert torch.equal(loaded[timm_key], src[src_key]), timm_key
+        assert torch.equal(own[timm_key], src[src_key]), (src_key, timm_key)
 
 
 def test_lite_names_real_photos(lite_imagenet: torch.nn.Module) -> None:

@@ -1,0 +1,142 @@
+"""The accuracy cost of DP-SGD on all_taleqani at epsilon about 1, 3 and 8, against no DP; resumable.
+
+Usage (from the repository root):
+    LEUK_DATA_ROOT=../shared/datasets python benchmarks/privacy.py [--only NAME ...] [--list]
+One long-format row per experiment goes to benchmarks/results/privacy.jsonl; experiments already
+there are skipped. Every run trains the same model for the same epochs from the same seed on the
+same duplicate-aware split (seed 0) and is scored on its test part after the last epoch (no
+epoch selection, so DP and non-DP runs are treated alike).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from leukfed.common.data import scan_dataset
+from leukfed.common.dataset import build_dataset, make_loader
+from leukfed.common.machine import machine_info
+from leukfed.common.privacy import DPSettings, dp_compatible, noise_for_epsilon, private_train
+from leukfed.common.splits import make_split
+from leukfed.common.train import (evaluate, make_loss, make_optimizer, prepare_model, seed_everything,
+                                  select_hardware, train_epoch)
+from leukfed.models import create_model
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "privacy.jsonl"
+TARGETS = {"nodp": None, "eps8": 8.0, "eps3": 3.0, "eps1": 1.0}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What every run shares; only the noise differs."""
+
+    dataset: str = "all_taleqani"
+    model: str = "smallcnn"
+    image_size: int = 50
+    epochs: int = 10
+    batch_size: int = 64          # DP: the expected Poisson batch size
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    augment: str = "flip"
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    seed: int = 0
+
+
+def experiment_name(recipe: Recipe, label: str) -> str:
+    return f"taleqani-{recipe.model}-{recipe.image_size}px-{recipe.epochs}ep-{label}"
+
+
+def load_data(recipe: Recipe, data_root: Path):
+    """Train, val and test datasets of the duplicate-aware split (seed 0) at the model's input."""
+    manifest = scan_dataset(data_root / recipe.dataset)
+    split = make_split(manifest, seed=0)
+    data_config = create_model(recipe.model, len(manifest.class_names), image_size=recipe.image_size).leuk_info.data_config
+    sets = {name: build_dataset(manifest, getattr(split, name), data_config, train=name == "train",
+                                augment=recipe.augment) for name in ("train", "val", "test")}
+    return manifest.class_names, sets
+
+
+def train_once(recipe: Recipe, class_names, sets, target_epsilon: float | None) -> dict:
+    """One run: no DP, or DP-SGD with the noise that spends `target_epsilon` over all epochs."""
+    seed_everything(recipe.seed)
+    hardware = select_hardware("cpu")
+    model = create_model(recipe.model, len(class_names), image_size=recipe.image_size)
+    # The no-DP baseline uses the DP architecture too, so only the noise and clipping differ.
+    model = prepare_model(dp_compatible(model), hardware)
+    loss_fn = make_loss("ce", len(class_names))
+    optimizer = make_optimizer(model, recipe.optimizer, recipe.lr)
+    loader = make_loader(sets["train"], recipe.batch_size, shuffle=True, seed=recipe.seed)
+    privacy: dict = {}
+    start = time.perf_counter()
+    if target_epsilon is None:
+        for _ in range(recipe.epochs):
+            train_epoch(model, loader, optimizer, loss_fn, hardware)
+    else:
+        sample_rate = 1 / len(loader)
+        steps = recipe.epochs * int(1 / sample_rate)  # Opacus' Poisson loader: int(1/q) batches a pass
+        noise = noise_for_epsilon(target_epsilon, recipe.delta, sample_rate, steps)
+        settings = DPSettings(noise, recipe.max_grad_norm, recipe.delta)
+        result = private_train(model, optimizer, loader, loss_fn, hardware, settings, epochs=recipe.epochs)
+        model.load_state_dict(result.state)
+        privacy = {"target_epsilon": target_epsilon, **result.metrics()}
+    train_seconds = time.perf_counter() - start
+    scores = {part: evaluate(model, make_loader(sets[part], 256, shuffle=False), hardware, class_names)
+              for part in ("val", "test")}
+    return {"train_seconds": round(train_seconds, 1), "epsilon": privacy.get("dp_epsilon"), "privacy": privacy,
+            "test_accuracy": scores["test"]["accuracy"], "test_macro_f1": scores["test"]["macro_f1"],
+            "test_balanced_accuracy": scores["test"]["balanced_accuracy"],
+            "val_accuracy": scores["val"]["accuracy"], "val_macro_f1": scores["val"]["macro_f1"],
+            "test_images": scores["test"]["num_samples"], "train_images": len(sets["train"])}
+
+
+def done_experiments() -> set[str]:
+    if not RESULTS.exists():
+        return set()
+    return {json.loads(line)["experiment"] for line in RESULTS.read_text().splitlines() if line.strip()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=list(TARGETS), help="runs to do (default: all not yet done)")
+    parser.add_argument("--epochs", type=int, default=Recipe.epochs, help="epochs of every run")
+    parser.add_argument("--list", action="store_true", help="list experiments and exit")
+    args = parser.parse_args()
+    recipe = Recipe(epochs=args.epochs)
+    if args.list:
+        print("\n".join(experiment_name(recipe, label) for label in TARGETS))
+        return
+    root = os.environ.get("LEUK_DATA_ROOT")
+    if not root:
+        sys.exit("error: set LEUK_DATA_ROOT to the folder holding all_taleqani/")
+    todo = [label for label in TARGETS if (not args.only or label in args.only)
+            and experiment_name(recipe, label) not in done_experiments()]
+    if not todo:
+        print("all experiments are already in", RESULTS)
+        return
+    class_names, sets = load_data(recipe, Path(root))
+    for label in todo:
+        name = experiment_name(recipe, label)
+        print(f"== {name}", flush=True)
+        started = time.time()
+        row = {"experiment": name, "dp": TARGETS[label] is not None, "recipe": asdict(recipe),
+               "split": {"group_by": "auto (duplicate-aware)", "seed": 0},
+               **train_once(recipe, class_names, sets, TARGETS[label]),
+               "wall_seconds": round(time.time() - started, 1),
+               "command": f"python benchmarks/privacy.py --epochs {recipe.epochs} --only {shlex.quote(label)}",
+               "machine": machine_info(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row[k] for k in ("experiment", "epsilon", "test_accuracy", "test_macro_f1",
+                                              "wall_seconds")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""A description of the machine a figure was measured on, saved next to every benchmark result."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    try:
+        import flwr
+        flwr_version = flwr.__version__ if hasattr(flwr, "__version__") else "unknown"
+    except ImportError:
+        flwr_version = None
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "flwr": flwr_version,
+        "platform": platform.platform(),
+    }
