@@ -124,11 +124,13 @@ def main() -> None:
     for label in todo:
         name = experiment_name(recipe, label)
         print(f"== {name}", flush=True)
-        started = time.time()
+        started, load_before = time.time(), os.getloadavg()[0]
         row = {"experiment": name, "dp": TARGETS[label] is not None, "recipe": asdict(recipe),
                "split": {"group_by": "auto (duplicate-aware)", "seed": 0},
                **train_once(recipe, class_names, sets, TARGETS[label]),
                "wall_seconds": round(time.time() - started, 1),
+               # Other jobs may share the CPU: the 1-minute load average puts wall times in context.
+               "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                "command": f"python benchmarks/privacy.py --epochs {recipe.epochs} --only {shlex.quote(label)}",
                "machine": machine_info(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

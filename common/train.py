@@ -5,19 +5,19 @@ import contextlib
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from leukfed.common.errors import LeukError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LOSSES = ("ce", "kl")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (images, labels) batches, e.g. a BatchLoader
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def prepare_model(model: nn.Module, hardware: Hardware) -> nn.Module:
     return model
 
 
-def _batches(loader: DataLoader, max_steps: int | None) -> Iterator:
+def _batches(loader: Batches, max_steps: int | None) -> Iterator:
     """Cycle the loader until max_steps (steps mode), or one pass (epoch mode)."""
     if max_steps is None:
         yield from loader
@@ -140,7 +140,7 @@ def _batches(loader: DataLoader, max_steps: int | None) -> Iterator:
                 return
 
 
-def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+def train_epoch(model: nn.Module, loader: Batches, optimizer: torch.optim.Optimizer,
                 loss_fn: LossFn, hardware: Hardware, *, max_steps: int | None = None,
                 regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
                 on_step: Callable[[int], None] | None = None) -> EpochStats:
@@ -174,7 +174,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, hardware: Hardware) -> tuple[np.ndarray, np.ndarray]:
+def predict(model: nn.Module, loader: Batches, hardware: Hardware) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (N, C) and the loader's labels (N,)."""
     model.eval()
     probs, labels = [], []
@@ -191,7 +191,7 @@ def predict(model: nn.Module, loader: DataLoader, hardware: Hardware) -> tuple[n
     return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
 
-def evaluate(model: nn.Module, loader: DataLoader, hardware: Hardware, class_names, *,
+def evaluate(model: nn.Module, loader: Batches, hardware: Hardware, class_names, *,
              patients=None, loss_fn: LossFn | None = None) -> dict:
     """Clinical metrics on a loader; adds patient-level metrics when patients are given."""
     from leukfed.common.metrics import classification_metrics, patient_metrics

@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from leukfed.client.records import encode_state
 from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig
+from leukfed.common.train import seed_everything
 from leukfed.server.state import Resumed, export_final, load_resumed, save_round
 from leukfed.server.strategies import make_strategy, restore_strategy_state, strategy_state
 
@@ -122,6 +123,7 @@ def main(grid: Grid, context: Context) -> None:
     resumed: Resumed | None = load_resumed(state_dir, fed) if fed.resume else None
     class_names = resumed.class_names if resumed else ask_class_names(grid, fed)
     fed = FedConfig.from_run_config({**fed.to_run_config(), "class-names": ",".join(class_names)})
+    seed_everything(fed.seed)  # the initial global model is the same for the same seed
     model = initial_model(fed, len(class_names))
     if resumed:
         model.load_state_dict(resumed.state)

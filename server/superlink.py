@@ -11,6 +11,7 @@ import sqlite3
 import ssl
 import subprocess
 import time
+import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Self
@@ -224,13 +225,21 @@ class SuperLink:
 
     # ------------------------------------------------------------------ runs
 
-    def submit(self, app_dir: str | Path, run_config: Mapping[str, ConfigValue] | None = None) -> int:
-        """`flwr run APP_DIR` with run-config overrides; returns the run id at once."""
+    def submit(self, app_dir: str | Path, run_config: Mapping[str, ConfigValue] | Path | None = None) -> int:
+        """`flwr run APP_DIR` with run-config overrides (a mapping or a .toml file); returns the run id at once.
+
+        Only keys declared under [tool.flwr.app.config] may be overridden.
+        """
         app = Path(app_dir).expanduser().resolve()
         if not (app / "pyproject.toml").is_file():
             raise LeukError(f"{app} is not a Flower app (no pyproject.toml)")
         args = ["run", str(app), CONNECTION]
-        if run_config:
+        if isinstance(run_config, Path):
+            if run_config.suffix != ".toml" or not run_config.is_file():
+                raise LeukError(f"run config {run_config} must be an existing .toml file")
+            args += ["--run-config", str(run_config.resolve())]
+        elif run_config:
+            _check_declared(app, run_config)
             args += ["--run-config", toml_pairs(run_config)]
         return int(self._flwr(*args)["run-id"])
 
@@ -248,7 +257,7 @@ class SuperLink:
     def wait(
         self,
         run_id: int,
-        poll_s: float = 3.0,
+        poll_s: float = 5.0,
         on_poll: Callable[[str], None] | None = None,
         timeout: float | None = None,
     ) -> str:
@@ -341,6 +350,24 @@ class SuperLink:
         if data is None or not data.get("success", False):
             raise FlwrCliError(f"`flwr {' '.join(args[:2])}` failed: {_cli_error(data, proc)}")
         return data
+
+
+def _check_declared(app: Path, run_config: Mapping[str, ConfigValue]) -> None:
+    """Flower only says "Invalid run configuration": name the keys the app does not declare."""
+    try:
+        declared = tomllib.loads((app / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
+    except (KeyError, tomllib.TOMLDecodeError):
+        declared = {}
+    unknown = sorted(set(run_config) - set(_flat_keys(declared)))
+    if unknown:
+        raise LeukError(f"run config keys {unknown} are not declared in {app}/pyproject.toml [tool.flwr.app.config]")
+
+
+def _flat_keys(table: Mapping[str, object], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in table.items():
+        keys += _flat_keys(value, f"{prefix}{key}.") if isinstance(value, Mapping) else [f"{prefix}{key}"]
+    return keys
 
 
 def check_server_certs(ca: Path, cert: Path, key: Path) -> None:

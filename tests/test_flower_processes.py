@@ -153,6 +153,16 @@ def test_two_sites_join_and_echo_run_completes(link: SuperLink, pki: CertsLayout
 
 
 @pytest.mark.slow
+def test_failing_serverapp_is_reported_as_failed(link: SuperLink) -> None:
+    """A ServerApp exception ends the run as finished:failed with the exception in status-details."""
+    with pytest.raises(LeukError, match=r"\['no-such-key'\] are not declared"):
+        link.submit(ECHO_APP, {"no-such-key": 1})
+    run_id = link.submit(ECHO_APP, {"min-nodes": 5, "round-timeout": 1.0})
+    assert link.wait(run_id, poll_s=2.0, timeout=120) == "finished:failed"
+    assert "only 0 of 5 nodes joined" in str(link.run_info(run_id)["status-details"])
+
+
+@pytest.mark.slow
 def test_unregistered_site_key_is_refused_quickly(root: Path, link: SuperLink, pki: CertsLayout) -> None:
     node = _node(root, link, "rogue", pki.site("rogue").private_key, pki.ca_cert)
     t0 = time.monotonic()

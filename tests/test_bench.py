@@ -1,0 +1,204 @@
+"""`leuk bench`: every quick measurement runs on a tiny setting and writes a complete JSON result.
+
+No timing thresholds here (the machine is shared and noisy): only that each measurement runs, saves
+the machine description, the command line and its figures, and that ratios are positive and finite.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from leukfed.simulations import bench
+
+runner = CliRunner()
+MACHINE_KEYS = {"cpu", "cores", "torch_threads", "gpu", "python", "torch", "flwr", "platform"}
+
+
+def invoke(*args: str) -> str:
+    result = runner.invoke(bench.bench_app, list(args))
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return result.output
+
+
+def saved(out: Path, benchmark: str) -> dict:
+    files = sorted(out.glob(f"{benchmark}-*.json"))
+    assert len(files) == 1, files
+    data = json.loads(files[0].read_text())
+    assert data["benchmark"] == benchmark
+    assert MACHINE_KEYS <= set(data["machine"])
+    assert data["command"] and data["timestamp"] and "params" in data and "git" in data
+    rows = [json.loads(line) for line in (out / bench.PERF_LOG).read_text().splitlines()]
+    mine = [r for r in rows if r["benchmark"] == benchmark]
+    assert mine and all({"case", "metric", "value", "unit", "timestamp", "cpu"} <= set(r) for r in mine)
+    return data
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_trainer_quick(tmp_path: Path) -> None:
+    invoke("trainer", "--models", "tinycnn:16:4:1", "--repeats", "1", "--warmup", "0", "--threads", "1",
+           "--out", str(tmp_path))
+    data = saved(tmp_path, "trainer")
+    (case,) = data["cases"]
+    assert set(case["images_per_s"]) == {"reference", "ours", "ours+nosync", "train_epoch+per_item_DataLoader"}
+    assert all(positive(v) for v in case["images_per_s"].values())
+    assert positive(case["ratio_ours_to_reference"]) and positive(case["ratio_nosync_to_reference"])
+    assert positive(case["train_flops_per_image"]) and positive(data["measured_matmul_peak_tflops"])
+
+
+def test_pipeline_quick(tmp_path: Path) -> None:
+    invoke("pipeline", "--models", "tinycnn:16:4", "--images", "8", "--workers", "0,1", "--decode-threads", "1",
+           "--source", "synthetic", "--repeats", "1", "--consume-steps", "1", "--threads", "1", "--out", str(tmp_path))
+    data = saved(tmp_path, "pipeline")
+    assert data["source"].startswith("synthetic")
+    (case,) = data["cases"]
+    assert {"decode threads=1", "per-item __getitem__ paper002 DataLoader workers=0",
+            "per-item __getitem__ paper002 DataLoader workers=1"} <= set(case["images_per_s"])
+    assert any(k.startswith("make_loader (ours)") for k in case["images_per_s"])
+    assert positive(case["consumption_images_per_s"])
+    assert all(positive(v) for v in case["ratio_pipeline_to_consumption"].values())
+
+
+def test_aggregation_quick(tmp_path: Path) -> None:
+    invoke("aggregation", "--model", "tinycnn", "--num-classes", "4", "--updates", "3", "--repeats", "1",
+           "--out", str(tmp_path))
+    data = saved(tmp_path, "aggregation")
+    assert set(data["ratio_reference_to_case"]) == {"numpy_sum_reference", "flower_aggregate_arrayrecords",
+                                                    "reply_guard_fedavg (ours)", "fused_guarded_fedavg (proposal)"}
+    assert all(positive(v) for v in data["ratio_reference_to_case"].values())
+    assert data["fused_vs_flower_max_abs_difference"] < 1e-5
+
+
+def test_transfer_bytes(tmp_path: Path) -> None:
+    invoke("transfer-bytes", "--models", "tinycnn", "--out", str(tmp_path))
+    data = saved(tmp_path, "transfer-bytes")
+    ratios = {c["transfer_dtype"]: c["ratio_to_float32"] for c in data["cases"]}
+    assert set(ratios) == {"float32", "float16", "bfloat16"}
+    assert all(positive(v) for v in ratios.values())
+    assert ratios["float32"] >= 1.0 > ratios["float16"] and ratios["bfloat16"] < 1.0
+
+
+def test_overhead_is_a_stub() -> None:
+    assert "not yet" in invoke("overhead")
+
+
+@pytest.mark.parametrize("array", [
+    np.zeros((4, 3, 3, 3), np.float32), np.arange(5, dtype=np.int64), np.array(7, dtype=np.int64),
+    np.asfortranarray(np.arange(12, dtype=np.float16).reshape(4, 3)), np.zeros((0, 4), np.float32),
+    np.arange(6, dtype=">f4").reshape(2, 3),
+])
+def test_array_view_matches_numpy(array: np.ndarray) -> None:
+    from flwr.app import Array
+
+    record = Array(array)
+    view = bench.array_view(record)
+    expected = record.numpy()
+    assert view.dtype == expected.dtype and view.shape == expected.shape and np.array_equal(view, expected)
+
+
+def _guarded(replies, reference):
+    from leukfed.common.fedconfig import FedConfig
+    from leukfed.server.strategies import RoundLog, make_strategy
+
+    strategy = make_strategy(FedConfig(strategy="fedavg", min_sites=len(replies)))
+    strategy.log = RoundLog(started=time.perf_counter())
+    strategy.reference = reference
+    arrays, _ = strategy.aggregate_train(1, [bench._copy_reply(m) for m in replies])
+    return arrays, strategy.log.rejected
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_fused_aggregation_matches_the_guard(dtype: str) -> None:
+    """The proposed one-pass aggregation gives ReplyGuard+FedAvg's result and rejects the same replies."""
+    from leukfed.client.records import encode_state
+    from leukfed.models import create_model
+
+    state = create_model("tinycnn", 4).state_dict()
+    reference = {k: v.numpy() for k, v in encode_state(state).items()}
+    replies = bench.make_replies(state, 5, dtype)
+    poisoned = {k: v.clone() for k, v in state.items()}
+    poisoned["fc.weight"][0, 0] = float("nan")
+    outlier = {k: (v * 40.0 if v.is_floating_point() else v) for k, v in state.items()}
+    for i, update in enumerate((poisoned, outlier)):
+        replies[i].content["arrays"] = encode_state(update, dtype)
+    expected, expected_rejected = _guarded(replies, reference)
+    got, info = bench.fused_guarded_fedavg(replies, reference)
+    assert {r["node"] for r in info["rejected"]} == {r["node"] for r in expected_rejected} == {1000, 1001}
+    assert bench._max_abs_difference(got, expected) < 1e-5
+
+
+def test_memory_sampler_sees_children() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(80_000_000); x[::4096] = b'1' * len(x[::4096]); time.sleep(3)"])
+    try:
+        with bench.TreeMemorySampler(interval=0.1) as sampler:
+            time.sleep(1.5)
+    finally:
+        child.wait()
+    assert max(s["procs"] for s in sampler.samples) >= 2
+    alone = bench.TreeMemorySampler().sample()["rss"]
+    assert sampler.peak_rss >= alone + 60_000_000
+    assert sampler.peak_pss > 0
+
+
+def test_round_summary_and_slope() -> None:
+    assert bench.slope([1, 2, 3], [10.0, 12.0, 14.0]) == pytest.approx(2.0)
+    assert bench.slope([1], [5.0]) == 0.0
+    sampler = bench.TreeMemorySampler()
+    sampler.samples = [{"t": 10.0 + i, "rss": (100 + i) * 2**20, "pss": 50 * 2**20, "procs": 3, "threads": 9}
+                       for i in range(6)]
+    history = [{"round": r, "time": 10.5 + r, "round_seconds": 2.0, "sites": {"1": {"train": {"train_seconds": 1.0,
+                "load_seconds": 0.5}}}} for r in (1, 2, 3)]
+    summary = bench.summarize_rounds(history, sampler)
+    assert [r["rss_after_round_mb"] for r in summary["rounds"]] == [102.0, 103.0, 104.0]
+    assert summary["rss_slope_mb_per_round"] == pytest.approx(1.0)
+    assert summary["pss_slope_mb_per_round"] == pytest.approx(0.0)
+    assert summary["median_round_seconds"] == 2.0
+
+
+def test_model_spec_parsing() -> None:
+    spec = bench.ModelSpec.parse("resnet18:128:32:3")
+    assert (spec.name, spec.image_size, spec.batch, spec.steps) == ("resnet18", 128, 32, 3)
+    assert bench.ModelSpec.parse("tinycnn").batch == 32
+    assert bench.gpu_peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert bench.gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.gpu_peak_tflops("NVIDIA L40S") == 362.0 and bench.gpu_peak_tflops(None) is None
+
+
+def test_nosync_prototype_matches_train_epoch() -> None:
+    from leukfed.common.dataset import SmearDataset
+    from leukfed.common.train import make_loss, select_hardware, train_epoch
+    from leukfed.models import create_model
+
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
+    labels = np.arange(12) % 4
+    results = []
+    for fn in (train_epoch, bench.train_epoch_nosync):
+        torch.manual_seed(0)
+        model = create_model("tinycnn", 4, image_size=16)
+        dataset = SmearDataset(images, labels, model.leuk_info.data_config, train=False)
+        loader = bench.ours_loader(dataset, 4, shuffle=False)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        results.append(fn(model, loader, opt, make_loss("ce", 4), select_hardware("cpu")))
+    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-6)
+    assert results[0].accuracy == results[1].accuracy and results[0].num_examples == results[1].num_examples
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("LEUK_BENCH_SIM"),
+                    reason="a real Flower simulation (minutes on 2 cores); set LEUK_BENCH_SIM=1")
+def test_simulation_scale_small(tmp_path: Path) -> None:
+    invoke("simulation-scale", "--sites", "3", "--rounds", "2", "--image-size", "16", "--per-class", "12",
+           "--out", str(tmp_path))
+    data = saved(tmp_path, "simulation-scale")
+    assert len(data["rounds"]) == 2 and positive(data["peak_rss_mb"]) and data["max_processes"] > 1
