@@ -15,6 +15,21 @@ data_app = new_app("Inspect datasets and make leak-free splits.")
 app.add_typer(data_app, name="data")
 
 
+def _mount_optional(module: str, attribute: str, name: str) -> None:
+    """Sub-apps that live with their subsystem (certificates with the server, benchmarks with simulations)."""
+    import importlib
+
+    try:
+        sub_app = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError):
+        return
+    app.add_typer(sub_app, name=name)
+
+
+_mount_optional("leukfed.server.certs", "certs_app", "certs")
+_mount_optional("leukfed.simulations.bench", "bench_app", "bench")
+
+
 @data_app.command("check")
 def data_check(
     directory: Path = typer.Argument(..., help="Dataset folder (class folders, patient folders or C-NMC)."),

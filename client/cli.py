@@ -1,0 +1,115 @@
+"""`leuk-client`: one hospital's SuperNode, after checking its data, the server and its key."""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from leukfed.common.cli_support import run_app
+
+app = typer.Typer(help="Join a federated run as one hospital: train locally, send only model updates.",
+                  add_completion=False, pretty_exceptions_enable=False)
+
+
+def _site_files(certs: Path, site: str):
+    """Accept the hospital's own folder (site.key, site.pub, ca.crt) or a whole `leuk certs init` folder."""
+    from leukfed.common.errors import LeukError
+
+    for folder in (certs, certs / "sites" / site):
+        key, ca = folder / "site.key", folder / "ca.crt"
+        if key.exists() and ca.exists():
+            return ca, key
+    raise LeukError(f"no site.key and ca.crt for site {site!r} in {certs} (from `leuk certs init --sites {site}`)")
+
+
+def _check_data(data: Path) -> tuple[str, ...]:
+    """The checks of `leuk data check`: refuse to join with unusable data, before touching the network."""
+    from leukfed.common.data import check_dataset, scan_dataset
+    from leukfed.common.errors import LeukError
+
+    report = check_dataset(data)
+    problems = report.get("problems") or []
+    if report.get("unreadable"):
+        raise LeukError(f"refusing to join: {len(report['unreadable'])} unreadable images in {data} "
+                        f"(e.g. {report['unreadable'][0]}); run `leuk data check {data}`")
+    if report.get("ok") is False:
+        raise LeukError(f"refusing to join: {problems[0] if problems else 'the data check failed'}")
+    return scan_dataset(data).class_names
+
+
+def _wait_for_server(host: str, port: int, ca, wait: float):
+    """Preflight the server; a refused connection is retried for `wait` s (the coordinator may start later)."""
+    import time
+
+    from leukfed.client.preflight import check_server
+    from leukfed.common.errors import LeukError
+
+    deadline = time.monotonic() + wait
+    announced = False
+    while True:
+        try:
+            return check_server(host, port, ca)
+        except LeukError as exc:
+            if "connection refused" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            if not announced:
+                typer.echo(f"waiting up to {wait:.0f}s for the server at {host}:{port} (connection refused)")
+                announced = True
+            time.sleep(2.0)
+
+
+def _parse_server(server: str) -> tuple[str, int]:
+    from leukfed.common.errors import LeukError
+
+    host, _, port = server.rpartition(":")
+    if not host or not port.isdigit():
+        raise LeukError(f"--server must be HOST:PORT, got {server!r}")
+    return host.strip("[]"), int(port)
+
+
+@app.callback(invoke_without_command=True)
+def join(
+    ctx: typer.Context,
+    server: Optional[str] = typer.Option(None, "--server", help="The coordinator's HOST:PORT."),
+    data: Optional[Path] = typer.Option(None, "--data", help="This hospital's image folder (never leaves the site)."),
+    site: Optional[str] = typer.Option(None, "--site", help="This site's name (as in `leuk certs init --sites`)."),
+    certs: Optional[Path] = typer.Option(None, "--certs", help="This site's folder from `leuk certs init` (site.key, ca.crt)."),
+    device: str = typer.Option("auto", "--device", help="auto (GPU when present), cpu, cuda or cuda:N."),
+    state: Optional[Path] = typer.Option(None, "--state", help="Site state folder: audit log, node logs (default ~/.leukfed/SITE)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Connect without TLS (only to an --insecure test server)."),
+    wait: float = typer.Option(120.0, "--wait", help="Seconds to keep retrying while the server refuses connections."),
+) -> None:
+    """Check the data, check the server, start the SuperNode and keep it running."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from leukfed.client.supernode import SuperNode
+    from leukfed.common.errors import LeukError
+
+    if not (server and data and site and (certs or insecure)):
+        raise LeukError("--server, --data, --site and --certs are required (see leuk-client --help)")
+    host, port = _parse_server(server)
+    classes = _check_data(data)
+    typer.echo(f"data ok: {data} ({len(classes)} classes: {', '.join(classes)})")
+    ca, key = (None, None) if insecure else _site_files(certs, site)
+    info = _wait_for_server(host, port, ca, wait)
+    fingerprint = getattr(info, "fingerprint_sha256", "") or ""
+    typer.echo(f"server {server} reachable" + (f", certificate sha256 {fingerprint}" if fingerprint else " (insecure)"))
+    state = (state or Path.home() / ".leukfed" / site).expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    node_config = {"data-path": str(data.resolve()), "site-name": site, "audit-log": str(state / "audit.jsonl"),
+                   "device": device, "server-fingerprint": fingerprint}
+    node = SuperNode(server, state_dir=state / "supernode", ca=ca, private_key=key, node_config=node_config,
+                     insecure=insecure)
+    stopping = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
+    try:
+        node.supervise(on_event=lambda kind, message: typer.echo(f"{kind}: {message}"),
+                       should_stop=lambda: stopping["now"])
+    except KeyboardInterrupt:
+        node.stop()
+    typer.echo(f"left the federation; audit log: {state / 'audit.jsonl'}")
+
+
+main = run_app(app)

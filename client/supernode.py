@@ -75,6 +75,8 @@ class SuperNode:
         self._started_at = 0.0
         self._stop_requested = False
         self._unclean_at = 0.0  # when a node with this key last died without deactivating
+        self._node_id: int | None = None
+        self._marker_read = False
         for p in (self.ca, self.private_key):
             if p is not None and not p.is_file():
                 raise LeukError(f"{p} not found")
@@ -95,7 +97,7 @@ class SuperNode:
 
     @property
     def alive_path(self) -> Path:
-        """Touched while the node runs, removed after a clean stop: its presence means an unclean end."""
+        """Touched while the node is joined, removed after a clean end: if present, the last end was unclean."""
         return self.state_dir / "supernode.alive"
 
     # ------------------------------------------------------------------ lifecycle
@@ -132,14 +134,15 @@ class SuperNode:
             )
         self._started_at = time.monotonic()
         self._stop_requested = False
+        self._node_id = None
         write_pidfile(self.pid_path, self.proc.pid)
-        self.alive_path.touch()
         return self
 
     def _clear_stale(self) -> None:
         """Deal with a node left by an earlier leuk-client, and note an earlier unclean end."""
-        if self.alive_path.exists():
-            self._unclean_at = max(self._unclean_at, self.alive_path.stat().st_mtime_ns / 1e9)
+        if not self._marker_read and self.alive_path.exists():
+            self._unclean_at = max(self._unclean_at, self.alive_path.stat().st_mtime)
+        self._marker_read = True
         claim_pidfile(self.pid_path, "flower-supernode", f"a SuperNode for {self.state_dir}")
 
     def running(self) -> bool:
@@ -157,8 +160,9 @@ class SuperNode:
 
     def node_id(self) -> int | None:
         """The node id once the SuperLink accepted this node (parsed from the log), else None."""
-        m = JOINED_RE.search(self.attempt_log())
-        return int(m.group(1)) if m else None
+        if self._node_id is None and (m := JOINED_RE.search(self.attempt_log())):
+            self._node_id = int(m.group(1))
+        return self._node_id
 
     def poll(self) -> NodeExit | None:
         """None while running (keeps the liveness marker fresh), else how it ended."""
@@ -166,7 +170,8 @@ class SuperNode:
             raise LeukError("the SuperNode is not started")
         code = self.proc.poll()
         if code is None:
-            self.alive_path.touch()
+            if self.node_id() is not None:
+                self.alive_path.touch()  # "last seen alive while joined", for the next leuk-client
             return None
         kill_process_group(self.proc, 0)  # reap SuperExec/ClientApp leftovers of a dead node
         result = self.classify(code)

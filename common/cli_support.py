@@ -18,7 +18,7 @@ err_console = Console(stderr=True)
 
 def new_app(help_text: str) -> typer.Typer:
     return typer.Typer(help=help_text, no_args_is_help=True, add_completion=False,
-                       pretty_exceptions_enable=False, rich_markup_mode=None)
+                       pretty_exceptions_enable=False)
 
 
 def run_app(app: typer.Typer) -> Callable[[], None]:

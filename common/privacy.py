@@ -68,8 +68,8 @@ def dp_compatible(model: nn.Module) -> nn.Module:
 
     Deterministic, so the server and every site derive the same architecture (same state-dict
     keys and shapes) from the same model: a BatchNorm over C channels becomes
-    GroupNorm(gcd(32, C), C) with the BatchNorm's eps and affine flag (Opacus' default group
-    count), and its affine weight and bias are copied over (no random draw). timm's
+    GroupNorm(gcd(32, C), C) (Opacus' default group count) with the BatchNorm's eps and affine
+    flag, and its affine weight and bias are copied over (no random draw). timm's
     BatchNormAct2d (BatchNorm + dropout + activation in one module) becomes
     Sequential(GroupNorm, drop, act), so its keys gain a ".0" ("bn1.weight" -> "bn1.0.weight").
     Running statistics are dropped: GroupNorm has none. In-place activations are made
@@ -303,18 +303,15 @@ def private_train(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
     steps = max_steps if max_steps else epochs * len(dp_loader)
     if proximal_mu > 0:
         _add_proximal_after_noise(dp_optimizer, model, proximal_mu)
-    # Per-example gradients are computed in float32: Opacus' grad samplers do not follow autocast.
+    # DP-SGD in float32: per-example gradient norms decide the clipping, so no bf16 rounding there.
     hardware = dataclasses.replace(hardware, autocast_dtype=None)
     guard = ledger.locked() if ledger is not None else contextlib.nullcontext()
     try:
         with guard:
             if ledger is not None:
                 ledger.require_budget(settings, dp_loader.sample_rate, steps)
-            with warnings.catch_warnings():
-                # Opacus hooks the first layer, whose input needs no gradient: torch warns, harmlessly.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                stats = [train_epoch(dp_model, dp_loader, dp_optimizer, loss_fn, hardware, max_steps=max_steps)
-                         for _ in range(1 if max_steps else epochs)]
+            stats = [_train_epoch(dp_model, dp_loader, dp_optimizer, loss_fn, hardware, max_steps)
+                     for _ in range(1 if max_steps else epochs)]
             history = list(engine.accountant.history)
             round_epsilon = epsilon_of(history, settings.delta)
             total = ledger.record(history, settings.delta, **dict(context or {})) if ledger else round_epsilon
@@ -323,6 +320,20 @@ def private_train(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
     state = {k: v.detach().cpu().clone() for k, v in strip_wrapper_prefix(dp_model.state_dict()).items()}
     return PrivateResult(state, stats, total, round_epsilon, settings.delta, settings.noise_multiplier,
                          settings.max_grad_norm, float(dp_loader.sample_rate), sum(s for _, _, s in history))
+
+
+def _train_epoch(model: nn.Module, loader: DataLoader, optimizer, loss_fn: LossFn, hardware: Hardware,
+                 max_steps: int | None) -> EpochStats:
+    with warnings.catch_warnings():
+        # Opacus hooks the first layer, whose input needs no gradient: torch warns, harmlessly.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        try:
+            return train_epoch(model, loader, optimizer, loss_fn, hardware, max_steps=max_steps)
+        except RuntimeError as exc:
+            if "BackwardHookFunction" not in str(exc):
+                raise
+            raise LeukError("model cannot be trained with DP-SGD: its forward modifies a layer's output in "
+                            "place (e.g. timm ResNet's `x += shortcut`), which Opacus' hooks forbid") from None
 
 
 def _add_proximal_after_noise(optimizer, model: nn.Module, mu: float) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi,
                                      Krum)
@@ -72,9 +72,10 @@ class ReplyGuard:
         self.reference: dict[str, np.ndarray] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.log = RoundLog(started=time.perf_counter())
+        self.log = RoundLog()
         self.reference = {k: v.numpy() for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.log.started = time.perf_counter()  # after sampling: waiting for sites to connect is not round time
         self.log.sites_sampled = [m.metadata.dst_node_id for m in messages]
         self.log.bytes_sent += sum(m.content["arrays"].count_bytes() for m in messages)
         self.log.train_sent_at = time.perf_counter()
@@ -102,10 +103,22 @@ class ReplyGuard:
         accepted = self._reject_norm_outliers(accepted)
         start = time.perf_counter()
         arrays, metrics = super().aggregate_train(server_round, accepted) if accepted else (None, None)
+        if arrays is not None:
+            arrays = self._restore_dtypes(arrays)
         self.log.aggregation_seconds = time.perf_counter() - start
         self.log.train_phase_seconds = time.perf_counter() - self.log.started
         self.log.aggregated_train = dict(metrics) if metrics else {}
         return arrays, metrics
+
+    def _restore_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Weighted averaging promotes integer buffers (BatchNorm counters) to float: cast them back."""
+        restored = ArrayRecord()
+        for key, array in arrays.items():
+            value, dtype = array.numpy(), self.reference[key].dtype
+            if value.dtype != dtype:
+                value = (np.rint(value) if dtype.kind in "iu" else value).astype(dtype)
+            restored[key] = Array(np.asarray(value, order="C"))
+        return restored
 
     def _reject_norm_outliers(self, accepted: list[Message]) -> list[Message]:
         """Drop updates whose norm is far outside the cohort's (median-relative), when >= 3 replied."""

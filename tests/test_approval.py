@@ -1,0 +1,233 @@
+"""Hospital approval: the installed code and the app bundle must be what a reviewer approved."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from leukfed.client.approval import (APPROVED_CLIENTAPP, approve, approve_command, code_manifest, fab_bytes,
+                                     fab_digest, fab_summary, load_approvals, manifest_digest, package_root,
+                                     show_code_summary, verify, verify_fab, write_guarded_launcher)
+from leukfed.common.errors import LeukError
+
+ECHO_APP = Path(__file__).parent / "fixtures" / "echo_app"
+_NOT_PACKAGE = shutil.ignore_patterns(".*", "__pycache__", "tests", "benchmarks", "*.egg-info", "docs", "deploy",
+                                      "build", "dist")
+
+
+def copy_package(dst_parent: Path) -> Path:
+    """A snapshot of the installed leukfed package as `dst_parent/leukfed` (importable via PYTHONPATH)."""
+    dst = dst_parent / "leukfed"
+    shutil.copytree(package_root(), dst, ignore=_NOT_PACKAGE)
+    return dst
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> Path:
+    return copy_package(tmp_path / "site-packages")
+
+
+def test_manifest_covers_the_package_code(package: Path) -> None:
+    manifest = code_manifest(package)
+    for must in ("__init__.py", "client/client_app.py", "server/strategies.py", "common/errors.py",
+                 "client/approval.py"):
+        assert must in manifest
+    assert all(p.endswith(".py") and "__pycache__" not in p for p in manifest)
+    assert all(len(h) == 64 for h in manifest.values())
+    assert code_manifest(package) == manifest                       # deterministic
+    assert "client/client_app.py" in code_manifest()                # the installed package by default
+
+
+def test_approve_then_verify(package: Path, tmp_path: Path) -> None:
+    approvals = tmp_path / "site" / "approvals.json"
+    entry = approve(approvals, "Dr. A. Hematologist", "release 0.1.0 reviewed", root=package)
+    verify(approvals, root=package)
+    stored = load_approvals(approvals)["approvals"]
+    assert len(stored) == 1 and stored[0]["reviewer"] == "Dr. A. Hematologist"
+    assert stored[0]["code_digest"] == manifest_digest(code_manifest(package)) == entry["code_digest"]
+    assert stored[0]["leukfed_version"] and stored[0]["time"].endswith("Z") and stored[0]["note"]
+    assert stored[0]["clientapp"] == APPROVED_CLIENTAPP
+    assert not list(approvals.parent.glob(".*.tmp"))                 # atomic write left no temp file
+    with pytest.raises(LeukError, match="reviewer"):
+        approve(approvals, "  ", root=package)
+
+
+def test_modified_added_and_removed_files_are_named(package: Path, tmp_path: Path) -> None:
+    approvals = tmp_path / "approvals.json"
+    approve(approvals, "Dr. B", root=package)
+    client_app = package / "client" / "client_app.py"
+    client_app.write_text(client_app.read_text() + "\nimport os  # exfiltrate\n")
+    with pytest.raises(LeukError) as refused:
+        verify(approvals, root=package)
+    message = str(refused.value)
+    assert "changed: client/client_app.py" in message and "Dr. B" in message and "leuk-client approve" in message
+
+    (package / "client" / "evil.py").write_text("print('hello')\n")
+    (package / "common" / "plots.py").unlink()
+    (package / "server" / "strategies.py").write_text("# replaced\n")
+    with pytest.raises(LeukError) as refused:
+        verify(approvals, root=package)
+    message = str(refused.value)
+    assert "changed: client/client_app.py, server/strategies.py" in message
+    assert "added: client/evil.py" in message and "removed: common/plots.py" in message
+
+    # Re-approval puts the new code in force; the old entry stays as history.
+    approve(approvals, "Dr. C", "reviewed the patch", root=package)
+    verify(approvals, root=package)
+    assert [a["reviewer"] for a in load_approvals(approvals)["approvals"]] == ["Dr. B", "Dr. C"]
+
+
+def test_no_approval_is_refused(package: Path, tmp_path: Path) -> None:
+    with pytest.raises(LeukError, match="no approval recorded"):
+        verify(tmp_path / "missing.json", root=package)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(LeukError, match="cannot read"):
+        verify(tmp_path / "bad.json", root=package)
+
+
+def test_summary_shows_version_files_digest_and_diff(package: Path, tmp_path: Path) -> None:
+    approvals = tmp_path / "approvals.json"
+    first = show_code_summary(approvals, root=package)
+    assert "leukfed " in first and "Python files" in first and manifest_digest(code_manifest(package)) in first
+    assert "no previous approval" in first and "client/client_app.py" in first
+    approve(approvals, "Dr. D", root=package)
+    assert "unchanged since the last approval" in show_code_summary(approvals, root=package)
+    target = package / "server" / "strategies.py"
+    target.write_text(target.read_text().replace("norm_outlier_factor: float = 10.0",
+                                                 "norm_outlier_factor: float = 1e9"))
+    (package / "client" / "extra.py").write_text("SECRET_ENDPOINT = 'http://example.invalid'\n")
+    summary = show_code_summary(approvals, root=package)
+    assert "last approval:" in summary and "Dr. D" in summary
+    assert "changed: server/strategies.py" in summary and "added: client/extra.py" in summary
+    assert "-    norm_outlier_factor: float = 10.0" in summary and "+    norm_outlier_factor: float = 1e9" in summary
+    assert "+SECRET_ENDPOINT" in summary
+
+
+def test_app_bundles(tmp_path: Path) -> None:
+    approvals = tmp_path / "approvals.json"
+    with pytest.raises(LeukError, match="no approval"):
+        verify_fab(fab_bytes(), approvals)
+    approve(approvals, "Dr. E", root=copy_package(tmp_path / "pkg"))
+    ours = fab_bytes()                                   # the bundle leukfed submits: a pyproject only
+    assert fab_summary(ours)["code_files"] == [] and fab_digest(ours) == fab_digest()
+    assert verify_fab(ours, approvals)["components"]["clientapp"] == APPROVED_CLIENTAPP
+
+    with pytest.raises(LeukError, match="carries code .*echoapp/client_app.py"):
+        verify_fab(fab_bytes(ECHO_APP), approvals)
+
+    other = tmp_path / "other_app"
+    other.mkdir()
+    text = (ECHO_APP / "pyproject.toml").read_text().replace('"echoapp.client_app:app"', '"leukfed.client.evil:app"')
+    (other / "pyproject.toml").write_text(text)
+    with pytest.raises(LeukError, match="leukfed.client.evil:app, not the approved"):
+        verify_fab(fab_bytes(other), approvals)
+    with pytest.raises(LeukError, match="not a valid FAB"):
+        verify_fab(b"not a zip", approvals)
+
+    # A bundle with code passes only when approved by digest.
+    approve(approvals, "Dr. E", "connectivity test app", root=copy_package(tmp_path / "pkg2"), fabs=[ECHO_APP])
+    assert verify_fab(fab_bytes(ECHO_APP), approvals)["name"] == "leukfed-echo"
+
+
+def test_approve_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = copy_package(tmp_path / "pkg")
+    import leukfed.client.approval as approval
+
+    monkeypatch.setattr(approval, "package_root", lambda: package)
+    app = typer.Typer()
+    app.command("approve")(approve_command)
+    app.command("noop")(lambda: None)                   # two commands: `approve` stays a subcommand
+    approvals = tmp_path / "approvals.json"
+    runner = CliRunner()
+
+    declined = runner.invoke(app, ["approve", "--approvals", str(approvals), "--reviewer", "Dr. F"], input="n\n")
+    assert isinstance(declined.exception, LeukError) and not approvals.exists()
+    assert "no previous approval" in declined.output
+
+    accepted = runner.invoke(app, ["approve", "--approvals", str(approvals), "--reviewer", "Dr. F",
+                                   "--note", "v0.1.0", "--yes"])
+    assert accepted.exit_code == 0, accepted.output
+    assert "approved by Dr. F" in accepted.output
+    verify(approvals, root=package)
+    again = runner.invoke(app, ["approve", "--approvals", str(approvals), "--reviewer", "Dr. F"], input="y\n")
+    assert again.exit_code == 0 and "unchanged since the last approval" in again.output
+    assert len(load_approvals(approvals)["approvals"]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Inside Flower: the guarded flwr-clientapp refuses unapproved bundles before loading them
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_guarded_supernode_refuses_unapproved_bundle_and_runs_approved_one(tmp_path: Path) -> None:
+    from leukfed.server.flower_env import flower_env, flower_executable, free_port, kill_process_group, strip_ansi
+    from leukfed.server.flower_env import write_flwr_config
+
+    copy_package(tmp_path / "site-packages")          # the site's "installed" leukfed, stable during the test
+    approvals = tmp_path / "approvals.json"
+    approve(approvals, "Dr. G", root=tmp_path / "site-packages" / "leukfed")
+    launcher = write_guarded_launcher(tmp_path / "bin", approvals)
+    port = free_port()
+    env = flower_env(tmp_path / "home")
+    write_flwr_config(tmp_path / "home", {"link": {"address": f"127.0.0.1:{port}", "insecure": True}})
+    node_env = dict(env, PATH=f"{launcher.parent}{os.pathsep}{env['PATH']}",
+                    PYTHONPATH=str(tmp_path / "site-packages"))
+    flwr = flower_executable("flwr")
+    superlink = subprocess.Popen(
+        [flower_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+         "--disable-runtime-dependency-installation", "--database", str(tmp_path / "link.db")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    node_log = tmp_path / "node.log"
+    with node_log.open("w") as log_file:
+        node = subprocess.Popen(
+            [flower_executable("flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--insecure",
+             "--node-config", "site-name='h1'", "--host", "127.0.0.1", "--port", str(free_port())],
+            env=node_env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def run_echo() -> tuple[str, str]:
+        deadline = time.monotonic() + 120
+        while True:
+            submitted = subprocess.run([flwr, "run", str(ECHO_APP), "link", "--format", "json", "--run-config",
+                                        "min-nodes=1 num-rounds=1 round-timeout=40.0"],
+                                       env=env, check=False, capture_output=True, text=True, timeout=120)
+            try:
+                run_id = json.loads(submitted.stdout)["run-id"]
+                break
+            except (json.JSONDecodeError, KeyError):
+                assert time.monotonic() < deadline, submitted.stdout + submitted.stderr
+                time.sleep(1)
+        while time.monotonic() < deadline:
+            listed = subprocess.run([flwr, "ls", "--run-id", str(run_id), "link", "--format", "json"], env=env,
+                                    check=False, capture_output=True, text=True, timeout=60)
+            try:
+                run = json.loads(listed.stdout)["runs"][0]
+            except (json.JSONDecodeError, KeyError, IndexError):
+                run = {"status": "unknown"}
+            if run["status"].startswith("finished"):
+                return run["status"], run.get("status-details", "")
+            time.sleep(1)
+        return "timeout", ""
+
+    try:
+        t0 = time.monotonic()
+        status, details = run_echo()
+        refused_seconds = time.monotonic() - t0
+        assert status == "finished:failed" and "0 of 1 nodes replied" in details
+        assert "refused app bundle leukfed-echo" in strip_ansi(node_log.read_text())
+
+        approve(approvals, "Dr. G", "connectivity test app", root=tmp_path / "site-packages" / "leukfed",
+                fabs=[ECHO_APP])
+        t0 = time.monotonic()
+        status, details = run_echo()
+        assert status == "finished:completed", details + strip_ansi(node_log.read_text())[-2000:]
+        print(f"guarded SuperNode: refused run {refused_seconds:.1f}s, approved run {time.monotonic() - t0:.1f}s")
+    finally:
+        kill_process_group(node, 10)
+        kill_process_group(superlink, 10)
