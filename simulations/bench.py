@@ -87,6 +87,15 @@ def interleaved(cases: dict[str, Callable[[], float]], repeats: int, warmup: int
     return times
 
 
+def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over repeats of times[numerator][r] / times[denominator][r].
+
+    Cases of one repeat run back to back, so a slow drift of a shared machine (other jobs coming
+    and going) cancels in each pair; the median of the pairs is steadier than a ratio of medians.
+    """
+    return median(a / b for a, b in zip(times[numerator], times[denominator]))
+
+
 def git_state() -> dict:
     root = Path(__file__).resolve().parent.parent
     try:
@@ -395,9 +404,12 @@ def _trainer_case(spec: ModelSpec, hardware, num_classes: int, repeats: int, war
         "model": spec.name, "image_size": height, "batch": spec.batch, "steps": steps, "images_per_run": n,
         "params": sum(p.numel() for p in base.parameters()),
         "seconds": times, "images_per_s": ips,
-        "ratio_ours_to_reference": ips["ours"] / ips["reference"],
-        "ratio_nosync_to_reference": ips["ours+nosync"] / ips["reference"],
-        "ratio_per_item_dataloader_to_reference": ips["train_epoch+per_item_DataLoader"] / ips["reference"],
+        # throughput ratio ours/reference = time(reference)/time(ours), paired per repeat
+        "ratio_to_reference": {name: paired_ratio(times, "reference", name) for name in times},
+        "ratio_of_medians_to_reference": {name: ips[name] / ips["reference"] for name in ips},
+        "ratio_ours_to_reference": paired_ratio(times, "reference", "ours"),
+        "ratio_nosync_to_reference": paired_ratio(times, "reference", "ours+nosync"),
+        "ratio_per_item_dataloader_to_reference": paired_ratio(times, "reference", "train_epoch+per_item_DataLoader"),
         "train_flops_per_image": flops_per_image,
         "achieved_tflops": {k: v * flops_per_image / 1e12 for k, v in ips.items()},
     }
@@ -438,7 +450,7 @@ def trainer_cmd(
             frac_table = tflops / peak_table if peak_table else None
             case.setdefault("fraction_of_measured_matmul_peak", {})[variant] = frac_measured
             case.setdefault("fraction_of_datasheet_peak", {})[variant] = frac_table
-            ratio = ips / case["images_per_s"]["reference"]
+            ratio = case["ratio_to_reference"][variant]
             body.append([label, variant, ips, ratio, tflops * 1e3, frac_measured,
                          frac_table if frac_table is not None else float("nan")])
             rows += [row(f"{label}/{variant}", "images_per_s", ips, "img/s"),
@@ -449,7 +461,8 @@ def trainer_cmd(
     typer.echo(f"trainer on {hardware.describe()}, {torch.get_num_threads()} threads; "
                f"measured matmul peak {peak_measured / 1e9:.1f} GFLOP/s"
                + (f", datasheet {peak_table} TFLOP/s" if peak_table else ""))
-    typer.echo(format_table(["model", "variant", "img/s", "x ref", "GFLOP/s", "of matmul", "of datasheet"], body))
+    typer.echo(format_table(["model", "variant", "img/s (median)", "x ref (paired)", "GFLOP/s", "of matmul",
+                             "of datasheet"], body))
     path = save_result("trainer", params, result, rows, out)
     typer.echo(f"saved {path}")
     return result
@@ -481,8 +494,9 @@ def pipeline_source(source: str, data_root: str | None, images: int, scratch: Pa
     return root, samples, f"synthetic 224px PNG ({len(samples)} images, make_synthetic_dataset)"
 
 
-def consumption_images_per_s(spec: ModelSpec, hardware, num_classes: int, steps: int, repeats: int) -> float:
-    """What the model eats: the plain-loop training throughput (as `trainer`'s reference)."""
+def consumption_timer(spec: ModelSpec, hardware, num_classes: int, steps: int) -> tuple[Callable[[], float], int]:
+    """What the model eats: a timer of `steps` plain-loop training steps (as `trainer`'s reference)
+    and the number of images it trains on per call."""
     import torch
     import torch.nn.functional as F
 
@@ -508,8 +522,10 @@ def consumption_images_per_s(spec: ModelSpec, hardware, num_classes: int, steps:
             opt.step()
         _sync(hardware.device)
         return time.perf_counter() - t0
-    times = interleaved({"consume": run}, repeats, 1)["consume"]
-    return spec.batch * steps / median(times)
+    return run, spec.batch * steps
+
+
+CONSUME = "model consumption (plain training loop)"
 
 
 def _epoch_timer(loader, n: int) -> Callable[[], float]:
@@ -577,28 +593,33 @@ def pipeline_cmd(
                     loader = ours_loader(dataset, spec.batch, shuffle=True, num_workers=w)
                     loaders.append(loader)
                     augment_cases[f"make_loader (ours) {aug} workers={w}"] = _epoch_timer(loader, n)
-            times = interleaved({**decode_cases, **augment_cases}, repeats, 1)
+            consume_run, consumed = consumption_timer(spec, hardware, len(index) or 1, consume_steps)
+            times = interleaved({**decode_cases, **augment_cases, CONSUME: consume_run}, repeats, 1)
             augment_cases.clear()
             loaders.clear()
             gc.collect()  # the DataLoaders' persistent workers exit with their iterators
-            consume = consumption_images_per_s(spec, hardware, len(index) or 1, consume_steps, repeats)
+            consume_times = times.pop(CONSUME)
+            consume = consumed / median(consume_times)
             ips = {name: n / median(t) for name, t in times.items()}
-            ratios = {name: v / consume for name, v in ips.items()}
+            # pipeline/consumption throughput, paired per repeat (both ran back to back)
+            ratios = {name: median((n / a) / (consumed / c) for a, c in zip(t, consume_times))
+                      for name, t in times.items()}
             # In-process (workers=0): every image is augmented, then trained on, by the same cores.
             serial = {name: 1.0 / (1.0 / v + 1.0 / consume) for name, v in ips.items() if "workers=0" in name}
             cases.append({"model": spec.name, "image_size": data_config.input_size[1], "batch": spec.batch,
                           "images": n, "seconds": times, "images_per_s": ips,
-                          "consumption_images_per_s": consume, "ratio_pipeline_to_consumption": ratios,
+                          "consumption_images_per_s": consume, "consumption_seconds": consume_times,
+                          "consumption_images_per_run": consumed, "ratio_pipeline_to_consumption": ratios,
                           "serial_workers0_images_per_s": serial})
             for name, v in ips.items():
                 body.append([label, name, v, ratios[name]])
                 rows += [row(f"{label}/{name}", "images_per_s", v, "img/s"),
                          row(f"{label}/{name}", "ratio_to_consumption", ratios[name], "x")]
-            body.append([label, "model consumption (plain training loop)", consume, 1.0])
+            body.append([label, CONSUME, consume, 1.0])
             rows.append(row(f"{label}/consumption", "images_per_s", consume, "img/s"))
     result = {"source": described, "hardware": hardware.describe(), "cases": cases}
     typer.echo(f"pipeline over {described}; consumption on {hardware.describe()}")
-    typer.echo(format_table(["model", "stage", "img/s", "x consumption"], body))
+    typer.echo(format_table(["model", "stage", "img/s (median)", "x consumption (paired)"], body))
     path = save_result("pipeline", params, result, rows, out)
     typer.echo(f"saved {path}")
     return result
@@ -865,7 +886,7 @@ def aggregation_cmd(
              "reply_guard_fedavg (ours)": guarded, "fused_guarded_fedavg (proposal)": fused}
     times = interleaved(cases, repeats, warmup=1)
     med = {k: median(v) for k, v in times.items()}
-    ratios = {k: med["numpy_sum_reference"] / v for k, v in med.items()}
+    ratios = {k: paired_ratio(times, "numpy_sum_reference", k) for k in times}
 
     # Where the guarded path's time goes (one pass each, the same 10 replies).
     records = [m.content["arrays"] for m in replies]
@@ -890,7 +911,7 @@ def aggregation_cmd(
               "fused_vs_flower_max_abs_difference": check}
     body = [[k, med[k], ratios[k], gb / med[k]] for k in cases]
     typer.echo(f"aggregating {updates} x {model} ({float_params / 1e6:.1f}M float params, {transfer_dtype} transfer)")
-    typer.echo(format_table(["case", "median s", "ref/ours", "GB/s (f32 bytes)"], body))
+    typer.echo(format_table(["case", "median s", "ref/ours (paired)", "GB/s (f32 bytes)"], body))
     typer.echo(format_table(["guard breakdown (all updates)", "s"], list(breakdown.items())))
     typer.echo(f"fused vs Flower result: max |difference| {check:.3g}")
     rows = [row(k, "seconds", med[k], "s") for k in cases] + [row(k, "ratio_reference_to_case", ratios[k], "x") for k in cases]

@@ -42,7 +42,7 @@ def test_report_and_outputs(first_run) -> None:
         assert (out / name).stat().st_size > 0, name
     history = results["methods"]["federated-fedavg"]["history"]
     assert [row["round"] for row in history] == [1, 2]
-    assert all(row["sites_replied"] == 3 for row in history)
+    assert all(row["sites_replied"] == 3 and not row["rejected"] and not row["failures"] for row in history)
     for method in results["methods"].values():
         assert set(method["cross_site"]) == {"global-test", "site-0-test", "site-1-test", "site-2-test"}
 
