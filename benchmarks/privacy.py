@@ -79,8 +79,9 @@ def train_once(recipe: Recipe, class_names, sets, target_epsilon: float | None) 
         for _ in range(recipe.epochs):
             train_epoch(model, loader, optimizer, loss_fn, hardware)
     else:
-        sample_rate = 1 / len(loader)
-        steps = recipe.epochs * int(1 / sample_rate)  # Opacus' Poisson loader: int(1/q) batches a pass
+        # As make_private samples: rate batch/N, len(loader) Poisson batches a pass.
+        sample_rate = recipe.batch_size / len(sets["train"])
+        steps = recipe.epochs * len(loader)
         noise = noise_for_epsilon(target_epsilon, recipe.delta, sample_rate, steps)
         settings = DPSettings(noise, recipe.max_grad_norm, recipe.delta)
         result = private_train(model, optimizer, loader, loss_fn, hardware, settings, epochs=recipe.epochs)

@@ -14,10 +14,11 @@ at that approval) and records the approval in an approvals file (JSON, atomic wr
     installed code is not the approved code (call it at `leuk-client start`);
   * `verify_fab(fab_bytes, approvals_file)` refuses a bundle that carries code, names another
     ClientApp, or is not among the bundles the reviewer approved by digest;
-  * `guarded_clientapp_main` is a drop-in `flwr-clientapp` that runs both checks on every task
-    before Flower installs the FAB or imports any app code (Flower's SubprocessExecutor starts
-    `flwr-clientapp` through PATH: see `write_guarded_launcher`). The refusal reaches the
-    coordinator as the task's error reason.
+  * `write_guarded_launcher` writes a drop-in `flwr-clientapp` (Flower's SubprocessExecutor starts
+    every task as `flwr-clientapp ...` through PATH): for every task it hashes the installed code
+    with the standard library BEFORE importing any leukfed module, then checks the task's FAB
+    before Flower installs it or imports its code. A refusal reaches the coordinator as the
+    task's error reason; the code in question never runs.
 
 Flower's own `flower-supernode --trusted-entities` (ed25519 FAB signatures) cannot do this
 offline: a FAB submitted with `flwr run APP_DIR` carries no verification records (they come only
@@ -47,7 +48,6 @@ FORMAT = 1
 APPROVED_CLIENTAPP = "leukfed.client.client_app:app"
 # Files a code-free bundle may carry besides pyproject.toml (Flower adds .info/CONTENT).
 FAB_DATA_SUFFIXES = (".md", ".toml", ".json", ".yaml", ".yml", ".txt")
-_SKIP_DIRS = {"__pycache__", "build", "dist"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,14 +61,26 @@ def package_root() -> Path:
     return Path(leukfed.__file__).resolve().parent
 
 
-def _code_files(root: Path) -> list[Path]:
-    """Every .py file Python could import as leukfed.* (namespace folders included)."""
-    files = []
+def stdlib_manifest(root):
+    """{relative POSIX path: sha256} of every .py file Python could import from `root` as leukfed.*.
+
+    Standard library only: the guarded launcher embeds this function's source and runs it before
+    importing any leukfed module.
+    """
+    import hashlib
+    import os
+
+    manifest = {}
     for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _SKIP_DIRS
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("__pycache__", "build", "dist")
                          and not d.endswith(".egg-info"))
-        files += [Path(folder) / n for n in names if n.endswith(".py")]
-    return sorted(files)
+        for name in names:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path, "rb") as handle:
+                    digest = hashlib.sha256(handle.read()).hexdigest()
+                manifest[os.path.relpath(path, root).replace(os.sep, "/")] = digest
+    return dict(sorted(manifest.items()))
 
 
 def code_manifest(root: str | Path | None = None) -> dict[str, str]:
@@ -76,7 +88,7 @@ def code_manifest(root: str | Path | None = None) -> dict[str, str]:
     root = Path(root).resolve() if root is not None else package_root()
     if not root.is_dir():
         raise LeukError(f"code folder {root} does not exist")
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in _code_files(root)}
+    return stdlib_manifest(str(root))
 
 
 def manifest_digest(manifest: dict[str, str]) -> str:
@@ -348,6 +360,7 @@ def approve_command(
 # --------------------------------------------------------------------------------------------
 
 APPROVALS_ENV = "LEUK_APPROVALS"
+CHECK_ONLY_ENV = "LEUK_GUARD_CHECK_ONLY"   # launcher: print the verdict and exit (0 approved, 3 refused)
 
 
 def guarded_clientapp_main(approvals_file: str | Path | None = None) -> None:
@@ -360,14 +373,18 @@ def guarded_clientapp_main(approvals_file: str | Path | None = None) -> None:
     approvals = approvals_file or os.environ.get(APPROVALS_ENV)
     if not approvals:
         raise SystemExit(f"guarded flwr-clientapp: set {APPROVALS_ENV} to the site's approvals file")
+    _run_flwr_clientapp(lambda fab_content: (verify_fab(fab_content, approvals), verify(approvals)))
+
+
+def _run_flwr_clientapp(check) -> None:
+    """Flower's flwr-clientapp main with `check(fab_bytes)` run before the FAB is installed."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as runtime
 
     real_install = runtime.install_from_fab
 
     def checked_install(fab_content: bytes, *args, **kwargs):
-        verify_fab(fab_content, approvals)
-        verify(approvals)
+        check(fab_content)
         return real_install(fab_content, *args, **kwargs)
 
     runtime.install_from_fab = checked_install
@@ -375,20 +392,83 @@ def guarded_clientapp_main(approvals_file: str | Path | None = None) -> None:
     flwr_clientapp()
 
 
+_LAUNCHER = """#!{python}
+# leukfed's guarded flwr-clientapp (written by leukfed.client.approval.write_guarded_launcher).
+# It checks the installed leukfed code against the site's latest approval BEFORE importing any
+# leukfed module, then runs Flower's flwr-clientapp, checking each task's app bundle (FAB)
+# before Flower installs it or imports its code.
+import sys
+sys.pycache_prefix = {pycache!r}   # never load __pycache__/*.pyc from the package (not in the manifest)
+import json
+import os
+
+ROOT = {root!r}
+APPROVALS = {approvals!r}
+
+{stdlib_manifest}
+
+{manifest_changes}
+
+{describe_changes}
+
+def _verdict():
+    try:
+        with open(APPROVALS, encoding="utf-8") as handle:
+            approvals = json.load(handle)["approvals"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"cannot read the approvals file {{APPROVALS}}: {{exc}}"
+    if not approvals:
+        return f"no approval recorded in {{APPROVALS}}: a reviewer must run `leuk-client approve` first"
+    entry, current = approvals[-1], stdlib_manifest(ROOT)
+    if current != entry["files"]:
+        return (f"the installed leukfed code is not the code {{entry['reviewer']}} approved on {{entry['time']}} "
+                f"({{describe_changes(manifest_changes(entry['files'], current))}}); "
+                "review it with `leuk-client approve`")
+    return None
+
+
+refusal = _verdict()
+if os.environ.get({check_env!r}):
+    print(refusal or "approved")
+    sys.exit(3 if refusal else 0)
+if refusal is None:
+    from leukfed.client.approval import guarded_clientapp_main   # verified code only
+    guarded_clientapp_main(APPROVALS)
+else:
+    class CodeNotApproved(RuntimeError):
+        pass
+
+    def _refuse(fab_content, *args, **kwargs):
+        raise CodeNotApproved(refusal)
+
+    # Flower's runner without any leukfed import: the refusal becomes the task's error reply.
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    from flwr.supernode.runtime import run_clientapp as runtime
+    runtime.install_from_fab = _refuse
+    sys.argv[0] = "flwr-clientapp"
+    flwr_clientapp()
+"""
+
+
 def write_guarded_launcher(bin_dir: str | Path, approvals_file: str | Path, *,
-                           pycache_dir: str | Path | None = None) -> Path:
+                           pycache_dir: str | Path | None = None, root: str | Path | None = None) -> Path:
     """Write `bin_dir/flwr-clientapp`; put bin_dir first on the SuperNode's PATH to use it.
 
-    pycache_dir: where the task processes keep compiled bytecode (default: bin_dir/../pycache),
-    so that no `__pycache__/*.pyc` inside the package (not covered by the .py manifest) is loaded.
+    Flower's SubprocessExecutor starts every task as `flwr-clientapp ...` through PATH.
+    pycache_dir: where task processes keep compiled bytecode (default: bin_dir/../pycache).
+    root: the leukfed package folder the tasks import (default: the installed one).
     """
+    import inspect
+
     bin_dir = Path(bin_dir).resolve()
     pycache = Path(pycache_dir).resolve() if pycache_dir else bin_dir.parent / "pycache"
-    script = (f"#!{sys.executable}\n"
-              "import sys\n"
-              f"sys.pycache_prefix = {str(pycache)!r}\n"
-              "from leukfed.client.approval import guarded_clientapp_main\n"
-              f"guarded_clientapp_main({str(Path(approvals_file).resolve())!r})\n")
+    script = _LAUNCHER.format(
+        python=sys.executable, pycache=str(pycache),
+        root=str(Path(root).resolve() if root is not None else package_root()),
+        approvals=str(Path(approvals_file).resolve()), check_env=CHECK_ONLY_ENV,
+        stdlib_manifest=inspect.getsource(stdlib_manifest),
+        manifest_changes=inspect.getsource(manifest_changes),
+        describe_changes=inspect.getsource(describe_changes))
     path = bin_dir / "flwr-clientapp"
     atomic_write_bytes(path, script.encode())
     path.chmod(0o755)

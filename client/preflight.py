@@ -1,4 +1,5 @@
 """Check, before starting a SuperNode, that HOST:PORT is reachable, trusted and really a Flower SuperLink."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +14,7 @@ from cryptography import x509
 from leukfed.common.errors import LeukError
 
 # X509_V_ERR_* codes from OpenSSL's verify step
-_EXPIRED, _NOT_YET_VALID, _HOSTNAME_MISMATCH = 10, 9, 62
+_EXPIRED, _NOT_YET_VALID, _HOST_MISMATCH, _IP_MISMATCH = 10, 9, 62, 64
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,25 @@ def _handshake(ctx: ssl.SSLContext, sock: socket.socket, host: str, where: str, 
     except ssl.SSLCertVerificationError as err:
         raise LeukError(_verify_message(err, host, where, ca)) from None
     except (ssl.SSLError, ConnectionError, TimeoutError, OSError):
-        raise LeukError(f"the server at {where} is not a Flower SuperLink (no TLS handshake: wrong port?)") from None
+        pass
+    if _answers_plain_http(host, int(where.rsplit(":", 1)[1])):
+        raise LeukError(f"the server at {where} does not use TLS (a SuperLink started insecure?)")
+    raise LeukError(f"the server at {where} is not a Flower SuperLink (no TLS handshake: wrong port?)")
+
+
+def _answers_plain_http(host: str, port: int) -> bool:
+    conn = http.client.HTTPConnection(host, port, timeout=2.0)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status == 200
+    except (http.client.HTTPException, OSError):
+        return False
+    finally:
+        conn.close()
 
 
 def _verify_message(err: ssl.SSLCertVerificationError, host: str, where: str, ca: Path) -> str:
-    if err.verify_code == _HOSTNAME_MISMATCH:
+    if err.verify_code in (_HOST_MISMATCH, _IP_MISMATCH):
         return (
             f"the server at {where} has a certificate that is not valid for the name {host!r}: use one of the "
             "names/IPs given to `leuk certs init --server-name`"

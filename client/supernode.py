@@ -1,4 +1,5 @@
 """Run one hospital's `flower-supernode`: start, join detection, failure classification, supervised restarts."""
+
 from __future__ import annotations
 
 import re

@@ -10,19 +10,25 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader
 
 from leukfed.common.atomic import atomic_write_json
+from leukfed.common.dataset import BatchLoader
 from leukfed.common.errors import LeukError
-from leukfed.common.train import EpochStats, Hardware, LossFn, train_epoch
+from leukfed.common.train import Batches, EpochStats, Hardware, LossFn, train_epoch
+
+if TYPE_CHECKING:
+    from opacus import GradSampleModule
+    from opacus.accountants import RDPAccountant
+    from opacus.optimizers import DPOptimizer
 
 ACCOUNTANTS = ("rdp",)
 # The RDP orders of Opacus' RDPAccountant, so epsilons match what its accountant reports.
@@ -231,7 +237,7 @@ class PrivacyLedger:
         return epsilon
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator["PrivacyLedger"]:
+    def locked(self) -> Iterator[PrivacyLedger]:
         """Exclusive across processes: check, train and record as one step, so that two
         concurrent trainings on the same data cannot both pass the budget check."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,26 +253,68 @@ class PrivacyLedger:
 # Training
 
 
-def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                 settings: DPSettings):
-    """Opacus-wrapped (model, optimizer, Poisson-sampling loader) and the PrivacyEngine.
+class PoissonBatches:
+    """Poisson-sampled batches, the sampling DP-SGD's accountant assumes: at every step each
+    example joins the batch independently with probability `sample_rate` (so sizes vary, and a
+    batch may even be empty: its step is then noise only, as the analysis requires).
+    Augments and normalises like the BatchLoader it is built from."""
 
-    The loss must be a plain per-example mean (no class weights): Opacus rescales per-example
-    gradients by the batch size, which is only right for an unweighted mean.
+    def __init__(self, loader: BatchLoader, sample_rate: float, steps: int, generator: torch.Generator) -> None:
+        self.dataset = loader.dataset
+        self.augment = loader.augment
+        self.sample_rate = sample_rate
+        self.steps = steps
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.dataset)
+        for _ in range(self.steps):
+            index = torch.nonzero(torch.rand(n, generator=self.generator) < self.sample_rate).flatten()
+            images = self.augment(self.dataset.images[index])
+            yield self.dataset.normalize(images), self.dataset.labels[index]
+
+
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: BatchLoader, settings: DPSettings,
+                 *, generator: torch.Generator | None = None
+                 ) -> tuple[GradSampleModule, DPOptimizer, PoissonBatches, RDPAccountant]:
+    """Opacus' DP-SGD parts: (per-example-gradient model, clipping+noising optimizer, Poisson
+    batches with one pass = len(loader) steps, RDP accountant fed by every optimizer step).
+
+    What PrivacyEngine.make_private assembles, minus its DataLoader wrapping: leukfed's loaders
+    are in-memory batch iterators, not torch DataLoaders. The loss must be a plain per-example
+    mean (no class weights): the optimizer scales by the expected batch size, which is only right
+    for an unweighted mean.
     """
-    from opacus import PrivacyEngine
+    from opacus import GradSampleModule
+    from opacus.accountants import RDPAccountant
+    from opacus.optimizers import DPOptimizer
 
     problems = dp_problems(model)
     if problems:
         raise LeukError(f"model cannot be trained with DP-SGD: {problems[0]}; build it with dp_compatible()")
+    n = len(loader.dataset)
+    if n == 0:
+        raise LeukError("no training examples: the training set is empty")
+    sample_rate = min(1.0, loader.batch_size / n)
+    batches = PoissonBatches(loader, sample_rate, len(loader), generator or _generator_from_global_rng())
+    dp_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    dp_model.forbid_grad_accumulation()  # Poisson sampling: one backward per step
     with warnings.catch_warnings():
-        # "Secure RNG turned off": noise comes from torch's seeded PRNG, as everywhere in leukfed.
-        warnings.simplefilter("ignore", UserWarning)
-        engine = PrivacyEngine(accountant=settings.accountant)
-        dp_model, dp_optimizer, dp_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=settings.noise_multiplier,
-            max_grad_norm=settings.max_grad_norm, poisson_sampling=True)
-    return dp_model, dp_optimizer, dp_loader, engine
+        warnings.simplefilter("ignore", UserWarning)  # "Secure RNG turned off": leukfed seeds torch's PRNG
+        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=settings.noise_multiplier,
+                                   max_grad_norm=settings.max_grad_norm,
+                                   expected_batch_size=max(1, round(n * sample_rate)), loss_reduction="mean")
+    accountant = RDPAccountant()
+    dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return dp_model, dp_optimizer, batches, accountant
+
+
+def _generator_from_global_rng() -> torch.Generator:
+    """A sampling generator seeded from torch's global RNG, so seed_everything fixes the batches."""
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
 
 
 @dataclass
@@ -290,7 +338,7 @@ class PrivateResult:
                 "dp_sample_rate": self.sample_rate, "dp_steps": float(self.steps)}
 
 
-def private_train(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, loss_fn: LossFn,
+def private_train(model: nn.Module, optimizer: torch.optim.Optimizer, loader: BatchLoader, loss_fn: LossFn,
                   hardware: Hardware, settings: DPSettings, *, epochs: int = 1, max_steps: int | None = None,
                   ledger: PrivacyLedger | None = None, proximal_mu: float = 0.0,
                   context: Mapping[str, Any] | None = None) -> PrivateResult:
@@ -299,8 +347,8 @@ def private_train(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
     `model` must be dp_compatible and `optimizer` built over its parameters; the returned state
     has the global model's keys. Without a ledger only this call is accounted for.
     """
-    dp_model, dp_optimizer, dp_loader, engine = make_private(model, optimizer, loader, settings)
-    steps = max_steps if max_steps else epochs * len(dp_loader)
+    dp_model, dp_optimizer, batches, accountant = make_private(model, optimizer, loader, settings)
+    steps = max_steps if max_steps else epochs * len(batches)
     if proximal_mu > 0:
         _add_proximal_after_noise(dp_optimizer, model, proximal_mu)
     # DP-SGD in float32: per-example gradient norms decide the clipping, so no bf16 rounding there.
@@ -309,20 +357,27 @@ def private_train(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
     try:
         with guard:
             if ledger is not None:
-                ledger.require_budget(settings, dp_loader.sample_rate, steps)
-            stats = [_train_epoch(dp_model, dp_loader, dp_optimizer, loss_fn, hardware, max_steps)
+                ledger.require_budget(settings, batches.sample_rate, steps)
+            stats = [_train_epoch(dp_model, batches, dp_optimizer, _empty_safe(loss_fn), hardware, max_steps)
                      for _ in range(1 if max_steps else epochs)]
-            history = list(engine.accountant.history)
+            history = list(accountant.history)
             round_epsilon = epsilon_of(history, settings.delta)
             total = ledger.record(history, settings.delta, **dict(context or {})) if ledger else round_epsilon
     finally:
         dp_model.cleanup()
     state = {k: v.detach().cpu().clone() for k, v in strip_wrapper_prefix(dp_model.state_dict()).items()}
     return PrivateResult(state, stats, total, round_epsilon, settings.delta, settings.noise_multiplier,
-                         settings.max_grad_norm, float(dp_loader.sample_rate), sum(s for _, _, s in history))
+                         settings.max_grad_norm, batches.sample_rate, sum(s for _, _, s in history))
 
 
-def _train_epoch(model: nn.Module, loader: DataLoader, optimizer, loss_fn: LossFn, hardware: Hardware,
+def _empty_safe(loss_fn: LossFn) -> LossFn:
+    """The mean loss of an empty Poisson batch is NaN; make it a graph-connected zero instead."""
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return loss_fn(logits, target) if len(target) else logits.sum() * 0.0
+    return loss
+
+
+def _train_epoch(model: nn.Module, loader: Batches, optimizer, loss_fn: LossFn, hardware: Hardware,
                  max_steps: int | None) -> EpochStats:
     with warnings.catch_warnings():
         # Opacus hooks the first layer, whose input needs no gradient: torch warns, harmlessly.
@@ -349,7 +404,7 @@ def _add_proximal_after_noise(optimizer, model: nn.Module, mu: float) -> None:
 
     def hook(opt) -> None:
         accountant_hook(opt)
-        for p, a in zip(params, anchor):
+        for p, a in zip(params, anchor, strict=True):
             if p.grad is not None:
                 p.grad.add_(p.detach() - a, alpha=mu)
     optimizer.step_hook = hook
@@ -374,3 +429,13 @@ def noise_problem(metrics: Mapping[str, Any], min_noise_multiplier: float) -> st
     if float(reported) < min_noise_multiplier:
         return f"DP noise multiplier {float(reported):g} < the required {min_noise_multiplier:g}"
     return None
+
+
+def round_privacy(site_metrics: Mapping[Any, Mapping[str, Any]]) -> dict[str, float]:
+    """For the server's history: the round's worst site epsilon and least noise (empty without DP)."""
+    reports = [m for m in site_metrics.values() if "dp_epsilon" in m]
+    if not reports:
+        return {}
+    return {"max_epsilon": max(float(m["dp_epsilon"]) for m in reports),
+            "min_noise_multiplier": min(float(m["dp_noise_multiplier"]) for m in reports),
+            "delta": max(float(m["dp_delta"]) for m in reports), "sites": len(reports)}

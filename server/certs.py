@@ -1,4 +1,5 @@
 """Federation PKI: a private CA, the SuperLink TLS certificate and per-site SuperNode auth keys."""
+
 from __future__ import annotations
 
 import datetime as dt

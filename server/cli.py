@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -46,7 +48,7 @@ def _follow(link, run_id: int, state: Path, total_rounds: int) -> str:
         printed = len(history)
         if status.startswith("finished"):
             return status
-        time.sleep(2.0)
+        time.sleep(5.0)  # each status query runs the flwr CLI (~2 s of CPU)
 
 
 def _print_round(row: dict, total_rounds: int) -> None:
@@ -111,14 +113,16 @@ def serve(
     else:
         layout = CertsLayout.at(certs)
         layout.require_server_files()
+    # SIGTERM (systemd, docker stop) must stop the SuperLink too: turn it into a normal exit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     link = SuperLink()
     link.start(state / "superlink", host=host, port=port, insecure=insecure, supernode_auth=not insecure,
                certs=None if layout is None else (layout.ca_cert, layout.server_cert, layout.server_key))
     try:
         _say(f"SuperLink listening on {host}:{port} ({'insecure' if insecure else 'TLS, registered sites only'})")
         if layout is not None:
-            for name, files in layout.sites().items():
-                node_id = link.register_site(files.public_key, name)
+            registered = link.register_sites({name: files.public_key for name, files in layout.sites().items()})
+            for name, node_id in registered.items():
                 _say(f"registered site {name} (node {node_id})")
         app_dir = write_app_dir(state / "app")
         run_id = link.submit(app_dir, write_run_config(state / "run_config.toml", fed))

@@ -1,4 +1,5 @@
 """Offline environment, executables and config files shared by every Flower process we start."""
+
 from __future__ import annotations
 
 import json
@@ -133,18 +134,29 @@ def kill_process_group(proc: subprocess.Popen[bytes], timeout: float) -> int:
 
     Flower starts its SuperExec in a session of its own, so the group alone is not enough: every
     descendant found before the leader goes (ppid links vanish with it) is killed as well.
+    A process that does not lead its own group is signalled alone.
     """
     tree = descendants(proc.pid) if proc.poll() is None else []
     if proc.poll() is None:
-        _signal_group(proc.pid, signal.SIGTERM)
+        _signal(proc, signal.SIGTERM)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            pass
-    _signal_group(proc.pid, signal.SIGKILL)
+            _signal(proc, signal.SIGKILL)
+    _signal_group(proc.pid, signal.SIGKILL)  # members left behind by a leader that is gone
     code = proc.wait()
     _reap_tree(tree)
     return code
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def descendants(pid: int) -> list[int]:

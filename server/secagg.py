@@ -40,7 +40,6 @@ other beyond what the SuperLink's node authentication gives, and a malicious sit
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -695,7 +694,3 @@ def _last_line(text: str, limit: int = 200) -> str:
 class _Abort(Exception):
     """A secure round that cannot complete; every sampled site gets an error reply."""
 
-
-def digest_vector(vector: np.ndarray) -> str:
-    """sha256 of a vector's bytes (for logs and tests)."""
-    return hashlib.sha256(np.ascontiguousarray(vector).tobytes()).hexdigest()

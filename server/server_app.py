@@ -24,11 +24,13 @@ def log(message: str) -> None:
     print(f"[leukfed] {message}", flush=True)
 
 
-def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
+def wait_for_sites(grid: Grid, minimum: int) -> list[int]:
+    """Block until `minimum` sites are connected (hospitals join when they are ready), logging progress."""
+    last_count, last_log = -1, 0.0
     while len(nodes := list(grid.get_node_ids())) < minimum:
-        if time.monotonic() > deadline:
-            raise LeukError(f"only {len(nodes)} of the {minimum} required sites connected within {timeout:.0f}s")
+        if len(nodes) != last_count or time.monotonic() - last_log > 60:
+            log(f"waiting for sites: {len(nodes)} of {minimum} connected")
+            last_count, last_log = len(nodes), time.monotonic()
         time.sleep(1.0)
     return nodes
 
@@ -37,7 +39,7 @@ def ask_class_names(grid: Grid, fed: FedConfig) -> tuple[str, ...]:
     """The run's classes: given in the config, else the list most sites report."""
     if fed.classes:
         return fed.classes
-    nodes = wait_for_sites(grid, fed.min_sites, fed.round_timeout)
+    nodes = wait_for_sites(grid, fed.min_sites)
     messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     replies = [r for r in grid.send_and_receive(messages, timeout=fed.round_timeout) if not r.has_error()]
     lists = Counter(tuple(r.content["info"]["class-names"]) for r in replies)

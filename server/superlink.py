@@ -1,4 +1,5 @@
 """Run and drive a `flower-superlink` process: start, health, site registration, runs, shutdown."""
+
 from __future__ import annotations
 
 import base64
@@ -86,7 +87,11 @@ class SuperLink:
         args = self._tls_args(certs, insecure, supernode_auth)
         db = Path(database).expanduser().resolve() if database else self.state_dir / "superlink.db"
         self.database_path = db
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise LeukError(f"cannot create the SuperLink state folder: {err}") from None
         claim_pidfile(self.pid_path, "flower-superlink", f"a SuperLink for {self.state_dir}")
         if port_in_use(host, port):
             raise LeukError(f"port {port} on {host} is already in use (another leuk-server?): choose another --port")
@@ -94,7 +99,11 @@ class SuperLink:
         cmd = [flower_executable("flower-superlink"), *args, "--database", str(db)]
         cmd += ["--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
         self._spawn(cmd)
-        self.wait_healthy(health_timeout)
+        try:
+            self.wait_healthy(health_timeout)
+        except BaseException:
+            self.terminate(timeout=5)
+            raise
         return self
 
     def _tls_args(self, certs: TlsFiles | None, insecure: bool, supernode_auth: bool) -> list[str]:
@@ -170,30 +179,34 @@ class SuperLink:
 
     def register_site(self, public_key: str | Path, name: str) -> int:
         """Register a site's public key and return its node id; an already registered key returns its id."""
-        pub = Path(public_key).expanduser().resolve()
-        digest = public_key_digest(pub)
+        return self.register_sites({name: public_key})[name]
+
+    def register_sites(self, public_keys: Mapping[str, str | Path]) -> dict[str, int]:
+        """Register several sites ({name: site.pub}); keys this state dir already registered cost no call."""
+        statuses = {int(str(n["node-id"])): str(n["status"]) for n in self.list_nodes()}
+        known = {str(s["public_key_sha256"]): int(s["node_id"]) for s in self.sites().values()}
+        ids = {}
+        for name, key in public_keys.items():
+            pub = Path(key).expanduser().resolve()
+            digest = public_key_digest(pub)
+            node_id = known.get(digest)
+            if node_id is None or node_id not in statuses:  # new key, or the database was reset
+                node_id = self._register(pub, name)
+            _refuse_unregistered(pub, node_id, statuses.get(node_id, ""))
+            self._remember_site(name, node_id, digest)
+            ids[name] = node_id
+        return ids
+
+    def _register(self, pub: Path, name: str) -> int:
         try:
-            out = self._flwr("supernode", "register", str(pub), CONNECTION, "--name", name)
+            return int(str(self._flwr("supernode", "register", str(pub), CONNECTION, "--name", name)["node-id"]))
         except FlwrCliError as err:
             if "code: 23" not in str(err) and "already in use" not in str(err):
                 raise
-            node_id = self._known_node_id(digest, pub)
-        else:
-            node_id = int(out["node-id"])
-        self._remember_site(name, node_id, digest)
-        return node_id
-
-    def _known_node_id(self, digest: str, pub: Path) -> int:
-        known = {s["public_key_sha256"]: s["node_id"] for s in self.sites().values()}
-        node_id = known.get(digest) or _node_id_from_database(self.database_path, pub)
+        # "public key already in use": registered earlier, but this state dir lost track of it.
+        node_id = _node_id_from_database(self.database_path, pub)
         if node_id is None:
             raise LeukError(f"{pub} is already registered with this SuperLink, but its node id is unknown here")
-        status = next((n["status"] for n in self.list_nodes() if int(n["node-id"]) == node_id), "unknown")
-        if status in ("unregistered", "deleted"):
-            raise LeukError(
-                f"the key {pub} was unregistered (node {node_id}) and can never be registered again: "
-                "create a new key pair for this site (`leuk certs add-site` with a new name)"
-            )
         return node_id
 
     def sites(self) -> dict[str, dict[str, int | str]]:
@@ -325,7 +338,9 @@ class SuperLink:
             raise LeukError("the SuperLink is not started")
         code = self.proc.poll()
         if code is not None:
-            raise LeukError(f"{_death_reason(self.log_path, self.port)} (exit code {code})\n{log_tail(self.log_path)}")
+            tail = _last_attempt(log_tail(self.log_path, 200))
+            reason = _death_reason(tail, self.port)
+            raise LeukError(f"{reason} (exit code {code}); last lines of {self.log_path}:\n" + "\n".join(tail[-8:]))
 
     def _flwr_raw(self, *args: str) -> subprocess.CompletedProcess[str]:
         try:
@@ -411,6 +426,14 @@ def public_key_digest(pub: Path) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def _refuse_unregistered(pub: Path, node_id: int, status: str) -> None:
+    if status in ("unregistered", "deleted"):
+        raise LeukError(
+            f"the key {pub} was unregistered (node {node_id}) and can never be registered again: "
+            "create a new key pair for this site (`leuk certs add-site` with a new name)"
+        )
+
+
 def _node_id_from_database(db: Path, pub: Path) -> int | None:
     """Best effort: look the key up in the SuperLink's SQLite state (internal schema of flwr 1.41)."""
     try:
@@ -440,13 +463,20 @@ def _get(host: str, port: int, path: str, ctx: ssl.SSLContext | None, timeout: f
         conn.close()
 
 
-def _death_reason(log_path: Path, port: int) -> str:
-    text = strip_ansi(log_tail(log_path, 60)).lower()
+def _last_attempt(text: str) -> list[str]:
+    """Log lines written since our last `=== leukfed:` header (the current process)."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("=== leukfed:")]
+    return lines[starts[-1] + 1 :] if starts else lines
+
+
+def _death_reason(lines: list[str], port: int) -> str:
+    text = "\n".join(lines).lower()
     if "address already in use" in text or "errno 98" in text:
         return f"the SuperLink could not listen on port {port}: address already in use"
-    if "ssl" in text or "certificate" in text or "pem" in text:
+    if "sslerror" in text or "pem lib" in text:
         return "the SuperLink could not load its TLS certificate or key"
-    if "database" in text or "sqlite" in text:
+    if "unable to open database" in text or "sqlite" in text:
         return "the SuperLink could not open its database"
     return "the SuperLink exited early"
 

@@ -173,13 +173,29 @@ def test_approve_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert len(load_approvals(approvals)["approvals"]) == 2
 
 
+def test_launcher_checks_the_code_before_importing_it(package: Path, tmp_path: Path) -> None:
+    approvals = tmp_path / "approvals.json"
+    approve(approvals, "Dr. H", root=package)
+    launcher = write_guarded_launcher(tmp_path / "bin", approvals, root=package)
+    env = dict(os.environ, PYTHONPATH=str(package.parent), LEUK_GUARD_CHECK_ONLY="1")
+    ok = subprocess.run([str(launcher)], env=env, check=False, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == "approved", ok.stderr
+
+    marker = tmp_path / "tampered-code-ran"
+    atomic = package / "common" / "atomic.py"
+    atomic.write_text(atomic.read_text() + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    refused = subprocess.run([str(launcher)], env=env, check=False, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 3 and "changed: common/atomic.py" in refused.stdout and "Dr. H" in refused.stdout
+    assert not marker.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Inside Flower: the guarded flwr-clientapp refuses unapproved bundles before loading them
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_guarded_supernodes_run_only_approved_bundles(tmp_path: Path) -> None:
-    """One run, two sites: the one that approved the (code-carrying) echo bundle answers, the other refuses."""
+    """One run, three sites: only the one whose approved code and bundle match answers."""
     from leukfed.server.flower_env import (
         flower_env,
         flower_executable,
@@ -199,23 +215,32 @@ def test_guarded_supernodes_run_only_approved_bundles(tmp_path: Path) -> None:
          "--disable-runtime-dependency-installation", "--database", str(tmp_path / "link.db")],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
     logs = {}
-    for site, fabs in (("trusting", [ECHO_APP]), ("strict", [])):
+    tampered = copy_package(tmp_path / "tampered-site-packages")
+    marker = tmp_path / "tampered-code-ran"
+    for site, fabs in (("trusting", [ECHO_APP]), ("strict", []), ("tampered", [ECHO_APP])):
+        site_root = tampered if site == "tampered" else root
         approvals = tmp_path / site / "approvals.json"
-        approve(approvals, "Dr. G", root=root, fabs=fabs)
-        launcher = write_guarded_launcher(tmp_path / site / "bin", approvals)
-        node_env = dict(env, PATH=f"{launcher.parent}{os.pathsep}{env['PATH']}", PYTHONPATH=str(root.parent))
+        approve(approvals, "Dr. G", root=site_root, fabs=fabs)
+        launcher = write_guarded_launcher(tmp_path / site / "bin", approvals, root=site_root)
+        node_env = dict(env, PATH=f"{launcher.parent}{os.pathsep}{env['PATH']}", PYTHONPATH=str(site_root.parent))
         logs[site] = tmp_path / site / "node.log"
         with logs[site].open("w") as log_file:
             processes.append(subprocess.Popen(
                 [flower_executable("flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--insecure",
                  "--node-config", f"site-name='{site}'", "--host", "127.0.0.1", "--port", str(free_port())],
                 env=node_env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True))
+    atomic = tampered / "common" / "atomic.py"          # changed after the approval
+    atomic.write_text(atomic.read_text() + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
     try:
+        joined_by = time.monotonic() + 120                  # all three sites connected before the run starts
+        while not all("SuperNode ID" in log.read_text() for log in logs.values()):
+            assert time.monotonic() < joined_by, {s: log.read_text()[-500:] for s, log in logs.items()}
+            time.sleep(0.5)
         t0 = time.monotonic()
-        deadline = t0 + 180
+        deadline = t0 + 240
         while True:
             submitted = subprocess.run([flwr, "run", str(ECHO_APP), "link", "--format", "json", "--run-config",
-                                        "min-nodes=2 num-rounds=1 round-timeout=60.0"],
+                                        "min-nodes=3 num-rounds=1 round-timeout=120.0"],
                                        env=env, check=False, capture_output=True, text=True, timeout=120)
             try:
                 run_id = json.loads(submitted.stdout)["run-id"]
@@ -236,9 +261,11 @@ def test_guarded_supernodes_run_only_approved_bundles(tmp_path: Path) -> None:
     finally:
         for process in reversed(processes):
             kill_process_group(process, 10)
-    strict, trusting = (strip_ansi(logs[s].read_text()) for s in ("strict", "trusting"))
-    # Exactly the site that approved the bundle answered.
-    assert run["status"] == "finished:failed" and "1 of 2 nodes replied" in run.get("status-details", ""), run
+    strict, trusting, tampered_log = (strip_ansi(logs[s].read_text()) for s in ("strict", "trusting", "tampered"))
+    # Exactly the site whose approved code and bundle match answered.
+    assert run["status"] == "finished:failed" and "1 of 3 nodes replied" in run.get("status-details", ""), run
     assert "refused app bundle leukfed-echo 1.0.0" in strict and "it carries code" in strict
+    assert "CodeNotApproved" in tampered_log and "changed: common/atomic.py" in tampered_log
+    assert not marker.exists()                          # the tampered module was never imported
     assert "refused" not in trusting and "raised an exception" not in trusting and "Sent successfully" in trusting
     print(f"guarded SuperNodes, one run: {seconds:.1f}s")

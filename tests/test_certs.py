@@ -1,4 +1,5 @@
 """Federation PKI: SANs, chain, permissions, no overwrites, add-site, site names, CLI."""
+
 from __future__ import annotations
 
 import ipaddress

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from leukfed.common.synthetic import make_synthetic_dataset
-from leukfed.server.flower_env import free_port
+from leukfed.server.flower_env import descendants, free_port
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "LEUK_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
@@ -29,13 +29,21 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def kill(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait: float = 30) -> None:
-    if proc.poll() is None:
+    """Signal a CLI and, with SIGKILL, everything it started (a crashed machine leaves nothing behind)."""
+    if proc.poll() is not None:
+        return
+    children = descendants(proc.pid) if sig == signal.SIGKILL else []
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=wait)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pid in children:
         try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -72,6 +80,9 @@ class Federation:
         self.procs.append(proc)
         return proc
 
+    def wait_submitted(self, log: str = "server.log") -> None:
+        wait_for(lambda: "submitted" in self.log(log), 180, "the run to be submitted")
+
     def client(self, site: str, *args: str, certs: Path | None = None, data: Path | None = None) -> subprocess.Popen:
         proc = spawn([*cli("client.cli"), "--server", f"127.0.0.1:{self.port}", "--site", site,
                       "--data", str(data or self.root / f"data-{site}"), "--certs", str(certs or self.certs / "sites" / site),
@@ -102,6 +113,7 @@ def federation_factory(tmp_path: Path):
 def test_three_sites_with_one_killed_mid_run_still_complete(federation_factory) -> None:
     fed = federation_factory(["a", "b", "c"])
     server = fed.server("--rounds", "3", "--min-sites", "2", "--round-timeout", "60")
+    fed.wait_submitted()
     clients = {site: fed.client(site) for site in "abc"}
     state = fed.root / "state"
     wait_for(lambda: len(history(state)) >= 1, 400, "round 1")
@@ -127,6 +139,7 @@ def test_server_killed_after_round_one_resumes_and_bad_sites_are_refused(federat
     fed = federation_factory(["a", "b"])
     state = fed.root / "state"
     server = fed.server("--rounds", "3", "--min-sites", "2", "--round-timeout", "120")
+    fed.wait_submitted()
     for site in "ab":
         fed.client(site)
     wait_for(lambda: len(history(state)) >= 1, 400, "round 1")
@@ -184,6 +197,7 @@ def test_a_site_with_other_classes_is_refused_with_both_lists(federation_factory
     make_synthetic_dataset(odd, classes=("Benign", "Early", "Pre"), per_class=10, size=28, seed=5)
     server = fed.server("--rounds", "1", "--min-sites", "2", "--round-timeout", "60",
                         "--classes", "Benign,Early,Pre,Pro")
+    fed.wait_submitted()
     for site in "ab":
         fed.client(site)
     fed.client("odd", data=odd)

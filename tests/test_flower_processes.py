@@ -20,7 +20,7 @@ from leukfed.client.preflight import check_server
 from leukfed.client.supernode import SuperNode
 from leukfed.common.errors import LeukError
 from leukfed.server.certs import CertsLayout, certificate_fingerprint, init_certs
-from leukfed.server.flower_env import free_port
+from leukfed.server.flower_env import free_port, toml_pairs, write_flwr_config
 from leukfed.server.superlink import SuperLink
 
 ECHO_APP = Path(__file__).parent / "fixtures" / "echo_app"
@@ -115,8 +115,10 @@ def test_superlink_healthy_registration_idempotent(link: SuperLink, pki: CertsLa
     t0 = time.monotonic()
     first = link.register_site(pki.site("h1").public_key, "h1")
     TIMINGS["register one site"] = time.monotonic() - t0
-    again = link.register_site(pki.site("h1").public_key, "h1")  # "public key already in use" -> same id
-    assert first == again
+    again = link.register_site(pki.site("h1").public_key, "h1")  # known to sites.json: no register call
+    link.sites_path.unlink()
+    third = link.register_site(pki.site("h1").public_key, "h1")  # "public key already in use" -> same id
+    assert first == again == third
     assert link.sites()["h1"]["node_id"] == first
     listed = {int(str(n["node-id"])): n["status"] for n in link.list_nodes()}
     assert listed[first] in ("registered", "online", "offline")
@@ -131,8 +133,7 @@ def test_preflight_accepts_the_superlink(link: SuperLink, pki: CertsLayout) -> N
 
 @pytest.mark.slow
 def test_two_sites_join_and_echo_run_completes(link: SuperLink, pki: CertsLayout, nodes: dict[str, SuperNode]) -> None:
-    for name in nodes:
-        link.register_site(pki.site(name).public_key, name)
+    link.register_sites({name: pki.site(name).public_key for name in nodes})
     t0 = time.monotonic()
     for node in nodes.values():
         node.start()
@@ -143,7 +144,7 @@ def test_two_sites_join_and_echo_run_completes(link: SuperLink, pki: CertsLayout
     t0 = time.monotonic()
     run_id = link.submit(ECHO_APP, {"num-rounds": 2, "min-nodes": 2, "round-timeout": 60.0, "greeting": "it's me"})
     seen: list[str] = []
-    status = link.wait(run_id, poll_s=2.0, on_poll=seen.append, timeout=150)
+    status = link.wait(run_id, poll_s=3.0, on_poll=seen.append, timeout=150)
     TIMINGS["echo run submit -> finished"] = time.monotonic() - t0
     logs = link.logs(run_id)
     assert status == "finished:completed", (status, link.run_info(run_id), logs)
@@ -266,6 +267,18 @@ def _wait_for(cond: Callable[[], bool], timeout: float, events: object) -> None:
     while not cond():
         assert time.monotonic() < end, f"timed out; events: {events}"
         time.sleep(0.2)
+
+
+def test_config_pairs_survive_flowers_own_parser(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    values = {"data-path": r"C:\data dir\h1", "site-name": "h1", "quote": "it's", "n": 3, "lr": 1e-05, "on": False}
+    assert parse_config_args([toml_pairs(values)]) == values
+    with pytest.raises(LeukError, match="cannot contain both"):
+        toml_pairs({"bad": 'it\'s "quoted"'})
+    conf = write_flwr_config(tmp_path, {"leukfed": {"address": "127.0.0.1:9092", "root-certificates": "rel/ca.crt"}})
+    text = conf.read_text()
+    assert 'default = "leukfed"' in text and f'root-certificates = "{Path("rel/ca.crt").resolve()}"' in text
 
 
 def test_preflight_closed_port() -> None:

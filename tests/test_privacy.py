@@ -2,29 +2,33 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader, TensorDataset
 
+from leukfed.common.dataset import BatchLoader, SmearDataset, make_loader
 from leukfed.common.errors import LeukError
-from leukfed.common.privacy import (BudgetSpent, DPSettings, PrivacyLedger, dp_compatible, dp_problems,
-                                    epsilon_of, make_private, noise_for_epsilon, noise_problem,
-                                    private_train)
+from leukfed.common.privacy import (BudgetSpent, DPSettings, PoissonBatches, PrivacyLedger, dp_compatible,
+                                    dp_problems, epsilon_of, make_private, noise_for_epsilon, noise_problem,
+                                    private_train, round_privacy)
 from leukfed.common.train import make_loss, make_optimizer, seed_everything, select_hardware
 from leukfed.models import create_model
 
 DELTA = 1e-5
 
 
-def tiny_loader(n: int = 32, size: int = 8, batch: int = 8, seed: int = 0) -> DataLoader:
+def tiny_loader(n: int = 32, size: int = 8, batch: int = 8, seed: int = 0) -> BatchLoader:
+    """The project's in-memory loader over random uint8 'smears' (flip augmentation)."""
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, size, size, generator=generator) * 5  # large inputs: large gradients
-    labels = torch.randint(0, 4, (n,), generator=generator)
-    return DataLoader(TensorDataset(images, labels), batch_size=batch, shuffle=True, generator=generator)
+    images = torch.randint(0, 256, (n, 3, size, size), generator=generator, dtype=torch.uint8)
+    labels = torch.randint(0, 4, (n,), generator=generator).numpy()
+    dataset = SmearDataset(images, labels, create_model("tinycnn", 4).leuk_info.data_config, train=True,
+                           augment="flip")
+    return make_loader(dataset, batch, shuffle=True, seed=seed)
 
 
 def tiny_model() -> nn.Module:
@@ -32,8 +36,9 @@ def tiny_model() -> nn.Module:
     return dp_compatible(create_model("tinycnn", 4))
 
 
-def train(model: nn.Module, settings: DPSettings, ledger: PrivacyLedger | None = None, **kwargs):
-    return private_train(model, make_optimizer(model, "adam", 1e-2), tiny_loader(), make_loss("ce", 4),
+def train(model: nn.Module, settings: DPSettings, ledger: PrivacyLedger | None = None, *,
+          loader: BatchLoader | None = None, **kwargs):
+    return private_train(model, make_optimizer(model, "adam", 1e-2), loader or tiny_loader(), make_loss("ce", 4),
                          select_hardware("cpu"), settings, ledger=ledger, **kwargs)
 
 
@@ -46,11 +51,13 @@ def test_settings_are_validated() -> None:
         DPSettings(1.0, accountant="prv")
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_per_sample_gradients_are_clipped_to_the_bound() -> None:
     model, clip = tiny_model(), 0.05
-    dp_model, optimizer, loader, _ = make_private(model, make_optimizer(model, "sgd", 0.1), tiny_loader(),
-                                                  DPSettings(1.0, max_grad_norm=clip))
-    images, labels = next(iter(loader))
+    dp_model, optimizer, batches, _ = make_private(model, make_optimizer(model, "sgd", 0.1), tiny_loader(),
+                                                   DPSettings(1.0, max_grad_norm=clip))
+    images, labels = next(iter(batches))
+    assert len(labels) > 0
     make_loss("ce", 4)(dp_model(images), labels).backward()
     params = [p for p in model.parameters() if p.requires_grad]
     per_sample = torch.cat([p.grad_sample.flatten(1) for p in params], 1)
@@ -61,6 +68,16 @@ def test_per_sample_gradients_are_clipped_to_the_bound() -> None:
     optimizer.clip_and_accumulate()
     summed = torch.cat([p.summed_grad.flatten() for p in params])
     torch.testing.assert_close(summed, clipped.sum(0), rtol=1e-4, atol=1e-6)
+
+
+def test_poisson_batches_vary_and_empty_steps_are_noise_only() -> None:
+    loader = tiny_loader(n=16, batch=1)  # sample rate 1/16: about a third of the batches are empty
+    sizes = [len(y) for _, y in PoissonBatches(loader, 1 / 16, 64, torch.Generator().manual_seed(0))]
+    assert 0 in sizes and max(sizes) >= 2
+    result = train(tiny_model(), DPSettings(1.0), loader=loader)
+    assert result.steps == 16 and result.sample_rate == pytest.approx(1 / 16)
+    assert all(torch.isfinite(v).all() for v in result.state.values())
+    assert math.isfinite(result.stats[0].loss)  # an empty batch adds no NaN to the loss
 
 
 def test_epsilon_grows_with_steps_and_shrinks_with_noise() -> None:
@@ -170,3 +187,10 @@ def test_server_refuses_too_little_noise() -> None:
     assert noise_problem({}, 0.0) is None
     assert "0.5 < the required 1" in noise_problem({"dp_noise_multiplier": 0.5}, 1.0)
     assert "no DP noise reported" in noise_problem({"train_loss": 0.3}, 1.0)
+
+
+def test_round_privacy_summarises_the_sites_reports() -> None:
+    sites = {1: {"dp_epsilon": 0.8, "dp_noise_multiplier": 1.5, "dp_delta": 1e-5},
+             2: {"dp_epsilon": 1.9, "dp_noise_multiplier": 1.1, "dp_delta": 1e-5}, 3: {"train_loss": 0.2}}
+    assert round_privacy(sites) == {"max_epsilon": 1.9, "min_noise_multiplier": 1.1, "delta": 1e-5, "sites": 2}
+    assert round_privacy({1: {"train_loss": 0.2}}) == {}

@@ -276,6 +276,22 @@ def test_one_site_dropping_at_any_stage_still_completes(stage: str) -> None:
         assert any(f["node"] == dropper for f in strategy.log.failures)
 
 
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi"])
+def test_compatible_strategies_give_the_plain_result(name: str) -> None:
+    """Same sites, same strategy: secure and plain rounds give the same global model."""
+    from leukfed.common.fedconfig import FedConfig
+    from leukfed.server.strategies import make_strategy
+
+    sites = federation()
+    secure_result, _, _, _ = run_round(sites, strategy=make_strategy(FedConfig(strategy=name, min_sites=4)))
+    plain_result = make_strategy(FedConfig(strategy=name, min_sites=4)).start(
+        grid=WireGrid(sites), initial_arrays=ArrayRecord({k: Array(v) for k, v in initial_arrays().items()}),
+        num_rounds=1, timeout=30)
+    for key in initial_arrays():
+        secure, plain = secure_result.arrays[key].numpy(), plain_result.arrays[key].numpy()
+        assert secure.dtype == plain.dtype and np.abs(secure.astype(float) - plain.astype(float)).max() < 1e-5, key
+
+
 def test_dropout_after_masking_in_a_three_site_federation() -> None:
     """Fewest sites that can lose one: threshold 2 of 3; the dropped site's pairwise masks are rebuilt."""
     sites = federation(3)
