@@ -1,6 +1,7 @@
 """`leuk-client`: one hospital's SuperNode, after checking its data, the server and its key."""
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Optional
@@ -60,6 +61,17 @@ def _wait_for_server(host: str, port: int, ca, wait: float):
             time.sleep(2.0)
 
 
+def _approved_launcher(state: Path, approvals: Path | None) -> Path:
+    """Refuse to start with code the hospital has not approved; every task is checked again at launch."""
+    from leukfed.client.approval import verify, write_guarded_launcher
+
+    approvals = (approvals or state / "approvals.json").expanduser().resolve()
+    verify(approvals)
+    launcher = write_guarded_launcher(state / "bin", approvals)
+    typer.echo(f"code approved ({approvals}); each task's code and app bundle are checked before they run")
+    return launcher
+
+
 def _parse_server(server: str) -> tuple[str, int]:
     from leukfed.common.errors import LeukError
 
@@ -80,6 +92,8 @@ def join(
     state: Optional[Path] = typer.Option(None, "--state", help="Site state folder: audit log, node logs (default ~/.leukfed/SITE)."),
     insecure: bool = typer.Option(False, "--insecure", help="Connect without TLS (only to an --insecure test server)."),
     wait: float = typer.Option(120.0, "--wait", help="Seconds to keep retrying while the server refuses connections."),
+    approvals: Optional[Path] = typer.Option(None, "--approvals", help="Approvals file from `leuk-client approve` (default: STATE/approvals.json)."),
+    require_secagg: bool = typer.Option(False, "--require-secure-aggregation", help="Train only in secure-aggregation rounds."),
 ) -> None:
     """Check the data, check the server, start the SuperNode and keep it running."""
     if ctx.invoked_subcommand is not None:
@@ -98,10 +112,13 @@ def join(
     typer.echo(f"server {server} reachable" + (f", certificate sha256 {fingerprint}" if fingerprint else " (insecure)"))
     state = (state or Path.home() / ".leukfed" / site).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
+    launcher = _approved_launcher(state, approvals)
     node_config = {"data-path": str(data.resolve()), "site-name": site, "audit-log": str(state / "audit.jsonl"),
                    "device": device, "server-fingerprint": fingerprint}
+    if require_secagg:
+        node_config["secure-aggregation"] = "required"
     node = SuperNode(server, state_dir=state / "supernode", ca=ca, private_key=key, node_config=node_config,
-                     insecure=insecure)
+                     insecure=insecure, env={"PATH": f"{launcher.parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     stopping = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
     try:
@@ -111,5 +128,9 @@ def join(
         node.stop()
     typer.echo(f"left the federation; audit log: {state / 'audit.jsonl'}")
 
+
+from leukfed.client.approval import approve_command  # noqa: E402  (light: no torch, no flwr)
+
+app.command("approve")(approve_command)
 
 main = run_app(app)

@@ -10,6 +10,7 @@ from flwr.clientapp import ClientApp
 from leukfed.client.audit import append_audit
 from leukfed.client.records import decode_state, encode_state
 from leukfed.common.fedconfig import FedConfig, SiteConfig
+from leukfed.server.secagg import refuse_plain_training, secure_train
 from leukfed.common.site import load_site_data, local_evaluate, local_train, site_class_names, suppress_small
 
 app = ClientApp()
@@ -39,6 +40,7 @@ def _reply(msg: Message, fed: FedConfig, site: SiteConfig, *, kind: str, num_exa
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    refuse_plain_training(msg, context)  # node config secure-aggregation="required": never in the clear
     started = time.perf_counter()
     fed, site = _settings(context, msg)
     data = load_site_data(fed, site)
@@ -50,6 +52,12 @@ def train(msg: Message, context: Context) -> Message:
     arrays = encode_state(result.state, fed.transfer_dtype)
     return _reply(msg, fed, site, kind="train", num_examples=result.num_examples, metrics=metrics,
                   arrays=arrays, started=started)
+
+
+@app.train("secagg")
+def train_secagg(msg: Message, context: Context) -> Message:
+    """A secure-aggregation round: only a masked update leaves the site."""
+    return secure_train(msg, context, train)
 
 
 @app.evaluate()

@@ -49,6 +49,9 @@ class FedConfig:
     eval_split: str = ""
     partition_file: str = ""           # simulation: which samples each virtual site holds
     site_val_fraction: float = 0.15
+    secure_aggregation: bool = False   # the server sees only the sum of the sites' updates
+    secagg_threshold: int = 0          # 0: a majority of the sites, at least 2
+    secagg_clip: float = 1024.0        # per-element bound on a site's update (new - global)
 
     def __post_init__(self) -> None:
         problems = []
@@ -62,6 +65,11 @@ class FedConfig:
             problems.append("min-sites must be >= 1")
         if self.local_epochs < 1 and self.local_steps < 1:
             problems.append("local work must be >= 1 epoch or >= 1 step")
+        if self.secure_aggregation and self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi"):
+            problems.append(f"strategy {self.strategy} needs each site's own update; with secure aggregation "
+                            "use fedavg, fedprox, fedadam or fedyogi")
+        if self.secure_aggregation and self.min_sites < 2:
+            problems.append("secure aggregation needs min-sites >= 2 (>= 3 to survive a dropout)")
         if problems:
             raise LeukError("; ".join(problems))
 

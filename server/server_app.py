@@ -1,6 +1,7 @@
 """Flower ServerApp: federated rounds with per-round checkpoints, history and a final run export."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
@@ -136,6 +137,13 @@ def main(grid: Grid, context: Context) -> None:
     strategy = make_strategy(fed)
     if resumed:
         restore_strategy_state(strategy, resumed.strategy_state)
+    train_grid = grid
+    if fed.secure_aggregation:
+        from leukfed.server.secagg import SecAggSettings, SecureAggregationGrid, check_secagg_strategy
+
+        check_secagg_strategy(fed.strategy)
+        train_grid = SecureAggregationGrid(
+            grid, SecAggSettings(threshold=fed.secagg_threshold or None, clip=fed.secagg_clip), log=log)
     score = server_evaluator(fed, class_names)
     final_metrics: dict = {}
 
@@ -152,6 +160,8 @@ def main(grid: Grid, context: Context) -> None:
         server_seconds = time.perf_counter() - started
         row = round_row(round_, strategy, server_metrics, server_seconds,
                         time.perf_counter() - strategy.log.started)
+        if fed.secure_aggregation and train_grid.last_report is not None:
+            row["secure_aggregation"] = dataclasses.asdict(train_grid.last_report)
         history.append(row)
         save_round(state_dir, round_=round_, state=state, strategy_state=strategy_state(strategy),
                    fed=fed, class_names=class_names, history=history)
@@ -161,7 +171,7 @@ def main(grid: Grid, context: Context) -> None:
 
     if start_round <= fed.rounds:
         strategy.start(
-            grid=grid,
+            grid=train_grid,
             initial_arrays=encode_state(model.state_dict()),
             num_rounds=fed.rounds - start_round + 1,
             timeout=fed.round_timeout,

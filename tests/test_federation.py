@@ -83,7 +83,13 @@ class Federation:
     def wait_submitted(self, log: str = "server.log") -> None:
         wait_for(lambda: "submitted" in self.log(log), 180, "the run to be submitted")
 
+    def approve(self, site: str) -> None:
+        """The hospital's reviewer approves the installed code once, before the site joins."""
+        subprocess.run([*cli("client.cli"), "approve", "--approvals", str(self.root / f"site-{site}" / "approvals.json"),
+                        "--reviewer", "test reviewer", "--yes"], check=True, env=ENV, capture_output=True)
+
     def client(self, site: str, *args: str, certs: Path | None = None, data: Path | None = None) -> subprocess.Popen:
+        self.approve(site)
         proc = spawn([*cli("client.cli"), "--server", f"127.0.0.1:{self.port}", "--site", site,
                       "--data", str(data or self.root / f"data-{site}"), "--certs", str(certs or self.certs / "sites" / site),
                       "--state", str(self.root / f"site-{site}"), *args], self.root / f"client-{site}.log")
