@@ -1201,8 +1201,9 @@ def simulation_scale_cmd(
     model: str = typer.Option("smallcnn", help="Model."),
     rounds: int = typer.Option(4, help="Federated rounds."),
     image_size: int = typer.Option(32, help="Input size in px (tiny keeps it to minutes on 2 cores)."),
-    per_class: int = typer.Option(600, help="Generated images per class (4 classes); every site needs >= 5 "
-                                  "validation images or its metrics are suppressed (min_metric_examples)."),
+    per_class: int = typer.Option(1250, help="Generated images per class (4 classes); every site needs >= 5 "
+                                  "validation images, else its metrics are suppressed and Flower refuses the "
+                                  "round (see PERFORMANCE.md)."),
     batch_size: int = typer.Option(16, help="Local batch size."),
     cpus_per_site: float = typer.Option(1.0, help="CPUs per simulated site (Ray)."),
     interval: float = typer.Option(0.5, help="Seconds between memory samples of the process tree."),
@@ -1291,7 +1292,7 @@ def all_cmd(
     }
     if simulation:
         defaults["simulation-scale"] = lambda: simulation_scale_cmd(
-            sites=50, model="smallcnn", rounds=4, image_size=32, per_class=600, batch_size=16,
+            sites=50, model="smallcnn", rounds=4, image_size=32, per_class=1250, batch_size=16,
             cpus_per_site=1.0, interval=0.5, work=None, out=out)
     for name, run in defaults.items():
         typer.echo(f"== {name}")

@@ -1,0 +1,80 @@
+"""What a site actually sends: model arrays and numeric aggregates only; never pixels, names or IDs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from leukfed.client.client_app import app
+from leukfed.client.records import encode_state
+from leukfed.common.fedconfig import FedConfig
+from leukfed.common.synthetic import make_synthetic_dataset
+from leukfed.models import create_model
+
+
+
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory) -> Path:
+    # Patient folders, so there are patient IDs and cell-type names that must not leave the site.
+    return make_synthetic_dataset(tmp_path_factory.mktemp("site") / "hospital", per_class=12, size=24,
+                                  layout="patient_folders", classes=("AML", "APL"), patients_per_class=3)
+
+
+def deliver(message_type: str, site_data: Path, tmp_path: Path, *, config: dict | None = None,
+            min_metric_examples: int = 1) -> tuple[Message, dict]:
+    """Run the real ClientApp on one message, as Flower's runtime does, and return its reply."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 11, 22, 1  # as Flower sets per task
+    fed = FedConfig(model="tinycnn", image_size=16, class_names="AML,APL", min_metric_examples=min_metric_examples)
+    model = create_model("tinycnn", 2, image_size=16)
+    content = RecordDict({"arrays": encode_state(model.state_dict()),
+                          "config": ConfigRecord({"server-round": 1, **(config or {})})})
+    context = Context(run_id=11, node_id=22, state=RecordDict(), run_config=fed.to_run_config(),
+                      node_config={"data-path": str(site_data), "site-name": "h1",
+                                   "audit-log": str(tmp_path / "audit.jsonl")})
+    reply = app(Message(content, dst_node_id=22, message_type=message_type), context)
+    assert not reply.has_error(), reply.error
+    return reply, {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def secrets_of(site_data: Path) -> set[str]:
+    """Every file name, folder name (patients, cell types) of the site's data."""
+    names = set()
+    for path in site_data.rglob("*"):
+        names.add(path.name)
+        names.add(path.stem)
+    return {n for n in names if len(n) > 3}
+
+
+def test_a_training_reply_holds_only_model_arrays_and_numbers(site_data: Path, tmp_path: Path) -> None:
+    reply, state = deliver("train", site_data, tmp_path)
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    arrays = reply.content["arrays"]
+    assert set(arrays.keys()) == set(state)  # exactly the model's tensors, nothing else
+    for key, array in arrays.items():
+        assert array.numpy().shape == state[key].shape
+    metrics = dict(reply.content["metrics"])
+    assert all(isinstance(v, (int, float)) and np.isfinite(v) for v in metrics.values())
+    serialized = json.dumps(metrics) + " ".join(arrays.keys())
+    for secret in secrets_of(site_data):
+        assert secret not in serialized, secret
+
+
+def test_the_audit_log_records_what_left_the_site(site_data: Path, tmp_path: Path) -> None:
+    deliver("train", site_data, tmp_path)
+    entry = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert entry["message"] == "train" and entry["run_id"] == 11
+    assert entry["bytes_out"] > 0 and len(entry["update_sha256"]) == 64
+    assert entry["metrics_sent"]["num-examples"] > 0
+
+
+def test_metrics_on_fewer_than_k_examples_are_suppressed(site_data: Path, tmp_path: Path) -> None:
+    reply, _ = deliver("evaluate", site_data, tmp_path, min_metric_examples=10_000)
+    metrics = dict(reply.content["metrics"])
+    assert "eval_accuracy" not in metrics and "eval_loss" not in metrics
+    assert set(metrics) <= {"num-examples", "client_seconds"}
+    reply, _ = deliver("evaluate", site_data, tmp_path, min_metric_examples=1)
+    assert "eval_accuracy" in dict(reply.content["metrics"])
