@@ -12,6 +12,7 @@ from pathlib import Path
 from cryptography import x509
 
 from leukfed.common.errors import LeukError
+from leukfed.server.flower_env import http_get
 
 # X509_V_ERR_* codes from OpenSSL's verify step
 _EXPIRED, _NOT_YET_VALID, _HOST_MISMATCH, _IP_MISMATCH = 10, 9, 62, 64
@@ -133,19 +134,10 @@ def _check_health(sock: socket.socket, host: str, port: int, where: str, *, plai
 
 def _check_is_flower(host: str, port: int, ctx: ssl.SSLContext | None, where: str, timeout: float) -> None:
     """A SuperLink's Fleet API answers GET on a POST-only route with 405: a generic web server does not."""
-    conn: http.client.HTTPConnection
-    if ctx is None:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    else:
-        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
     try:
-        conn.request("GET", "/v1/fleet/get-run")
-        resp = conn.getresponse()
-        resp.read()
-        ok = resp.status == 405 and "POST" in (resp.getheader("allow") or "")
+        status, _, allow = http_get(host, port, "/v1/fleet/get-run", ctx, timeout)
+        ok = status == 405 and "POST" in allow
     except (http.client.HTTPException, OSError):
         ok = False
-    finally:
-        conn.close()
     if not ok:
         raise LeukError(f"the server at {where} answers /health but is not a Flower SuperLink (wrong port?)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -253,3 +255,19 @@ def _stop_orphan(pid: int, program: str, timeout: float) -> None:
         time.sleep(0.2)
     _signal_group(pid, signal.SIGKILL)
     _reap_tree(tree)
+
+
+def http_get(host: str, port: int, path: str, ctx: ssl.SSLContext | None, timeout: float) -> tuple[int, str, str]:
+    """One GET; returns (status, Server header, Allow header)."""
+    conn: http.client.HTTPConnection
+    if ctx is None:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    else:
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, resp.getheader("server", ""), resp.getheader("allow", "")
+    finally:
+        conn.close()

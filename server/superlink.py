@@ -27,6 +27,7 @@ from leukfed.server.flower_env import (
     claim_pidfile,
     flower_env,
     flower_executable,
+    http_get,
     kill_process_group,
     log_tail,
     port_in_use,
@@ -150,7 +151,7 @@ class SuperLink:
     def healthy(self) -> bool:
         """True if GET /health on the SuperLink answers 200 (TLS verified against the CA)."""
         try:
-            return _get(self.local_host, self.port, "/health", self._ssl_context(), timeout=2.0)[0] == 200
+            return http_get(self.local_host, self.port, "/health", self._ssl_context(), timeout=2.0)[0] == 200
         except (OSError, http.client.HTTPException):
             return False
 
@@ -445,22 +446,6 @@ def _node_id_from_database(db: Path, pub: Path) -> int | None:
     except (sqlite3.Error, ValueError, OSError):
         return None
     return None if row is None else int(row[0]) % (1 << 64)
-
-
-def _get(host: str, port: int, path: str, ctx: ssl.SSLContext | None, timeout: float) -> tuple[int, str, str]:
-    """One GET; returns (status, Server header, Allow header)."""
-    conn: http.client.HTTPConnection
-    if ctx is None:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    else:
-        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status, resp.getheader("server", ""), resp.getheader("allow", "")
-    finally:
-        conn.close()
 
 
 def _last_attempt(text: str) -> list[str]:
