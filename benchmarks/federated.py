@@ -1,0 +1,90 @@
+"""Federated vs centralized vs local-only on the real datasets (`leuk simulate`); resumable, long format.
+
+Usage (from the repository root):
+    LEUK_DATA_ROOT=../shared/datasets python benchmarks/federated.py [--only NAME ...] [--list]
+Rows go to benchmarks/results/federated.jsonl; each comparison's folder (report.md, plots) to
+benchmarks/runs/<name>/; an interrupted comparison resumes with the methods it had finished.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from leukfed.common.machine import machine_info
+from leukfed.simulations.simulate import SimulateConfig, simulate
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "federated.jsonl"
+
+COMMON = dict(model="smallcnn", rounds=20, local_epochs=1, batch_size=64, lr=1e-3, augment="flip", seed=0)
+EXPERIMENTS = {
+    "taleqani-iid-4sites-smallcnn": dict(dataset="all_taleqani", sites=4, partition="iid",
+                                         strategies=("fedavg",), **COMMON),
+    "taleqani-dirichlet0.5-4sites-smallcnn": dict(dataset="all_taleqani", sites=4, partition="dirichlet:0.5",
+                                                  strategies=("fedavg", "fedprox", "fedadam"), **COMMON),
+    "aplaml-patient-4sites-dscnet64": dict(dataset="apl_aml", sites=4, partition="patient", strategies=("fedavg",),
+                                           model="dscnet", image_size=64, rounds=6, local_epochs=1, batch_size=64,
+                                           lr=2e-3, augment="paper002", seed=0),
+}
+
+
+def config_for(name: str, root: Path) -> SimulateConfig:
+    spec = dict(EXPERIMENTS[name])
+    dataset = spec.pop("dataset")
+    return SimulateConfig(out=str(HERE / "runs" / name), data=str(root / dataset), **spec)
+
+
+def summarize(results: dict) -> dict:
+    rows = {}
+    for method, data in results["methods"].items():
+        final = data["final"]
+        rows[method] = {"accuracy": final["accuracy"], "macro_f1": final["macro_f1"], "auc_ovr": final["auc_ovr"],
+                        "sample_passes": data["sample_passes"], "seconds": round(data["seconds"], 1)}
+        if final.get("patient_level"):
+            p = final["patient_level"]
+            rows[method]["patient_auc"] = p.get("auc")
+            rows[method]["patient_accuracy"] = p.get("accuracy")
+    return rows
+
+
+def done() -> set[str]:
+    if not RESULTS.exists():
+        return set()
+    return {json.loads(line)["experiment"] for line in RESULTS.read_text().splitlines() if line.strip()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", help="experiment names (default: all not yet done)")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(EXPERIMENTS))
+        return
+    root = os.environ.get("LEUK_DATA_ROOT")
+    if not root:
+        sys.exit("error: set LEUK_DATA_ROOT to the folder holding all_taleqani/ and apl_aml/")
+    finished = done()
+    for name in EXPERIMENTS:
+        if (args.only and name not in args.only) or name in finished:
+            continue
+        print(f"== {name}", flush=True)
+        start = time.time()
+        results = simulate(config_for(name, Path(root)), log=lambda line: print(line, flush=True))
+        row = {"experiment": name, "config": results["config"], "methods": summarize(results),
+               "wall_seconds": round(time.time() - start, 1), "report": f"benchmarks/runs/{name}/report.md",
+               "command": "python benchmarks/federated.py --only " + shlex.quote(name),
+               "machine": machine_info(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row["methods"], indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
