@@ -34,15 +34,21 @@ def checkpoint_path(state_dir: Path) -> Path:
 
 def resume_difference(state_dir: Path, fed: FedConfig) -> list[str]:
     """Settings that differ between the saved checkpoint and this run (empty: safe to resume)."""
-    ckpt = load_checkpoint(checkpoint_path(state_dir))
-    return config_difference(ckpt["settings"], fed.training_settings())
+    return _difference(load_checkpoint(checkpoint_path(state_dir)), fed)
+
+
+def _difference(ckpt: dict, fed: FedConfig) -> list[str]:
+    current = fed.training_settings()
+    if not fed.class_names:  # not given again: the run keeps the classes it fixed in round 1
+        current["class_names"] = ckpt["settings"].get("class_names", "")
+    return config_difference(ckpt["settings"], current)
 
 
 def load_resumed(state_dir: Path, fed: FedConfig) -> Resumed:
     ckpt = load_checkpoint(checkpoint_path(state_dir))
     if ckpt.get("kind") != FEDERATED_CHECKPOINT_KIND:
         raise LeukError(f"{checkpoint_path(state_dir)} is not a federated checkpoint")
-    differences = config_difference(ckpt["settings"], fed.training_settings())
+    differences = _difference(ckpt, fed)
     if differences:
         raise LeukError("cannot resume: the config differs from the checkpoint's: " + "; ".join(differences))
     return Resumed(ckpt["round"], ckpt["model"], ckpt.get("strategy_state", {}), ckpt["history"],
