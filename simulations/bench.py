@@ -280,6 +280,59 @@ def make_loader_takes_workers() -> bool:
     return "num_workers" in inspect.signature(make_loader).parameters
 
 
+def per_step_overheads(loader_fn, dataset, batch: int, num_classes: int, steps: int, normalize, images,
+                       reps: int = 200) -> dict[str, float]:
+    """Microseconds per step of the parts where our loop differs from the plain one (best of several
+    repeats, so the shared machine's noise mostly drops out): the bookkeeping `train_epoch` does after
+    each step (with host sync, and the on-device variant), and fetching one batch from our loader
+    vs slicing + normalising it directly."""
+    import torch
+
+    logits = torch.randn(batch, num_classes)
+    target = torch.randint(0, num_classes, (batch,))
+    loss = torch.nn.functional.cross_entropy(logits, target)
+
+    def best(fn, inner: int) -> float:
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) / inner)
+        return min(times) * 1e6
+
+    total = torch.zeros((), dtype=torch.float64)
+    state = {"correct": 0}
+
+    def synced() -> None:
+        nonlocal total
+        total += loss.detach().double().cpu() * len(target)
+        state["correct"] += int((logits.argmax(1) == target).sum())
+
+    dev_total = torch.zeros((), dtype=torch.float64)
+    dev_correct = torch.zeros((), dtype=torch.int64)
+
+    def on_device() -> None:
+        dev_total.add_(loss.detach().double() * len(target))
+        dev_correct.add_((logits.argmax(1) == target).sum())
+
+    loader = loader_fn(dataset, batch, shuffle=True, seed=0, drop_last=True)
+
+    def loader_epoch() -> None:
+        for _ in loader:
+            pass
+    perm = torch.randperm(len(images))
+
+    def sliced_epoch() -> None:
+        for s in range(steps):
+            idx = perm[s * batch:(s + 1) * batch]
+            (images[idx].float() - normalize.mean) / normalize.std
+    return {"bookkeeping_train_epoch_us": best(synced, reps),
+            "bookkeeping_on_device_us": best(on_device, reps),
+            "loader_batch_us": best(loader_epoch, 3) / steps,
+            "plain_slice_normalise_batch_us": best(sliced_epoch, 3) / steps}
+
+
 def train_step_flops(model, input_size: tuple[int, int, int], num_classes: int, batch: int = 2) -> float:
     """FLOPs of one training step (forward + backward) per image, counted by FlopCounterMode on CPU."""
     import torch
@@ -401,6 +454,13 @@ def _trainer_case(spec: ModelSpec, hardware, num_classes: int, repeats: int, war
     times = interleaved(cases, repeats, warmup)
     ips = {name: n / median(t) for name, t in times.items()}
     flops_per_image = train_step_flops(base, data_config.input_size, num_classes)
+    overheads = per_step_overheads(ours_loader, SmearDataset(images, labels.numpy(), data_config, train=False),
+                                   spec.batch, num_classes, steps, normalize, images)
+    step_us = median(times["reference"]) / steps * 1e6
+    overheads["reference_step_us"] = step_us
+    overheads["our_extra_per_step_fraction"] = (
+        overheads["bookkeeping_train_epoch_us"] + overheads["loader_batch_us"]
+        - overheads["plain_slice_normalise_batch_us"]) / step_us
     result = {
         "model": spec.name, "image_size": height, "batch": spec.batch, "steps": steps, "images_per_run": n,
         "params": sum(p.numel() for p in base.parameters()),
@@ -412,6 +472,7 @@ def _trainer_case(spec: ModelSpec, hardware, num_classes: int, repeats: int, war
         "ratio_nosync_to_reference": paired_ratio(times, "reference", "ours+nosync"),
         "ratio_per_item_dataloader_to_reference": paired_ratio(times, "reference", "train_epoch+per_item_DataLoader"),
         "train_flops_per_image": flops_per_image,
+        "per_step_overheads": overheads,
         "achieved_tflops": {k: v * flops_per_image / 1e12 for k, v in ips.items()},
     }
     return result
@@ -464,6 +525,12 @@ def trainer_cmd(
                + (f", datasheet {peak_table} TFLOP/s" if peak_table else ""))
     typer.echo(format_table(["model", "variant", "img/s (median)", "x ref (paired)", "GFLOP/s", "of matmul",
                              "of datasheet"], body))
+    typer.echo(format_table(
+        ["model", "step us", "bookkeeping us (sync)", "(on device)", "our batch us", "plain batch us", "extra/step"],
+        [[f"{c['model']}@{c['image_size']}px", c["per_step_overheads"]["reference_step_us"],
+          c["per_step_overheads"]["bookkeeping_train_epoch_us"], c["per_step_overheads"]["bookkeeping_on_device_us"],
+          c["per_step_overheads"]["loader_batch_us"], c["per_step_overheads"]["plain_slice_normalise_batch_us"],
+          c["per_step_overheads"]["our_extra_per_step_fraction"]] for c in cases]))
     path = save_result("trainer", params, result, rows, out)
     typer.echo(f"saved {path}")
     return result

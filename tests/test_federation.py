@@ -2,106 +2,39 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from leukfed.common.synthetic import make_synthetic_dataset
-from leukfed.server.flower_env import descendants, free_port
+from leukfed.server.flower_env import free_port
+from leukfed.simulations.loopback import ENV, LoopbackFederation, cli, read_history, spawn, stop, wait_for
 
 pytestmark = pytest.mark.slow
-ENV = {**os.environ, "LEUK_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
-PY = sys.executable
 
 
-def cli(module: str) -> list[str]:
-    return [PY, "-c", f"from leukfed.{module} import main; main()"]
-
-
-def spawn(args: list[str], log: Path) -> subprocess.Popen:
-    handle = log.open("w")
-    return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
-
-
-def kill(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait: float = 30) -> None:
-    """Signal a CLI and, with SIGKILL, everything it started (a crashed machine leaves nothing behind)."""
-    if proc.poll() is not None:
-        return
-    children = descendants(proc.pid) if sig == signal.SIGKILL else []
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=wait)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    for pid in children:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(1.0)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def history(state: Path) -> list[dict]:
-    try:
-        return json.loads((state / "history.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-
-
-class Federation:
-    """A coordinator and its hospitals in one temporary folder."""
+class Federation(LoopbackFederation):
+    """Small generated data per site (one synthetic hospital each), tiny model, small batches."""
 
     def __init__(self, root: Path, sites: list[str]) -> None:
-        self.root, self.port, self.procs = root, free_port(), []
-        self.certs = root / "certs"
-        subprocess.run([*cli("cli"), "certs", "init", "--out", str(self.certs), "--server-name", "localhost",
-                        "--sites", ",".join(sites)], check=True, env=ENV, capture_output=True)
+        super().__init__(root, sites)
         for i, site in enumerate(sites):
             make_synthetic_dataset(root / f"data-{site}", per_class=10, size=28, seed=20 + i)
 
     def server(self, *args: str, log: str = "server.log") -> subprocess.Popen:
-        proc = spawn([*cli("server.cli"), "--certs", str(self.certs), "--model", "tinycnn", "--image-size", "16",
-                      "--state", str(self.root / "state"), "--host", "127.0.0.1", "--port", str(self.port),
-                      "--batch-size", "16", *args], self.root / log)
-        self.procs.append(proc)
-        return proc
-
-    def wait_submitted(self, log: str = "server.log") -> None:
-        wait_for(lambda: "submitted" in self.log(log), 180, "the run to be submitted")
-
-    def approve(self, site: str) -> None:
-        """The hospital's reviewer approves the installed code once, before the site joins."""
-        subprocess.run([*cli("client.cli"), "approve", "--approvals", str(self.root / f"site-{site}" / "approvals.json"),
-                        "--reviewer", "test reviewer", "--yes"], check=True, env=ENV, capture_output=True)
+        return super().server("--batch-size", "16", *args, log=log)
 
     def client(self, site: str, *args: str, certs: Path | None = None, data: Path | None = None) -> subprocess.Popen:
-        self.approve(site)
-        proc = spawn([*cli("client.cli"), "--server", f"127.0.0.1:{self.port}", "--site", site,
-                      "--data", str(data or self.root / f"data-{site}"), "--certs", str(certs or self.certs / "sites" / site),
-                      "--state", str(self.root / f"site-{site}"), *args], self.root / f"client-{site}.log")
-        self.procs.append(proc)
-        return proc
+        return super().client(site, data or self.root / f"data-{site}", *args, certs=certs)
 
-    def log(self, name: str) -> str:
-        return (self.root / name).read_text()
 
-    def close(self) -> None:
-        for proc in reversed(self.procs):
-            kill(proc)
+def history(state: Path) -> list[dict]:
+    return read_history(state)
+
+
+kill = stop
 
 
 @pytest.fixture
