@@ -1,11 +1,12 @@
 """The accuracy cost of DP-SGD on all_taleqani at epsilon about 1, 3 and 8, against no DP; resumable.
 
 Usage (from the repository root):
-    LEUK_DATA_ROOT=../shared/datasets python benchmarks/privacy.py [--only NAME ...] [--list]
+    LEUK_DATA_ROOT=../shared/datasets python benchmarks/privacy.py [--recipe NAME] [--only LABEL ...] [--list]
 One long-format row per experiment goes to benchmarks/results/privacy.jsonl; experiments already
-there are skipped. Every run trains the same model for the same epochs from the same seed on the
-same duplicate-aware split (seed 0) and is scored on its test part after the last epoch (no
-epoch selection, so DP and non-DP runs are treated alike).
+there are skipped. Within a recipe every run trains the same model for the same epochs from the
+same seed on the same duplicate-aware split (seed 0), the DP runs with the noise that spends the
+target epsilon (delta 1e-5) over all epochs, and each is scored on the test part after its last
+epoch (no epoch selection, so DP and non-DP runs are treated alike).
 """
 from __future__ import annotations
 
@@ -49,8 +50,18 @@ class Recipe:
     seed: int = 0
 
 
-def experiment_name(recipe: Recipe, label: str) -> str:
-    return f"taleqani-{recipe.model}-{recipe.image_size}px-{recipe.epochs}ep-{label}"
+RECIPES = {
+    # Paper 003's recipe (Adam, batch 64): Adam turns noise-dominated gradients into full-size steps.
+    "smallcnn-50px-adam-b64-10ep": Recipe(),
+    # A DP-SGD recipe: 20k parameters (less noise in all), large Poisson batches, SGD with momentum.
+    "tinycnn-64px-sgd-b256-20ep": Recipe(model="tinycnn", image_size=64, epochs=20, batch_size=256, lr=0.5,
+                                         optimizer="sgd"),
+}
+DEFAULT_RECIPE = "tinycnn-64px-sgd-b256-20ep"
+
+
+def experiment_name(recipe_name: str, label: str) -> str:
+    return f"taleqani-{recipe_name}-{label}"
 
 
 def load_data(recipe: Recipe, data_root: Path):
@@ -105,34 +116,35 @@ def done_experiments() -> set[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE, help="shared training recipe")
     parser.add_argument("--only", nargs="*", choices=list(TARGETS), help="runs to do (default: all not yet done)")
-    parser.add_argument("--epochs", type=int, default=Recipe.epochs, help="epochs of every run")
     parser.add_argument("--list", action="store_true", help="list experiments and exit")
     args = parser.parse_args()
-    recipe = Recipe(epochs=args.epochs)
+    recipe = RECIPES[args.recipe]
     if args.list:
-        print("\n".join(experiment_name(recipe, label) for label in TARGETS))
+        print("\n".join(experiment_name(name, label) for name in RECIPES for label in TARGETS))
         return
     root = os.environ.get("LEUK_DATA_ROOT")
     if not root:
         sys.exit("error: set LEUK_DATA_ROOT to the folder holding all_taleqani/")
     todo = [label for label in TARGETS if (not args.only or label in args.only)
-            and experiment_name(recipe, label) not in done_experiments()]
+            and experiment_name(args.recipe, label) not in done_experiments()]
     if not todo:
         print("all experiments are already in", RESULTS)
         return
     class_names, sets = load_data(recipe, Path(root))
     for label in todo:
-        name = experiment_name(recipe, label)
+        name = experiment_name(args.recipe, label)
         print(f"== {name}", flush=True)
         started, load_before = time.time(), os.getloadavg()[0]
-        row = {"experiment": name, "dp": TARGETS[label] is not None, "recipe": asdict(recipe),
+        row = {"experiment": name, "dp": TARGETS[label] is not None, "recipe_name": args.recipe,
+               "recipe": asdict(recipe),
                "split": {"group_by": "auto (duplicate-aware)", "seed": 0},
                **train_once(recipe, class_names, sets, TARGETS[label]),
                "wall_seconds": round(time.time() - started, 1),
                # Other jobs may share the CPU: the 1-minute load average puts wall times in context.
                "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-               "command": f"python benchmarks/privacy.py --epochs {recipe.epochs} --only {shlex.quote(label)}",
+               "command": f"python benchmarks/privacy.py --recipe {args.recipe} --only {shlex.quote(label)}",
                "machine": machine_info(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as f:

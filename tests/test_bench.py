@@ -199,7 +199,7 @@ def test_nosync_prototype_matches_train_epoch() -> None:
 @pytest.mark.skipif(not __import__("os").environ.get("LEUK_BENCH_SIM"),
                     reason="a real Flower simulation (minutes on 2 cores); set LEUK_BENCH_SIM=1")
 def test_simulation_scale_small(tmp_path: Path) -> None:
-    invoke("simulation-scale", "--sites", "3", "--rounds", "2", "--image-size", "16", "--per-class", "12",
+    invoke("simulation-scale", "--sites", "3", "--rounds", "2", "--image-size", "16", "--per-class", "100",
            "--out", str(tmp_path))
     data = saved(tmp_path, "simulation-scale")
     assert len(data["rounds"]) == 2 and positive(data["peak_rss_mb"]) and data["max_processes"] > 1

@@ -134,7 +134,8 @@ def test_a_site_with_other_classes_is_refused_with_both_lists(federation_factory
     fed = federation_factory(["a", "b", "odd"])
     odd = fed.root / "data-odd-3classes"
     make_synthetic_dataset(odd, classes=("Benign", "Early", "Pre"), per_class=10, size=28, seed=5)
-    server = fed.server("--rounds", "1", "--min-sites", "2", "--round-timeout", "60",
+    # min-sites 3: the round waits for all three, so the odd site is asked to train and refuses
+    server = fed.server("--rounds", "1", "--min-sites", "3", "--round-timeout", "60",
                         "--classes", "Benign,Early,Pre,Pro")
     fed.wait_submitted()
     for site in "ab":
