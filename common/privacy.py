@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import fcntl
 import functools
 import json
 import math
@@ -24,6 +23,11 @@ from leukfed.common.atomic import atomic_write_json
 from leukfed.common.dataset import BatchLoader
 from leukfed.common.errors import LeukError
 from leukfed.common.train import Batches, EpochStats, Hardware, LossFn, train_epoch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one training per site at a time is assumed there
+    fcntl = None
 
 if TYPE_CHECKING:
     from opacus import GradSampleModule
@@ -63,6 +67,13 @@ class DPSettings:
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise LeukError("; ".join(problems))
+
+
+def _require_opacus() -> None:
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        raise LeukError("differential privacy needs Opacus: pip install 'leukfed[dp]'") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +133,7 @@ def _is_timm_batchnorm_act(module: nn.Module) -> bool:
 
 def dp_problems(model: nn.Module) -> list[str]:
     """Why Opacus cannot train `model` privately (empty when it can)."""
+    _require_opacus()
     from opacus.grad_sample import GradSampleModule
     from opacus.validators import ModuleValidator
 
@@ -143,10 +155,11 @@ def epsilon_of(history: Sequence[Mechanism], delta: float) -> float:
     The same bound as Opacus' RDPAccountant (same orders); RDP composes additively and is linear
     in the number of steps, so one per-step curve per (noise, sample rate) serves every round.
     """
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-
     if not history:
         return 0.0
+    _require_opacus()
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
     rdp = sum(int(steps) * _rdp_per_step(float(noise), float(rate)) for noise, rate, steps in history)
     with warnings.catch_warnings():
         # RDP warns when the best order is at the edge of its grid; the bound stays valid.
@@ -157,6 +170,7 @@ def epsilon_of(history: Sequence[Mechanism], delta: float) -> float:
 
 @functools.lru_cache(maxsize=64)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    _require_opacus()
     from opacus.accountants.analysis.rdp import compute_rdp
 
     return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS))
@@ -164,6 +178,7 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The noise multiplier that spends `target_epsilon` at `delta` in `steps` Poisson steps (RDP)."""
+    _require_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():
@@ -241,6 +256,9 @@ class PrivacyLedger:
         """Exclusive across processes: check, train and record as one step, so that two
         concurrent trainings on the same data cannot both pass the budget check."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            yield self
+            return
         with open(self.path.with_name(self.path.name + ".lock"), "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
@@ -288,6 +306,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Bat
     mean (no class weights): the optimizer scales by the expected batch size, which is only right
     for an unweighted mean.
     """
+    _require_opacus()
     from opacus import GradSampleModule
     from opacus.accountants import RDPAccountant
     from opacus.optimizers import DPOptimizer

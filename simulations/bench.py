@@ -490,7 +490,7 @@ def trainer_cmd(
     seed: int = typer.Option(0, help="Seed of the random in-memory images."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Folder for the JSON result and perf.jsonl."),
 ) -> dict:
-    """Images/s of our train_epoch (DataLoader over an in-memory SmearDataset) vs a plain PyTorch loop."""
+    """Images/s of our train_epoch + make_loader over an in-memory SmearDataset vs a plain PyTorch loop."""
     from leukfed.common.train import select_hardware
 
     set_threads(threads)
@@ -647,8 +647,8 @@ def pipeline_cmd(
         for spec in (ModelSpec.parse(m) for m in parse_csv_list(models)):
             data_config = resolve_data_config(spec.name, spec.image_size or None)
             label = f"{spec.name}@{data_config.input_size[1]}px/b{spec.batch}"
-            decode_cases = {f"decode threads={t}": (lambda t=t: _timed(lambda: decode_images(root, samples, data_config, workers=t)))
-                            for t in thread_counts}
+            decode_cases = {f"decode threads={t}": (lambda t=t, dc=data_config: _timed(
+                lambda: decode_images(root, samples, dc, workers=t))) for t in thread_counts}
             decoded, _ = decode_images(root, samples, data_config)
             loaders, augment_cases = [], {}
             for aug in parse_csv_list(augment):

@@ -134,6 +134,8 @@ def test_bad_inputs_get_one_line_errors(smear_data: Path, trained_run: Path, tmp
     no_images = tmp_path / "classless"
     shutil.copytree(smear_data, no_images)
     shutil.rmtree(no_images / "Pro")
+    three_classes = tmp_path / "three"
+    shutil.copytree(no_images, three_classes)
     (no_images / "Pro").mkdir()
     cases = [
         (["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")], "not found"),
@@ -144,7 +146,7 @@ def test_bad_inputs_get_one_line_errors(smear_data: Path, trained_run: Path, tmp
           "--image-size", "32"], "inception_v3"),
         (["train", "--data", str(smear_data), "--out", str(tmp_path / "x"), "--model", "resnet18", "--image-size", "32",
           "--weights", str(trained_run / "model.safetensors")], "fit"),
-        (["evaluate", "--model", str(trained_run), "--data", str(no_images)], "classes differ"),
+        (["evaluate", "--model", str(trained_run), "--data", str(three_classes)], "classes differ"),
         (["predict", "--model", str(tmp_path / "no-run"), str(smear_data)], "not found"),
     ]
     for args, needle in cases:

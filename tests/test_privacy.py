@@ -12,9 +12,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from leukfed.common.dataset import BatchLoader, SmearDataset, make_loader
 from leukfed.common.errors import LeukError
-from leukfed.common.privacy import (BudgetSpent, DPSettings, PoissonBatches, PrivacyLedger, dp_compatible,
-                                    dp_problems, epsilon_of, make_private, noise_for_epsilon, noise_problem,
-                                    private_train, round_privacy)
+from leukfed.common.privacy import (BudgetSpent, DPSettings, PoissonBatches, PrivacyLedger, PrivateResult,
+                                    dp_compatible, dp_problems, epsilon_of, make_private, noise_for_epsilon,
+                                    noise_problem, private_train, round_privacy)
 from leukfed.common.train import make_loss, make_optimizer, seed_everything, select_hardware
 from leukfed.models import create_model
 
@@ -37,7 +37,7 @@ def tiny_model() -> nn.Module:
 
 
 def train(model: nn.Module, settings: DPSettings, ledger: PrivacyLedger | None = None, *,
-          loader: BatchLoader | None = None, **kwargs):
+          loader: BatchLoader | None = None, **kwargs) -> PrivateResult:
     return private_train(model, make_optimizer(model, "adam", 1e-2), loader or tiny_loader(), make_loss("ce", 4),
                          select_hardware("cpu"), settings, ledger=ledger, **kwargs)
 
