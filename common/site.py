@@ -1,8 +1,11 @@
 """What one hospital does in a federated round: load its data, train locally, evaluate. No Flower."""
 from __future__ import annotations
 
+import functools
 import json
+import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +32,27 @@ class SiteData:
     val: SmearDataset
     load_seconds: float
 
+    @property
+    def nbytes(self) -> int:
+        return self.train.images.nbytes + self.val.images.nbytes
 
-_CACHE: dict[tuple, SiteData] = {}
+
+# A simulation actor serves many virtual sites in turn: keep several sites' decoded images (bounded by
+# bytes) and one manifest per dataset, so a round does not re-hash and re-decode the data.
+_CACHE: "OrderedDict[tuple, SiteData]" = OrderedDict()
+_CACHE_BYTES = int(os.environ.get("LEUK_SITE_CACHE_MB", "2048")) * 2**20
+
+
+@functools.lru_cache(maxsize=4)
+def _manifest(root: str) -> Manifest:
+    return scan_dataset(root)
+
+
+def _remember(key: tuple, data: SiteData) -> None:
+    _CACHE[key] = data
+    _CACHE.move_to_end(key)
+    while len(_CACHE) > 1 and sum(d.nbytes for d in _CACHE.values()) > _CACHE_BYTES:
+        _CACHE.popitem(last=False)
 
 
 def _site_paths(fed: FedConfig, site: SiteConfig) -> tuple[Manifest, list[str], list[str]]:
@@ -40,7 +62,7 @@ def _site_paths(fed: FedConfig, site: SiteConfig) -> tuple[Manifest, list[str], 
         if not 0 <= site.partition_id < len(partition["sites"]):
             raise LeukError(f"partition id {site.partition_id} is outside the {len(partition['sites'])} sites")
         share = partition["sites"][site.partition_id]
-        return scan_dataset(partition["data"]), share["train"], share["val"]
+        return _manifest(partition["data"]), share["train"], share["val"]
     if not site.data_path:
         raise LeukError(f"site {site.name} has no data-path in its node config")
     manifest = scan_dataset(site.data_path)
@@ -51,7 +73,7 @@ def _site_paths(fed: FedConfig, site: SiteConfig) -> tuple[Manifest, list[str], 
 def site_class_names(fed: FedConfig, site: SiteConfig) -> tuple[str, ...]:
     """The class list of the site's data, without decoding any image."""
     if fed.partition_file:
-        return fed.classes or scan_dataset(json.loads(Path(fed.partition_file).read_text())["data"]).class_names
+        return fed.classes or _manifest(json.loads(Path(fed.partition_file).read_text())["data"]).class_names
     if not site.data_path:
         raise LeukError(f"site {site.name} has no data-path in its node config")
     return scan_dataset(site.data_path).class_names
@@ -80,8 +102,8 @@ def load_site_data(fed: FedConfig, site: SiteConfig) -> SiteData:
         data_config = resolve_data_config(fed.model, fed.image_size or None)
         train = build_dataset(manifest, train_paths, data_config, train=True, augment=fed.augment)
         val = build_dataset(manifest, val_paths, data_config, train=False)
-        _CACHE.clear()  # one site per process: keep memory flat
-        _CACHE[key] = SiteData(tuple(classes), train, val, time.perf_counter() - start)
+        _remember(key, SiteData(tuple(classes), train, val, time.perf_counter() - start))
+    _CACHE.move_to_end(key)
     return _CACHE[key]
 
 

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi,
                                      Krum)
 
-from leukfed.client.records import widen
+from leukfed.client.records import decode_arrays
 from leukfed.common.fedconfig import FedConfig
 
 
@@ -37,9 +37,8 @@ class RoundLog:
     aggregated_evaluate: dict = field(default_factory=dict)
 
 
-def reply_problem(content_arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> str | None:
+def reply_problem(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> str | None:
     """Why an update must not reach the global model (wrong keys, shapes, dtypes, NaN/Inf), or None."""
-    arrays = {k: v.numpy() for k, v in widen(content_arrays).items()}
     if set(arrays) != set(reference):
         missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
         return f"keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
@@ -53,13 +52,26 @@ def reply_problem(content_arrays: ArrayRecord, reference: dict[str, np.ndarray])
     return None
 
 
-def update_norm(content_arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> float:
+def update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """L2 norm of (update - global) over the float arrays."""
     total = 0.0
-    for key, value in widen(content_arrays).items():
-        v = value.numpy()
-        if v.dtype.kind == "f":
-            total += float(np.sum((v.astype(np.float64) - reference[key]) ** 2))
+    for key, value in arrays.items():
+        if value.dtype.kind == "f":
+            delta = value.ravel() - reference[key].ravel()
+            total += float(np.dot(delta, delta))
     return math.sqrt(total)
+
+
+def keep_common_metrics(messages: list[Message]) -> None:
+    """Flower aggregates only metric records with identical keys; a site whose small-sample metrics were
+    suppressed sends fewer keys, so every reply keeps just the keys all replies share."""
+    records = [(m, key, rec) for m in messages for key, rec in m.content.metric_records.items()]
+    if not records:
+        return
+    common = set.intersection(*(set(rec.keys()) for _, _, rec in records))
+    for message, key, rec in records:
+        if set(rec.keys()) != common:
+            message.content[key] = MetricRecord({k: rec[k] for k in rec.keys() if k in common})
 
 
 class ReplyGuard:
@@ -88,9 +100,10 @@ class ReplyGuard:
             if msg.has_error():
                 self.log.failures.append({"node": node, "phase": "train", "reason": msg.error.reason})
                 continue
-            arrays = msg.content.array_records.get("arrays")
-            self.log.bytes_received += arrays.count_bytes() if arrays is not None else 0
-            problem = "no arrays in reply" if arrays is None else reply_problem(arrays, self.reference)
+            record = msg.content.array_records.get("arrays")
+            self.log.bytes_received += record.count_bytes() if record is not None else 0
+            arrays = decode_arrays(record) if record is not None else {}  # decoded once, half precision widened
+            problem = "no arrays in reply" if record is None else reply_problem(arrays, self.reference)
             metrics = dict(next(iter(msg.content.metric_records.values()), {}))
             if problem is None:
                 metrics["update_norm"] = update_norm(arrays, self.reference)
@@ -98,9 +111,11 @@ class ReplyGuard:
             if problem:
                 self.log.rejected.append({"node": node, "reason": problem})
                 continue
-            msg.content["arrays"] = widen(arrays)
+            if set(arrays) != set(record.keys()) or any(record[k].dtype == "float16" for k in record.keys()):
+                msg.content["arrays"] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
             accepted.append(msg)
         accepted = self._reject_norm_outliers(accepted)
+        keep_common_metrics(accepted)
         start = time.perf_counter()
         arrays, metrics = super().aggregate_train(server_round, accepted) if accepted else (None, None)
         if arrays is not None:
@@ -151,6 +166,7 @@ class ReplyGuard:
                 continue
             self.log.evaluate[node] = dict(next(iter(msg.content.metric_records.values()), {}))
             valid.append(msg)
+        keep_common_metrics(valid)
         metrics = super().aggregate_evaluate(server_round, valid) if valid else None
         self.log.evaluate_phase_seconds = time.perf_counter() - self.log.evaluate_phase_started
         self.log.aggregated_evaluate = dict(metrics) if metrics else {}

@@ -69,8 +69,10 @@ def run_simulation(fed: FedConfig, resources: SimulationResources, work_dir: Pat
     work_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = work_dir / "flwr-home"
     http_port, control_port = free_port(), free_port()
+    threads = str(max(1, round(resources.cpus_per_site)))  # one site's share: no thread oversubscription
     env = flower_env(flwr_home, {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-                                 "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)})
+                                 "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+                                 "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
     _write_config(flwr_home, resources)
     app_dir = write_app_dir(work_dir / "app")
     run_config = write_run_config(work_dir / "run_config.toml", fed)
