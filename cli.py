@@ -206,6 +206,7 @@ def simulate_cmd(
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also train centralized and local-only."),
     cpus_per_site: float = typer.Option(1.0, "--cpus-per-site", help="CPU share of each virtual site."),
     gpus_per_site: float = typer.Option(0.0, "--gpus-per-site", help="GPU share of each virtual site."),
+    faulty: str = typer.Option("", "--faulty", help="Misbehaving sites for robustness studies, e.g. 0:signflip,2:nan (kinds: nan, signflip[:SCALE], noise[:SIGMA], labelflip)."),
     out: Path = typer.Option(Path("leuk-simulation"), "--out", help="Output folder (re-running resumes finished methods)."),
 ) -> None:
     """Virtual hospitals on this machine: federated vs centralized vs local-only, with a report."""
@@ -217,7 +218,8 @@ def simulate_cmd(
                          model=model, strategies=tuple(parse_csv_list(strategy)), rounds=rounds,
                          local_epochs=local_epochs, image_size=image_size, batch_size=batch_size, lr=lr,
                          augment=augment, pretrained=pretrained, seed=seed, split=str(split) if split else "",
-                         baselines=baselines, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
+                         baselines=baselines, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site,
+                         faults=faulty)
     results = simulate(cfg, log=lambda line: typer.echo(line, err=True))
     typer.echo(method_table(results))
     typer.echo(f"report: {out / 'report.md'}")

@@ -30,11 +30,31 @@ from leukfed.models import create_model
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "privacy.jsonl"
-TARGETS = {"nodp": None, "eps8": 8.0, "eps3": 3.0, "eps1": 1.0}
-# Extra no-DP arms: the same model and epochs with another optimizer, so the baseline is not a
-# straw man when the DP recipe's optimizer suits DP better than it suits plain training.
-BASELINES = {"nodp-adam": {"optimizer": "adam", "lr": 1e-3}}
-LABELS = [*TARGETS, *BASELINES]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One run of a recipe: no DP, DP-SGD at a target epsilon, or clipping with ~no noise."""
+
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None   # a fixed noise instead of a target (clip-only)
+    overrides: tuple[tuple[str, object], ...] = ()  # recipe fields this arm changes
+
+    @property
+    def private(self) -> bool:
+        return self.target_epsilon is not None or self.noise_multiplier is not None
+
+
+ARMS = {
+    "nodp": Arm(),
+    # The same model and epochs with Adam: the DP recipe's SGD rate may not suit plain training.
+    "nodp-adam": Arm(overrides=(("optimizer", "adam"), ("lr", 1e-3))),
+    # DP-SGD's clipping without its noise: separates the cost of the noise from that of clipping.
+    "clip-only": Arm(noise_multiplier=1e-6),
+    "eps8": Arm(8.0),
+    "eps3": Arm(3.0),
+    "eps1": Arm(1.0),
+}
 
 
 @dataclass(frozen=True)
@@ -81,31 +101,33 @@ def load_data(recipe: Recipe, data_root: Path):
     return manifest.class_names, sets
 
 
-def train_once(recipe: Recipe, class_names, sets, target_epsilon: float | None) -> dict:
-    """One run: no DP, or DP-SGD with the noise that spends `target_epsilon` over all epochs."""
+def train_once(recipe: Recipe, class_names, sets, arm: Arm) -> dict:
+    """One run: no DP, or DP-SGD with the noise that spends the arm's epsilon over all epochs."""
     seed_everything(recipe.seed)
     hardware = select_hardware("cpu")
     model = create_model(recipe.model, len(class_names), image_size=recipe.image_size)
     # The no-DP baseline uses the DP architecture too, so only the noise and clipping differ.
     model = prepare_model(dp_compatible(model), hardware)
     loss_fn = make_loss("ce", len(class_names))
-    lr = recipe.dp_lr if target_epsilon is not None and recipe.dp_lr else recipe.lr
+    lr = recipe.dp_lr if arm.private and recipe.dp_lr else recipe.lr
     optimizer = make_optimizer(model, recipe.optimizer, lr)
     loader = make_loader(sets["train"], recipe.batch_size, shuffle=True, seed=recipe.seed)
     privacy: dict = {}
     start = time.perf_counter()
-    if target_epsilon is None:
+    if not arm.private:
         for _ in range(recipe.epochs):
             train_epoch(model, loader, optimizer, loss_fn, hardware)
     else:
         # As make_private samples: rate batch/N, len(loader) Poisson batches a pass.
         sample_rate = recipe.batch_size / len(sets["train"])
         steps = recipe.epochs * len(loader)
-        noise = noise_for_epsilon(target_epsilon, recipe.delta, sample_rate, steps)
+        noise = arm.noise_multiplier or noise_for_epsilon(arm.target_epsilon, recipe.delta, sample_rate, steps)
         settings = DPSettings(noise, recipe.max_grad_norm, recipe.delta)
         result = private_train(model, optimizer, loader, loss_fn, hardware, settings, epochs=recipe.epochs)
         model.load_state_dict(result.state)
-        privacy = {"target_epsilon": target_epsilon, **result.metrics()}
+        privacy = {"target_epsilon": arm.target_epsilon, **result.metrics()}
+        if arm.target_epsilon is None:  # clip-only: ~1e13, no meaningful guarantee
+            privacy["dp_epsilon"] = privacy["dp_round_epsilon"] = None
     train_seconds = time.perf_counter() - start
     scores = {part: evaluate(model, make_loader(sets[part], 256, shuffle=False), hardware, class_names)
               for part in ("val", "test")}
@@ -126,17 +148,17 @@ def done_experiments() -> set[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE, help="shared training recipe")
-    parser.add_argument("--only", nargs="*", choices=LABELS, help="runs to do (default: all not yet done)")
+    parser.add_argument("--only", nargs="*", choices=list(ARMS), help="runs to do (default: all not yet done)")
     parser.add_argument("--list", action="store_true", help="list experiments and exit")
     args = parser.parse_args()
     recipe = RECIPES[args.recipe]
     if args.list:
-        print("\n".join(experiment_name(name, label) for name in RECIPES for label in LABELS))
+        print("\n".join(experiment_name(name, label) for name in RECIPES for label in ARMS))
         return
     root = os.environ.get("LEUK_DATA_ROOT")
     if not root:
         sys.exit("error: set LEUK_DATA_ROOT to the folder holding all_taleqani/")
-    todo = [label for label in LABELS if (not args.only or label in args.only)
+    todo = [label for label in ARMS if (not args.only or label in args.only)
             and experiment_name(args.recipe, label) not in done_experiments()]
     if not todo:
         print("all experiments are already in", RESULTS)
@@ -146,11 +168,11 @@ def main() -> None:
         name = experiment_name(args.recipe, label)
         print(f"== {name}", flush=True)
         started, load_before = time.time(), os.getloadavg()[0]
-        arm = replace(recipe, **BASELINES.get(label, {}))
-        target = TARGETS.get(label)
-        row = {"experiment": name, "dp": target is not None, "recipe_name": args.recipe, "recipe": asdict(arm),
+        arm = ARMS[label]
+        arm_recipe = replace(recipe, **dict(arm.overrides))
+        row = {"experiment": name, "dp": arm.private, "recipe_name": args.recipe, "recipe": asdict(arm_recipe),
                "split": {"group_by": "auto (duplicate-aware)", "seed": 0},
-               **train_once(arm, class_names, sets, target),
+               **train_once(arm_recipe, class_names, sets, arm),
                "wall_seconds": round(time.time() - started, 1),
                # Other jobs may share the CPU: the 1-minute load average puts wall times in context.
                "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],

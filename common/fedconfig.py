@@ -100,7 +100,6 @@ class SiteConfig:
     device: str = "auto"
     partition_id: int = -1             # simulation: which virtual site this node is
     num_partitions: int = 0
-    faults: str = ""                   # simulation: e.g. "nan", "signflip", "noise:3", "labelflip"
     extra: dict = field(default_factory=dict)
 
     @classmethod

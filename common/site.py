@@ -15,6 +15,7 @@ from torch import nn
 from leukfed.common.data import Manifest, scan_dataset
 from leukfed.common.dataset import SmearDataset, build_dataset, make_loader
 from leukfed.common.errors import LeukError
+from leukfed.common.faults import corrupt_update, flip_labels
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.splits import make_split
 from leukfed.common.train import (evaluate, make_loss, make_optimizer, prepare_model, proximal_term,
@@ -31,6 +32,7 @@ class SiteData:
     train: SmearDataset
     val: SmearDataset
     load_seconds: float
+    fault: str = ""  # simulation only: how this virtual site misbehaves
 
     @property
     def nbytes(self) -> int:
@@ -53,6 +55,12 @@ def _remember(key: tuple, data: SiteData) -> None:
     _CACHE.move_to_end(key)
     while len(_CACHE) > 1 and sum(d.nbytes for d in _CACHE.values()) > _CACHE_BYTES:
         _CACHE.popitem(last=False)
+
+
+def _site_fault(fed: FedConfig, site: SiteConfig) -> str:
+    if not fed.partition_file:
+        return ""
+    return json.loads(Path(fed.partition_file).read_text())["sites"][site.partition_id].get("fault", "")
 
 
 def _site_paths(fed: FedConfig, site: SiteConfig) -> tuple[Manifest, list[str], list[str]]:
@@ -102,7 +110,9 @@ def load_site_data(fed: FedConfig, site: SiteConfig) -> SiteData:
         data_config = resolve_data_config(fed.model, fed.image_size or None)
         train = build_dataset(manifest, train_paths, data_config, train=True, augment=fed.augment)
         val = build_dataset(manifest, val_paths, data_config, train=False)
-        _remember(key, SiteData(tuple(classes), train, val, time.perf_counter() - start))
+        fault = _site_fault(fed, site)
+        train.labels = flip_labels(fault, train.labels, len(classes))
+        _remember(key, SiteData(tuple(classes), train, val, time.perf_counter() - start, fault))
     _CACHE.move_to_end(key)
     return _CACHE[key]
 
@@ -152,6 +162,8 @@ def local_train(fed: FedConfig, site: SiteConfig, data: SiteData, state: State, 
         "examples_processed": float(seen),
     }
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if data.fault:
+        new_state = corrupt_update(data.fault, state, new_state, seed=fed.seed + server_round)
     return LocalResult(new_state, len(data.train), metrics)
 
 

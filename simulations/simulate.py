@@ -14,6 +14,7 @@ from leukfed.common.atomic import atomic_write_json
 from leukfed.common.data import Manifest, scan_dataset
 from leukfed.common.dataset import build_dataset, make_loader
 from leukfed.common.errors import LeukError
+from leukfed.common.faults import parse_faults
 from leukfed.common.fedconfig import STRATEGIES, FedConfig
 from leukfed.common.partition import partition_samples
 from leukfed.common.splits import Split, load_split, make_split, save_split
@@ -47,6 +48,7 @@ class SimulateConfig:
     cpus_per_site: float = 1.0
     gpus_per_site: float = 0.0
     synthetic_per_class: int = 60
+    faults: str = ""                    # e.g. "0:signflip,2:nan": misbehaving virtual sites
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
@@ -79,6 +81,7 @@ def prepare_data(cfg: SimulateConfig, out: Path, log: Log) -> Prepared:
     save_split(split, out / "split.json")
     pooled = list(split.train) + list(split.val) + list(split.test)
     parts = partition_samples(manifest, pooled, cfg.sites, cfg.partition, cfg.seed)
+    faults = parse_faults(cfg.faults, cfg.sites)
     sides = {"train": set(split.train), "val": set(split.val), "test": set(split.test)}
     sites = [{side: [p for p in part if p in members] for side, members in sides.items()} for part in parts]
     for i, site in enumerate(sites):
@@ -87,7 +90,7 @@ def prepare_data(cfg: SimulateConfig, out: Path, log: Log) -> Prepared:
     atomic_write_json(out / "partition.json", {
         "data": str(root.resolve()), "spec": cfg.partition, "seed": cfg.seed,
         "class_names": list(manifest.class_names), "manifest_digest": manifest.digest(),
-        "sites": [{"name": f"site-{i}", **s} for i, s in enumerate(sites)]})
+        "sites": [{"name": f"site-{i}", "fault": faults.get(i, ""), **s} for i, s in enumerate(sites)]})
     _plot_partition(out, manifest, sites)
     return Prepared(root, manifest, split, sites)
 
