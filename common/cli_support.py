@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -25,6 +26,9 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
     """Wrap a Typer app as a console script: LeukError -> `error: ...` on one line, exit 2."""
 
     def main() -> None:
+        # SIGTERM (kill, systemd, docker stop) unwinds like an error, so the Flower processes a command
+        # started are stopped by its `finally` blocks instead of being orphaned.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         try:
             app()
         except LeukError as exc:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -113,8 +111,6 @@ def serve(
     else:
         layout = CertsLayout.at(certs)
         layout.require_server_files()
-    # SIGTERM (systemd, docker stop) must stop the SuperLink too: turn it into a normal exit.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     link = SuperLink()
     link.start(state / "superlink", host=host, port=port, insecure=insecure, supernode_auth=not insecure,
                certs=None if layout is None else (layout.ca_cert, layout.server_cert, layout.server_key))
