@@ -6,8 +6,8 @@ process with several repeats, and reports medians and the ratio. Each sub-comman
 saves one JSON file (machine, exact command line, timestamp, figures) to `--out`, and appends
 long-format rows to `<out>/perf.jsonl` so that a regression shows up as a changed row.
 
-Prototypes of proposed fixes are measured here too and are clearly named (`train_epoch_nosync`,
-`fused_guarded_fedavg`); the product code does not use them. `per_item_loader` is the classic
+A prototype of a proposed fix is measured here too and is clearly named (`fused_guarded_fedavg`);
+the product code does not use it (`train_epoch` itself adopted the measured no-sync fix). `per_item_loader` is the classic
 per-image DataLoader path, kept as the comparison point for our batched loader.
 """
 from __future__ import annotations
@@ -201,47 +201,6 @@ def _sync(device) -> None:
 # --------------------------------------------------------------------------------------------
 # 1. trainer: our train_epoch vs a minimal PyTorch loop
 # --------------------------------------------------------------------------------------------
-
-def train_epoch_nosync(model, loader, optimizer, loss_fn, hardware, *, max_steps=None, regularizer=None,
-                       on_step=None):
-    """PROTOTYPE of the proposed common/train.py fix: `train_epoch` with the per-step host syncs removed.
-
-    Loss and correct counts accumulate on the device and are read once after the loop, so a GPU
-    never waits for the host between steps. Same results as `train_epoch` (float64 loss sum).
-    """
-    import torch
-
-    from leukfed.common.train import EpochStats, _batches
-
-    model.train()
-    start = time.perf_counter()
-    acc_dtype = torch.float64 if hardware.device.type in ("cpu", "cuda") else torch.float32
-    total_loss = torch.zeros((), dtype=acc_dtype, device=hardware.device)
-    correct = torch.zeros((), dtype=torch.int64, device=hardware.device)
-    seen = steps = 0
-    for images, target in _batches(loader, max_steps):
-        images = images.to(hardware.device, non_blocking=True)
-        if hardware.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        target = target.to(hardware.device, non_blocking=True)
-        with hardware.autocast():
-            logits = model(images)
-            loss = loss_fn(logits, target)
-        if regularizer is not None:
-            loss = loss + regularizer(model)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.detach().to(acc_dtype) * len(target)
-        correct += (logits.argmax(1) == target).sum()
-        seen += len(target)
-        steps += 1
-        if on_step is not None:
-            on_step(len(target))
-    if seen == 0:
-        raise LeukError("no training examples: the training set is empty")
-    return EpochStats(float(total_loss) / seen, int(correct) / seen, seen, steps, time.perf_counter() - start)
-
 
 def per_item_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0,
                     drop_last: bool = False):
@@ -449,7 +408,6 @@ def _trainer_case(spec: ModelSpec, hardware, num_classes: int, repeats: int, war
 
     cases = {"reference": reference,
              "ours": ours_with(train_epoch, ours_loader),
-             "ours+nosync": ours_with(train_epoch_nosync, ours_loader),
              "train_epoch+per_item_DataLoader": ours_with(train_epoch, per_item_loader)}
     times = interleaved(cases, repeats, warmup)
     ips = {name: n / median(t) for name, t in times.items()}
@@ -469,7 +427,6 @@ def _trainer_case(spec: ModelSpec, hardware, num_classes: int, repeats: int, war
         "ratio_to_reference": {name: paired_ratio(times, "reference", name) for name in times},
         "ratio_of_medians_to_reference": {name: ips[name] / ips["reference"] for name in ips},
         "ratio_ours_to_reference": paired_ratio(times, "reference", "ours"),
-        "ratio_nosync_to_reference": paired_ratio(times, "reference", "ours+nosync"),
         "ratio_per_item_dataloader_to_reference": paired_ratio(times, "reference", "train_epoch+per_item_DataLoader"),
         "train_flops_per_image": flops_per_image,
         "per_step_overheads": overheads,

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from leukfed.simulations import bench
@@ -51,9 +50,9 @@ def test_trainer_quick(tmp_path: Path) -> None:
            "--out", str(tmp_path))
     data = saved(tmp_path, "trainer")
     (case,) = data["cases"]
-    assert set(case["images_per_s"]) == {"reference", "ours", "ours+nosync", "train_epoch+per_item_DataLoader"}
+    assert set(case["images_per_s"]) == {"reference", "ours", "train_epoch+per_item_DataLoader"}
     assert all(positive(v) for v in case["images_per_s"].values())
-    assert positive(case["ratio_ours_to_reference"]) and positive(case["ratio_nosync_to_reference"])
+    assert positive(case["ratio_ours_to_reference"])
     assert positive(case["train_flops_per_image"]) and positive(data["measured_matmul_peak_tflops"])
 
 
@@ -174,25 +173,6 @@ def test_model_spec_parsing() -> None:
     assert bench.gpu_peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
     assert bench.gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench.gpu_peak_tflops("NVIDIA L40S") == 362.0 and bench.gpu_peak_tflops(None) is None
-
-
-def test_nosync_prototype_matches_train_epoch() -> None:
-    from leukfed.common.dataset import SmearDataset
-    from leukfed.common.train import make_loss, select_hardware, train_epoch
-    from leukfed.models import create_model
-
-    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
-    labels = np.arange(12) % 4
-    results = []
-    for fn in (train_epoch, bench.train_epoch_nosync):
-        torch.manual_seed(0)
-        model = create_model("tinycnn", 4, image_size=16)
-        dataset = SmearDataset(images, labels, model.leuk_info.data_config, train=False)
-        loader = bench.ours_loader(dataset, 4, shuffle=False)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        results.append(fn(model, loader, opt, make_loss("ce", 4), select_hardware("cpu")))
-    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-6)
-    assert results[0].accuracy == results[1].accuracy and results[0].num_examples == results[1].num_examples
 
 
 @pytest.mark.slow
