@@ -50,10 +50,10 @@ EXPERIMENTS = [
                            class_weights=True, seed=0),
                split={"val_fraction": 0.15, "test_fraction": 0.3, "group_by": "patient"},
                note="patient-level split (no patient on two sides); patient score = mean cell probability"),
-    Experiment("taleqani-resnet18-scratch-128px", "all_taleqani",
-               TrainConfig(model="resnet18", epochs=10, batch_size=32, lr=1e-3, image_size=128,
+    Experiment("taleqani-resnet18-scratch-64px", "all_taleqani",
+               TrainConfig(model="resnet18", epochs=10, batch_size=32, lr=1e-3, image_size=64,
                            augment="paper002", pretrained="none", seed=0),
-               note="random init: no ResNet weights exist offline here"),
+               note="random init: no ResNet weights exist offline here; 64 px as paper 000 (ResNet-50 at 64x64)"),
 ]
 
 
