@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -90,10 +91,13 @@ def test_server_killed_after_round_one_resumes_and_bad_sites_are_refused(federat
     resumed = fed.server("--rounds", "3", "--min-sites", "2", "--round-timeout", "120", "--resume",
                          log="server-resumed.log")
     # A hospital whose key was never registered with this SuperLink is refused, clearly and quickly.
-    subprocess.run([*cli("cli"), "certs", "add-site", "--out", str(fed.certs), "late"], check=True, env=ENV,
+    # Its key is made in a copy of the certificate folder, so the coordinator never registers it.
+    outside = fed.root / "certs-outside"
+    shutil.copytree(fed.certs, outside)
+    subprocess.run([*cli("cli"), "certs", "add-site", "--out", str(outside), "late"], check=True, env=ENV,
                    capture_output=True)
     make_synthetic_dataset(fed.root / "data-late", per_class=10, size=28, seed=99)
-    intruder = fed.client("late", "--wait", "60")
+    intruder = fed.client("late", "--wait", "60", certs=outside / "sites" / "late")
     assert intruder.wait(timeout=180) != 0
     assert "regist" in fed.log("client-late.log").lower()
     assert resumed.wait(timeout=900) == 0, fed.log("server-resumed.log")
