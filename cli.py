@@ -207,6 +207,11 @@ def simulate_cmd(
     cpus_per_site: float = typer.Option(1.0, "--cpus-per-site", help="CPU share of each virtual site."),
     gpus_per_site: float = typer.Option(0.0, "--gpus-per-site", help="GPU share of each virtual site."),
     faulty: str = typer.Option("", "--faulty", help="Misbehaving sites for robustness studies, e.g. 0:signflip,2:nan (kinds: nan, signflip[:SCALE], noise[:SIGMA], labelflip)."),
+    evaluate_every: int = typer.Option(1, "--evaluate-every", help="Sites score the global model every N rounds (0: after the last only)."),
+    transfer_dtype: str = typer.Option("float32", "--transfer-dtype", help="float32, float16 or bfloat16 updates."),
+    secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="Masked updates (SecAgg+ style): the server sees only their sum."),
+    dp_noise: float = typer.Option(0.0, "--dp-noise-multiplier", help="> 0: the virtual sites train with DP-SGD at this noise."),
+    dp_max_grad_norm: float = typer.Option(1.0, "--dp-max-grad-norm", help="DP-SGD per-example clipping bound."),
     out: Path = typer.Option(Path("leuk-simulation"), "--out", help="Output folder (re-running resumes finished methods)."),
 ) -> None:
     """Virtual hospitals on this machine: federated vs centralized vs local-only, with a report."""
@@ -219,7 +224,8 @@ def simulate_cmd(
                          local_epochs=local_epochs, image_size=image_size, batch_size=batch_size, lr=lr,
                          augment=augment, pretrained=pretrained, seed=seed, split=str(split) if split else "",
                          baselines=baselines, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site,
-                         faults=faulty)
+                         faults=faulty, evaluate_every=evaluate_every, transfer_dtype=transfer_dtype, secure_aggregation=secure_aggregation,
+                         dp_noise_multiplier=dp_noise, dp_max_grad_norm=dp_max_grad_norm)
     results = simulate(cfg, log=lambda line: typer.echo(line, err=True))
     typer.echo(method_table(results))
     typer.echo(f"report: {out / 'report.md'}")

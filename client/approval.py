@@ -360,6 +360,7 @@ def approve_command(
 # --------------------------------------------------------------------------------------------
 
 APPROVALS_ENV = "LEUK_APPROVALS"
+WARM_ENV = "LEUK_WARM_CLIENTAPP"          # launcher: import first, then read the task token from stdin
 CHECK_ONLY_ENV = "LEUK_GUARD_CHECK_ONLY"   # launcher: print the verdict and exit (0 approved, 3 refused)
 
 
@@ -431,6 +432,15 @@ refusal = _verdict()
 if os.environ.get({check_env!r}):
     print(refusal or "approved")
     sys.exit(3 if refusal else 0)
+if os.environ.get({warm_env!r}):
+    # A spare process of leuk-client's SuperExec: import now (verified code only), take the task later.
+    if refusal is None:
+        import leukfed.client.client_app, leukfed.models  # noqa: E401,F401
+    open(os.environ[{warm_env!r}], "w").close()  # ready: the SuperExec may hand over a task now
+    token = sys.stdin.readline().strip()
+    if not token:
+        sys.exit(0)
+    sys.argv += ["--token", token]
 if refusal is None:
     from leukfed.client.approval import guarded_clientapp_main   # verified code only
     guarded_clientapp_main(APPROVALS)
@@ -465,7 +475,7 @@ def write_guarded_launcher(bin_dir: str | Path, approvals_file: str | Path, *,
     script = _LAUNCHER.format(
         python=sys.executable, pycache=str(pycache),
         root=str(Path(root).resolve() if root is not None else package_root()),
-        approvals=str(Path(approvals_file).resolve()), check_env=CHECK_ONLY_ENV,
+        approvals=str(Path(approvals_file).resolve()), check_env=CHECK_ONLY_ENV, warm_env=WARM_ENV,
         stdlib_manifest=inspect.getsource(stdlib_manifest),
         manifest_changes=inspect.getsource(manifest_changes),
         describe_changes=inspect.getsource(describe_changes))

@@ -94,6 +94,11 @@ def join(
     wait: float = typer.Option(120.0, "--wait", help="Seconds to keep retrying while the server refuses connections."),
     approvals: Optional[Path] = typer.Option(None, "--approvals", help="Approvals file from `leuk-client approve` (default: STATE/approvals.json)."),
     require_secagg: bool = typer.Option(False, "--require-secure-aggregation", help="Train only in secure-aggregation rounds."),
+    dp_budget: float = typer.Option(0.0, "--dp-budget", help="Lifetime privacy budget on this site's data (epsilon at the "
+                                    "run's delta): stop contributing before a round would exceed it; refuse runs without DP. 0: none."),
+    dp_noise: float = typer.Option(0.0, "--dp-noise", help="Train with at least this DP noise multiplier (0: the run's)."),
+    cold_start: bool = typer.Option(False, "--cold-start", help="Start every task's process from scratch (Flower's "
+                                    "default) instead of keeping the next one started and imported."),
 ) -> None:
     """Check the data, check the server, start the SuperNode and keep it running."""
     if ctx.invoked_subcommand is not None:
@@ -114,11 +119,13 @@ def join(
     state.mkdir(parents=True, exist_ok=True)
     launcher = _approved_launcher(state, approvals)
     node_config = {"data-path": str(data.resolve()), "site-name": site, "audit-log": str(state / "audit.jsonl"),
-                   "device": device, "server-fingerprint": fingerprint}
+                   "device": device, "server-fingerprint": fingerprint, "dp-budget": dp_budget,
+                   "dp-noise-multiplier": dp_noise, "dp-ledger": str(state / "privacy-ledger.json")}
     if require_secagg:
         node_config["secure-aggregation"] = "required"
     node = SuperNode(server, state_dir=state / "supernode", ca=ca, private_key=key, node_config=node_config,
-                     insecure=insecure, env={"PATH": f"{launcher.parent}{os.pathsep}{os.environ.get('PATH', '')}"})
+                     insecure=insecure, env={"PATH": f"{launcher.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+                     warm_launcher=None if cold_start else launcher)
     stopping = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
     try:

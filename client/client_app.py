@@ -4,12 +4,14 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from leukfed.client.audit import append_audit
 from leukfed.client.records import decode_state, encode_state
 from leukfed.common.fedconfig import FedConfig, SiteConfig
+from leukfed.common.privacy import BudgetSpent
 from leukfed.server.secagg import refuse_plain_training, secure_train
 from leukfed.common.site import load_site_data, local_evaluate, local_train, site_class_names, suppress_small
 
@@ -29,7 +31,8 @@ def _settings(context: Context, msg: Message | None = None) -> tuple[FedConfig, 
 def _reply(msg: Message, fed: FedConfig, site: SiteConfig, *, kind: str, num_examples: int,
            metrics: dict[str, float], arrays=None, started: float) -> Message:
     released = suppress_small(metrics, num_examples, fed.min_metric_examples)
-    metric_record = MetricRecord({"num-examples": num_examples, **released,
+    privacy = {k: v for k, v in metrics.items() if k.startswith("dp_")}  # the guarantee, not data: always sent
+    metric_record = MetricRecord({"num-examples": num_examples, **released, **privacy,
                                   "client_seconds": time.perf_counter() - started})
     content = RecordDict({"metrics": metric_record})
     if arrays is not None:
@@ -46,8 +49,13 @@ def train(msg: Message, context: Context) -> Message:
     data = load_site_data(fed, site)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 1)) + int(config.get("round-offset", 0))
-    result = local_train(fed, site, data, decode_state(msg.content["arrays"]), server_round,
-                         proximal_mu=float(config.get("proximal-mu", 0.0)))
+    try:
+        result = local_train(fed, site, data, decode_state(msg.content["arrays"]), server_round,
+                             proximal_mu=float(config.get("proximal-mu", 0.0)), run_id=msg.metadata.run_id)
+    except BudgetSpent as exc:
+        # A deliberate refusal, not a crash: one clean line in the server's failures and the audit log.
+        append_audit(site, msg, kind="train-refused", metrics={"reason": str(exc)}, sent=None)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)), reply_to=msg)
     metrics = {**result.metrics, "load_seconds": data.load_seconds}
     arrays = encode_state(result.state, fed.transfer_dtype)
     return _reply(msg, fed, site, kind="train", num_examples=result.num_examples, metrics=metrics,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class SuperNode:
         insecure: bool = False,
         runtime_port: int | None = None,
         env: Mapping[str, str] | None = None,
+        warm_launcher: str | Path | None = None,
     ) -> None:
         if ca is None and not insecure:
             raise LeukError("no CA certificate given (the ca.crt from this site's folder)")
@@ -71,7 +73,11 @@ class SuperNode:
         self.insecure = insecure
         self.runtime_port = runtime_port
         self.env = dict(env or {})
+        # The site's approved flwr-clientapp launcher: with it, leuk's SuperExec keeps the next ClientApp
+        # process started and imported (client/warm_exec.py); without it, Flower starts each one cold.
+        self.warm_launcher = Path(warm_launcher).resolve() if warm_launcher else None
         self.proc: subprocess.Popen[bytes] | None = None
+        self.executor: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
         self._started_at = 0.0
         self._stop_requested = False
@@ -111,7 +117,14 @@ class SuperNode:
             cmd += ["--auth-supernode-private-key", str(self.private_key)]
         if self.node_config:
             cmd += ["--node-config", toml_pairs(self.node_config)]
+        if self.warm_launcher is not None:
+            cmd += ["--isolation", "process"]
         return cmd + ["--host", "127.0.0.1", "--port", str(port)]
+
+    def executor_command(self, port: int, supernode_pid: int) -> list[str]:
+        """leuk's SuperExec for `--isolation process`: one ClientApp process always ready."""
+        return [sys.executable, "-m", "leukfed.client.warm_exec", "--runtime-api-address", f"127.0.0.1:{port}",
+                "--launcher", str(self.warm_launcher), "--parent-pid", str(supernode_pid)]
 
     def start(self) -> SuperNode:
         """Start the node process (returns at once; see wait_joined)."""
@@ -119,7 +132,8 @@ class SuperNode:
             raise LeukError("this SuperNode is already running")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._clear_stale()
-        cmd = self.command(self.runtime_port or free_port())
+        port = self.runtime_port or free_port()
+        cmd = self.command(port)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             log.write(f"\n=== leukfed {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n".encode())
@@ -133,6 +147,11 @@ class SuperNode:
                 cwd=self.state_dir,
                 start_new_session=True,  # own group: stop() also reaches SuperExec/ClientApp children
             )
+            if self.warm_launcher is not None:  # exits with the node (it watches the node's pid)
+                self.executor = subprocess.Popen(
+                    self.executor_command(port, self.proc.pid), stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, env=flower_env(self.flwr_home, self.env), cwd=self.state_dir,
+                    start_new_session=True)
         self._started_at = time.monotonic()
         self._stop_requested = False
         self._node_id = None
@@ -175,6 +194,7 @@ class SuperNode:
                 self.alive_path.touch()  # "last seen alive while joined", for the next leuk-client
             return None
         kill_process_group(self.proc, 0)  # reap SuperExec/ClientApp leftovers of a dead node
+        self._stop_executor()
         result = self.classify(code)
         if result.kind != "refused":
             self._mark_end(code)
@@ -207,10 +227,16 @@ class SuperNode:
         self._stop_requested = True
         was_running = self.proc.poll() is None
         code = kill_process_group(self.proc, timeout)
+        self._stop_executor()
         if was_running:  # an already dead node was accounted for by poll()
             self._mark_end(code)
         self.pid_path.unlink(missing_ok=True)
         return code
+
+    def _stop_executor(self) -> None:
+        if self.executor is not None:
+            kill_process_group(self.executor, 5.0)
+            self.executor = None
 
     def __enter__(self) -> Self:
         return self

@@ -49,9 +49,14 @@ class FedConfig:
     eval_split: str = ""
     partition_file: str = ""           # simulation: which samples each virtual site holds
     site_val_fraction: float = 0.15
+    evaluate_every: int = 1            # sites score the global model every N rounds and after the last; 0: last only
     secure_aggregation: bool = False   # the server sees only the sum of the sites' updates
     secagg_threshold: int = 0          # 0: a majority of the sites, at least 2
     secagg_clip: float = 1024.0        # per-element bound on a site's update (new - global)
+    dp_noise_multiplier: float = 0.0   # > 0: sites train with DP-SGD (Opacus) at this noise, or more
+    dp_max_grad_norm: float = 1.0      # DP-SGD per-example clipping bound
+    dp_delta: float = 1e-5             # epsilons are reported at this delta (keep it below 1/site size)
+    dp_min_noise_multiplier: float = 0.0  # server policy: refuse updates that report less noise
 
     def __post_init__(self) -> None:
         problems = []
@@ -63,8 +68,15 @@ class FedConfig:
             problems.append("rounds must be >= 1")
         if self.min_sites < 1:
             problems.append("min-sites must be >= 1")
+        if self.evaluate_every < 0:
+            problems.append("evaluate-every must be >= 0")
         if self.local_epochs < 1 and self.local_steps < 1:
             problems.append("local work must be >= 1 epoch or >= 1 step")
+        if self.dp_noise_multiplier < 0 or self.dp_max_grad_norm <= 0 or not 0 < self.dp_delta < 1:
+            problems.append("DP needs noise multiplier >= 0, max grad norm > 0 and delta in (0, 1)")
+        if self.dp_min_noise_multiplier > self.dp_noise_multiplier:
+            problems.append(f"dp-min-noise-multiplier {self.dp_min_noise_multiplier:g} exceeds the run's "
+                            f"dp-noise-multiplier {self.dp_noise_multiplier:g}: every update would be refused")
         if self.secure_aggregation and self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi"):
             problems.append(f"strategy {self.strategy} needs each site's own update; with secure aggregation "
                             "use fedavg, fedprox, fedadam or fedyogi")
@@ -72,6 +84,11 @@ class FedConfig:
             problems.append("secure aggregation needs min-sites >= 2 (>= 3 to survive a dropout)")
         if problems:
             raise LeukError("; ".join(problems))
+
+    @property
+    def dp(self) -> bool:
+        """Sites train with DP-SGD, and server and sites build the model with dp_compatible."""
+        return self.dp_noise_multiplier > 0
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -100,6 +117,9 @@ class SiteConfig:
     device: str = "auto"
     partition_id: int = -1             # simulation: which virtual site this node is
     num_partitions: int = 0
+    dp_budget: float = 0.0             # lifetime epsilon on this site's data (at the run's delta); 0: none
+    dp_ledger: str = ""                # the site's privacy ledger (JSON); default: next to the audit log
+    dp_noise_multiplier: float = 0.0   # the site may demand more noise than the run's, never less
     extra: dict = field(default_factory=dict)
 
     @classmethod

@@ -17,9 +17,10 @@ from leukfed.common.dataset import SmearDataset, build_dataset, make_loader
 from leukfed.common.errors import LeukError
 from leukfed.common.faults import corrupt_update, flip_labels
 from leukfed.common.fedconfig import FedConfig, SiteConfig
+from leukfed.common.privacy import DPSettings, PrivacyLedger, dp_compatible, private_train
 from leukfed.common.splits import make_split
-from leukfed.common.train import (evaluate, make_loss, make_optimizer, prepare_model, proximal_term,
-                                  seed_everything, select_hardware, train_epoch)
+from leukfed.common.train import (EpochStats, Hardware, LossFn, evaluate, make_loss, make_optimizer,
+                                  prepare_model, proximal_term, seed_everything, select_hardware, train_epoch)
 
 State = dict[str, torch.Tensor]
 
@@ -122,6 +123,8 @@ def build_site_model(fed: FedConfig, num_classes: int, state: State | None = Non
     from leukfed.models import create_model
 
     model = create_model(fed.model, num_classes, pretrained=False, image_size=fed.image_size or None)
+    if fed.dp:
+        model = dp_compatible(model)  # as the server's initial_model does: same keys and shapes
     if state is not None:
         try:
             model.load_state_dict(state)
@@ -137,34 +140,69 @@ class LocalResult:
     metrics: dict[str, float]
 
 
+def site_dp_settings(fed: FedConfig, site: SiteConfig) -> DPSettings | None:
+    """The site's DP-SGD settings (None: no DP); a site that demands DP refuses a run without it."""
+    if not fed.dp:
+        if site.dp_budget > 0 or site.dp_noise_multiplier > 0:
+            raise LeukError(f"site {site.name} refused: it requires differential privacy (dp-budget or "
+                            "dp-noise-multiplier in its node config) but the run trains without it")
+        return None
+    return DPSettings(max(fed.dp_noise_multiplier, site.dp_noise_multiplier), fed.dp_max_grad_norm,
+                      fed.dp_delta, site.dp_budget or None)
+
+
+def ledger_path(fed: FedConfig, site: SiteConfig) -> Path:
+    """Where the site's privacy history lives: it must outlive the process, the round and the run."""
+    if site.dp_ledger:
+        return Path(site.dp_ledger)
+    if site.audit_log:
+        return Path(site.audit_log).with_name("privacy-ledger.json")
+    if fed.partition_file:  # simulation: the virtual sites keep theirs with the run's state
+        return Path(fed.state_dir or "leuk-server-state") / "privacy" / f"{site.name}.json"
+    raise LeukError(f"site {site.name} trains with DP but has no privacy ledger: set dp-ledger in its node config")
+
+
 def local_train(fed: FedConfig, site: SiteConfig, data: SiteData, state: State, server_round: int,
-                *, proximal_mu: float = 0.0, lr: float | None = None) -> LocalResult:
-    """Train the global weights on the site's data for the round's local epochs or steps."""
+                *, proximal_mu: float = 0.0, lr: float | None = None, run_id: int | None = None) -> LocalResult:
+    """Train the global weights on the site's data for the round's local epochs or steps; with DP,
+    DP-SGD, refusing (BudgetSpent) before any training once the round would overspend the site's budget."""
+    dp = site_dp_settings(fed, site)
     hardware = select_hardware(site.device)
     seed_everything(fed.seed * 100_003 + server_round * 1_009 + max(site.partition_id, 0))
     model = prepare_model(build_site_model(fed, len(data.class_names), state), hardware)
     loss_fn = make_loss(fed.loss, len(data.class_names), label_smoothing=fed.label_smoothing)
     optimizer = make_optimizer(model, fed.optimizer, lr or fed.lr)
     loader = make_loader(data.train, fed.batch_size, shuffle=True, seed=fed.seed + server_round)
-    regularizer = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
-    stats_list = []
-    if fed.local_steps > 0:
-        stats_list.append(train_epoch(model, loader, optimizer, loss_fn, hardware,
-                                      max_steps=fed.local_steps, regularizer=regularizer))
+    privacy: dict[str, float] = {}
+    if dp is None:
+        stats_list = _train_plain(fed, model, loader, optimizer, loss_fn, hardware, proximal_mu)
     else:
-        for _ in range(fed.local_epochs):
-            stats_list.append(train_epoch(model, loader, optimizer, loss_fn, hardware, regularizer=regularizer))
+        result = private_train(model, optimizer, loader, loss_fn, hardware, dp, epochs=fed.local_epochs,
+                               max_steps=fed.local_steps or None, ledger=PrivacyLedger(ledger_path(fed, site)),
+                               proximal_mu=proximal_mu, context={"run_id": run_id, "round": server_round})
+        stats_list, privacy = result.stats, result.metrics()
     seen = sum(s.num_examples for s in stats_list)
     metrics = {
-        "train_loss": sum(s.loss * s.num_examples for s in stats_list) / seen,
-        "train_accuracy": sum(s.accuracy * s.num_examples for s in stats_list) / seen,
+        "train_loss": sum(s.loss * s.num_examples for s in stats_list) / max(seen, 1),
+        "train_accuracy": sum(s.accuracy * s.num_examples for s in stats_list) / max(seen, 1),
         "train_seconds": sum(s.seconds for s in stats_list),
         "examples_processed": float(seen),
+        **privacy,
     }
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if data.fault:
         new_state = corrupt_update(data.fault, state, new_state, seed=fed.seed + server_round)
     return LocalResult(new_state, len(data.train), metrics)
+
+
+def _train_plain(fed: FedConfig, model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
+                 hardware: Hardware, proximal_mu: float) -> list[EpochStats]:
+    regularizer = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
+    if fed.local_steps > 0:
+        return [train_epoch(model, loader, optimizer, loss_fn, hardware, max_steps=fed.local_steps,
+                            regularizer=regularizer)]
+    return [train_epoch(model, loader, optimizer, loss_fn, hardware, regularizer=regularizer)
+            for _ in range(fed.local_epochs)]
 
 
 def local_evaluate(fed: FedConfig, site: SiteConfig, data: SiteData, state: State) -> LocalResult:

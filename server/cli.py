@@ -33,20 +33,27 @@ def _check_state(state: Path, resume: bool, fed) -> None:
             raise LeukError("cannot resume: the config differs from the checkpoint's: " + "; ".join(differences))
 
 
+STATUS_EVERY_S = 20.0
+
+
 def _follow(link, run_id: int, state: Path, total_rounds: int) -> str:
     """Print each completed round as the ServerApp records it; return the final run status."""
     from leukfed.server.state import read_history
 
     printed = len(read_history(state))
+    asked = -STATUS_EVERY_S
     while True:
-        status = link.status(run_id)
         history = read_history(state)
         for row in history[printed:]:
             _print_round(row, total_rounds)
         printed = len(history)
-        if status.startswith("finished"):
-            return status
-        time.sleep(5.0)  # each status query runs the flwr CLI (~2 s of CPU)
+        # Each status query runs the flwr CLI (~2 s of CPU, taken from the sites when they share the
+        # machine): ask rarely while rounds remain (to notice a failed run), often once the last is in.
+        if printed >= total_rounds or time.monotonic() - asked >= STATUS_EVERY_S:
+            asked, status = time.monotonic(), link.status(run_id)
+            if status.startswith("finished"):
+                return status
+        time.sleep(1.0)
 
 
 def _print_round(row: dict, total_rounds: int) -> None:
@@ -87,6 +94,15 @@ def serve(
     round_timeout: float = typer.Option(600.0, "--round-timeout", help="Seconds to wait for sites in a round."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last completed round in --state."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS and no site authentication (testing only)."),
+    evaluate_every: int = typer.Option(1, "--evaluate-every", help="Sites score the global model every N rounds "
+                                       "and after the last (0: after the last only)."),
+    secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="Masked updates: the server sees only "
+                                            "the sum of the sites' updates (fedavg, fedprox, fedadam, fedyogi)."),
+    secagg_threshold: int = typer.Option(0, "--secagg-threshold", help="Sites needed to unmask (0: a majority, at least 2)."),
+    dp_noise: float = typer.Option(0.0, "--dp-noise-multiplier", help="> 0: sites train with DP-SGD at this noise multiplier."),
+    dp_max_grad_norm: float = typer.Option(1.0, "--dp-max-grad-norm", help="DP-SGD per-example clipping bound."),
+    dp_delta: float = typer.Option(1e-5, "--dp-delta", help="Delta at which sites report epsilon."),
+    dp_min_noise: float = typer.Option(0.0, "--dp-min-noise-multiplier", help="Refuse updates trained with less noise."),
 ) -> None:
     """Start the SuperLink, register the sites' keys, run the rounds and export the final model."""
     from leukfed.common.errors import LeukError
@@ -100,7 +116,10 @@ def serve(
                     strategy=strategy, local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size,
                     lr=lr, proximal_mu=proximal_mu, server_lr=server_lr, min_sites=min_sites,
                     round_timeout=round_timeout, transfer_dtype=transfer_dtype, seed=seed, state_dir=str(state),
-                    resume=resume, eval_data=str(eval_data.resolve()) if eval_data else "")
+                    resume=resume, eval_data=str(eval_data.resolve()) if eval_data else "",
+                    evaluate_every=evaluate_every, secure_aggregation=secure_aggregation,
+                    secagg_threshold=secagg_threshold, dp_noise_multiplier=dp_noise, dp_max_grad_norm=dp_max_grad_norm,
+                    dp_delta=dp_delta, dp_min_noise_multiplier=dp_min_noise)
     _check_state(state, resume, fed)
     if insecure:
         err_console.print("WARNING: --insecure: no TLS and no site authentication; updates travel in clear text "

@@ -70,6 +70,7 @@ from flwr.app import (
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.serverapp import Grid
 from leukfed.common.errors import LeukError
+from leukfed.server.grids import DelegatingGrid
 
 MESSAGE_TYPE = f"{MessageType.TRAIN}.secagg"   # routed to @app.train("secagg")
 RECORD = "secagg"                              # ConfigRecord with the protocol fields
@@ -457,7 +458,7 @@ class SecAggReport:
         return f"secure aggregation {counts}{drops}{end}, {sum(self.stage_seconds.values()):.1f}s"
 
 
-class SecureAggregationGrid(Grid):
+class SecureAggregationGrid(DelegatingGrid):
     """A Grid that runs every TRAIN send-and-receive as a secure-aggregation round.
 
     All other traffic (evaluate, query) passes through unchanged. `reports` holds one
@@ -466,35 +467,12 @@ class SecureAggregationGrid(Grid):
 
     def __init__(self, grid: Grid, settings: SecAggSettings | None = None,
                  log: Callable[[str], None] | None = None) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.settings = settings or SecAggSettings()
         self._log = log
         self.reports: list[SecAggReport] = []
         self._sequence = 0
         self._metrics: dict[int, dict] = {}
-
-    # --- plain delegation ---
-    def set_run(self, run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self):
-        return self._grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def get_nodes(self):
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     @property
     def last_report(self) -> SecAggReport | None:

@@ -14,7 +14,9 @@ from flwr.serverapp import Grid, ServerApp
 from leukfed.client.records import encode_state
 from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig
+from leukfed.common.privacy import round_privacy
 from leukfed.common.train import seed_everything
+from leukfed.server.grids import PromptGrid
 from leukfed.server.state import Resumed, export_final, load_resumed, save_round
 from leukfed.server.strategies import make_strategy, restore_strategy_state, strategy_state
 
@@ -55,9 +57,11 @@ def ask_class_names(grid: Grid, fed: FedConfig) -> tuple[str, ...]:
 
 def initial_model(fed: FedConfig, num_classes: int):
     from leukfed.common.centralized import TrainConfig, build_model
+    from leukfed.common.privacy import dp_compatible
 
-    return build_model(TrainConfig(model=fed.model, image_size=fed.image_size or None,
-                                   pretrained=fed.pretrained), num_classes)
+    model = build_model(TrainConfig(model=fed.model, image_size=fed.image_size or None,
+                                    pretrained=fed.pretrained), num_classes)
+    return dp_compatible(model) if fed.dp else model  # the sites' build_site_model does the same
 
 
 def server_evaluator(fed: FedConfig, class_names):
@@ -102,6 +106,7 @@ def round_row(round_: int, strategy, server_metrics: dict | None,
         "round_seconds": round_seconds,
         "train_phase_seconds": log_.train_phase_seconds,
         "slowest_site_train_seconds": slowest,
+        "privacy": round_privacy(log_.train),
         "aggregation_seconds": log_.aggregation_seconds,
         "evaluate_phase_seconds": log_.evaluate_phase_seconds,
         "server_evaluate_seconds": server_eval_seconds,
@@ -112,6 +117,8 @@ def round_row(round_: int, strategy, server_metrics: dict | None,
 def print_round(row: dict, total_rounds: int) -> None:
     acc = row["server_evaluate"].get("accuracy", row["evaluate"].get("eval_accuracy"))
     acc_text = f" accuracy {acc:.4f}" if isinstance(acc, float) else ""
+    if row.get("privacy"):
+        acc_text += f", site epsilon <= {row['privacy']['max_epsilon']:.2f} (delta {row['privacy']['delta']:g})"
     log(f"round {row['round']}/{total_rounds}: {row['sites_replied']}/{row['sites_sampled']} sites,"
         f" train loss {row['train'].get('train_loss', float('nan')):.4f}{acc_text},"
         f" {row['round_seconds']:.1f}s" + (f", {len(row['failures'])} failures" if row["failures"] else "")
@@ -135,9 +142,10 @@ def main(grid: Grid, context: Context) -> None:
     if start_round > fed.rounds:
         log(f"all {fed.rounds} rounds are already complete")
     strategy = make_strategy(fed)
+    strategy.round_offset = start_round - 1
     if resumed:
         restore_strategy_state(strategy, resumed.strategy_state)
-    train_grid = grid
+    train_grid = grid = PromptGrid(grid)
     if fed.secure_aggregation:
         from leukfed.server.secagg import SecAggSettings, SecureAggregationGrid, check_secagg_strategy
 

@@ -70,7 +70,8 @@ def export_final(state_dir: Path, model, class_names, fed: FedConfig, metrics: d
     """Make the state dir a run directory like `leuk train`'s, for `leuk evaluate` and `leuk predict`."""
     description = model_description(model, class_names, config=fed.to_run_config(), manifest_digest=None,
                                     split_digest=None, kind="federated",
-                                    extra={"rounds_completed": len(history), "strategy": fed.strategy})
+                                    extra={"rounds_completed": len(history), "strategy": fed.strategy,
+                                           "dp_compatible": fed.dp})
     export_model(state_dir, model, description, metrics)
 
 

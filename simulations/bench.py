@@ -6,19 +6,17 @@ process with several repeats, and reports medians and the ratio. Each sub-comman
 saves one JSON file (machine, exact command line, timestamp, figures) to `--out`, and appends
 long-format rows to `<out>/perf.jsonl` so that a regression shows up as a changed row.
 
-A prototype of a proposed fix is measured here too and is clearly named (`fused_guarded_fedavg`);
-the product code does not use it (`train_epoch` itself adopted the measured no-sync fix). `per_item_loader` is the classic
-per-image DataLoader path, kept as the comparison point for our batched loader.
+The measured fixes now live in the product code (`train_epoch` without per-step syncs, the fused
+single-pass aggregation in `ReplyGuard`), so every "ours" case times the production path. `per_item_loader`
+is the classic per-image DataLoader path, kept as the comparison point for our batched loader.
 """
 from __future__ import annotations
 
 import copy
 import gc
-import io
 import json
 import math
 import os
-import re
 import shlex
 import statistics
 import subprocess
@@ -26,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -660,196 +657,11 @@ def _timed(fn: Callable[[], object]) -> float:
 # 3. aggregation: our server path vs a numpy sum over the same bytes
 # --------------------------------------------------------------------------------------------
 
-_NPY_HEADER = re.compile(rb"\{'descr': '([<>|=][a-z][0-9]{1,2})', 'fortran_order': (True|False), "
-                         rb"'shape': \(((?:[0-9]+, ?)*[0-9]*)\), \}\s*\n")
+def array_view(array):
+    """Zero-copy numpy view of a Flower Array (now `leukfed.client.records.array_view`, which the server uses)."""
+    from leukfed.client.records import array_view as view
 
-
-def array_view(array) -> "np.ndarray":  # noqa: F821
-    """Zero-copy numpy view of a Flower Array's .npy bytes (Array.numpy() copies through np.load).
-
-    The header np.save writes is matched with a regex (numpy's own parser runs `ast.literal_eval`,
-    ~0.1 ms per array, which adds up over hundreds of keys and sites); anything unusual falls
-    back to numpy's parser. Object dtypes are refused, as np.load(allow_pickle=False) would.
-    """
-    import numpy as np
-    from numpy.lib import format as npformat
-
-    data = array.data
-    if data[:6] != b"\x93NUMPY":
-        raise LeukError("an update array is not in .npy format")
-    if data[6] == 1:
-        start = 10
-        length = int.from_bytes(data[8:10], "little")
-    else:
-        start = 12
-        length = int.from_bytes(data[8:12], "little")
-    match = _NPY_HEADER.match(data, start, start + length)
-    if match:
-        dtype = np.dtype(match.group(1).decode())
-        fortran = match.group(2) == b"True"
-        shape = tuple(int(s) for s in match.group(3).split(b",") if s.strip())
-        offset = start + length
-    else:
-        stream = io.BytesIO(data)
-        version = npformat.read_magic(stream)
-        reader = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
-        shape, fortran, dtype = reader(stream)
-        offset = stream.tell()
-    if dtype.hasobject:
-        raise LeukError("refusing an object array in an update")
-    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
-    return flat.reshape(shape, order="F" if fortran else "C")
-
-
-def npy_buffer(shape: tuple[int, ...], dtype) -> tuple[bytearray, "np.ndarray"]:  # noqa: F821
-    """A zeroed .npy image (header + data) and a writable array view of its data part.
-
-    Accumulating straight into it means the result becomes an Array with one copy (`bytes(buf)`),
-    where Array(ndarray) costs three (tobytes, BytesIO write, getvalue)."""
-    import numpy as np
-    from numpy.lib import format as npformat
-
-    dtype = np.dtype(dtype)
-    header = io.BytesIO()
-    npformat.write_array_header_1_0(header, {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False,
-                                             "shape": tuple(shape)})
-    head = header.getvalue()
-    buf = bytearray(len(head) + math.prod(shape) * dtype.itemsize)
-    buf[: len(head)] = head
-    return buf, np.frombuffer(buf, dtype=dtype, offset=len(head)).reshape(shape)
-
-
-def fused_guarded_fedavg(replies: list, reference: dict, weight_key: str = "num-examples",
-                         norm_outlier_factor: float = 10.0, chunk: int = 1 << 18, validate: bool = True):
-    """PROTOTYPE of a faster ReplyGuard + FedAvg: one pass over each update's bytes.
-
-    Per reply: keys/shapes/dtypes from the headers (no data touched); then per cache-sized chunk of
-    every float array: the squared distance to the global model (gives the update norm, and NaN/Inf
-    show up as a non-finite norm) and acc += n_i * x, while the chunk is still in cache. Updates are
-    zero-copy views of the message bytes (float32) or widened chunk-wise (float16 / bf16); the sums
-    live in the .npy buffers of the result. Outliers (norm > factor x median) are subtracted again
-    afterwards (rare). `validate=False`: the weighted sum only (what Flower's aggregate_arrayrecords
-    does). Returns (ArrayRecord | None, {"rejected": [...], "norms": {node: norm}}).
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # memory-bound: one thread reaches DRAM speed, and never waits at an
-    try:                       # OpenMP barrier for a core another process holds
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            return _fused(replies, reference, weight_key, norm_outlier_factor, chunk, validate)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _fused(replies, reference, weight_key, norm_outlier_factor, chunk, validate):
-    import numpy as np
-    import torch
-    from flwr.app import Array, ArrayRecord
-
-    bf16 = "::bf16"
-
-    def widen_chunk(src: np.ndarray, key_is_bf16: bool) -> np.ndarray:
-        if key_is_bf16:
-            return (src.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        return src if src.dtype == np.float32 else src.astype(np.float32)
-
-    buffers, acc = {}, {}
-    for key, value in reference.items():
-        buffers[key], acc[key] = npy_buffer(value.shape, np.float32 if value.dtype.kind == "f" else np.float64)
-    acc_t = {k: torch.from_numpy(v.reshape(-1)) for k, v in acc.items()}
-    ref_flat = {k: v.reshape(-1) for k, v in reference.items()}
-    scratch = np.empty(chunk, dtype=np.float32)
-    accepted, rejected, norms = [], [], {}
-    total_weight = 0.0
-    for msg in replies:
-        node = msg.metadata.src_node_id
-        record = msg.content.array_records.get("arrays")
-        weight = float(next(iter(msg.content.metric_records.values()))[weight_key])
-        if record is None:
-            rejected.append({"node": node, "reason": "no arrays in reply"})
-            continue
-        halves = set()
-        arrays = {}
-        for key, array in record.items():
-            if key.endswith(bf16):
-                key = key[: -len(bf16)]
-                halves.add(key)
-            arrays[key] = array_view(array)
-        problem = None
-        if set(arrays) != set(reference):
-            problem = "keys differ"
-        for key, value in arrays.items():
-            if problem:
-                break
-            kind = "f" if key in halves else value.dtype.kind
-            if value.shape != reference[key].shape:
-                problem = f"array {key} has shape {value.shape}, expected {reference[key].shape}"
-            elif kind != reference[key].dtype.kind:
-                problem = f"array {key} has dtype {value.dtype}, expected {reference[key].dtype}"
-        if problem:
-            rejected.append({"node": node, "reason": problem})
-            continue
-        sq = 0.0
-        done: list[tuple[str, int, int]] = []
-        for key, value in arrays.items():
-            flat, target = value.reshape(-1), acc_t[key]
-            if reference[key].dtype.kind != "f":
-                acc[key].reshape(-1)[:] += flat * weight   # integer buffers: as Flower (float64 weighted sum)
-                done.append((key, 0, flat.size))
-                continue
-            step = chunk if validate else flat.size
-            for lo in range(0, flat.size, step):
-                hi = min(lo + step, flat.size)
-                x = widen_chunk(flat[lo:hi], key in halves)
-                if validate:
-                    d = scratch[: hi - lo]
-                    np.subtract(x, ref_flat[key][lo:hi], out=d)
-                    part = float(np.dot(d, d))
-                    if not math.isfinite(part):
-                        sq = math.inf
-                        break
-                    sq += part
-                target[lo:hi].add_(torch.from_numpy(x), alpha=weight)   # fused axpy, one pass
-                done.append((key, lo, hi))
-            if not math.isfinite(sq):
-                break
-        if not math.isfinite(sq):
-            _subtract(acc, arrays, halves, done, weight, widen_chunk)
-            rejected.append({"node": node, "reason": "contains NaN or Inf"})
-            continue
-        norms[node] = math.sqrt(sq)
-        accepted.append((node, weight, arrays, halves))
-        total_weight += weight
-    if validate and len(accepted) >= 3:
-        med = float(np.median(list(norms.values())))
-        for entry in list(accepted):
-            node, weight, arrays, halves = entry
-            if med > 0 and norms[node] > norm_outlier_factor * med:
-                _subtract(acc, arrays, halves, [(k, 0, v.size) for k, v in arrays.items()], weight, widen_chunk)
-                accepted.remove(entry)
-                total_weight -= weight
-                rejected.append({"node": node, "reason": f"update norm {norms[node]:.3g} > "
-                                                         f"{norm_outlier_factor:g}x cohort median {med:.3g}"})
-    if not accepted:
-        return None, {"rejected": rejected, "norms": norms}
-    result = ArrayRecord()
-    for key, value in acc.items():
-        value *= 1.0 / total_weight
-        result[key] = Array(dtype=str(value.dtype), shape=tuple(value.shape), stype="numpy.ndarray",
-                            data=bytes(buffers[key]))
-    return result, {"rejected": rejected, "norms": norms}
-
-
-def _subtract(acc, arrays, halves, done, weight, widen_chunk) -> None:
-    import numpy as np
-
-    for key, lo, hi in done:
-        x = arrays[key].reshape(-1)[lo:hi]
-        x = widen_chunk(x, key in halves) if acc[key].dtype == np.float32 else x
-        target = acc[key].reshape(-1)
-        target[lo:hi] -= x * weight
+    return view(array)
 
 
 def make_replies(state: dict, updates: int, transfer_dtype: str = "float32", base_examples: int = 100):
@@ -881,20 +693,22 @@ def aggregation_cmd(
     updates: int = typer.Option(10, help="Number of site updates aggregated."),
     transfer_dtype: str = typer.Option("float32", help="Dtype the updates travel in: float32, float16, bfloat16."),
     repeats: int = typer.Option(3, help="Timed repeats per case (interleaved)."),
+    materialised: bool = typer.Option(False, "--materialised/--no-materialised",
+                                      help="Also time the guard's materialised path (what FedMedian, "
+                                           "FedTrimmedAvg, Krum, FedAdam and FedYogi use; slow)."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Folder for the JSON result and perf.jsonl."),
 ) -> dict:
     """Aggregate N updates: Flower's aggregate_arrayrecords and our ReplyGuard+FedAvg vs a numpy sum."""
     import numpy as np
-    from flwr.app import ArrayRecord
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from leukfed.client.records import decode_arrays, encode_state, widen
+    from leukfed.client.records import encode_state, widen
     from leukfed.common.fedconfig import FedConfig
     from leukfed.models import create_model
-    from leukfed.server.strategies import RoundLog, make_strategy, reply_problem, update_norm
+    from leukfed.server.strategies import RoundLog, make_strategy
 
     params = dict(model=model, num_classes=num_classes, updates=updates, transfer_dtype=transfer_dtype,
-                  repeats=repeats)
+                  repeats=repeats, materialised=materialised)
     state = create_model(model, num_classes, pretrained=False).state_dict()
     global_record = encode_state(state, "float32")
     reference = {k: v.numpy() for k, v in global_record.items()}
@@ -919,54 +733,48 @@ def aggregation_cmd(
             np.add(acc, x, out=acc)
         return time.perf_counter() - t0
 
+    # Every case keeps its previous result alive until the next one exists, as Flower's round loop does
+    # (`arrays = agg_arrays` after aggregate_train): the allocator then reuses the memory of the result
+    # before last instead of page-faulting a fresh 100 MB each time (see the breakdown).
+    held: dict[str, object] = {}
+
     def flower() -> float:
-        if transfer_dtype == "float32":
-            return _timed(lambda: aggregate_arrayrecords(contents, "num-examples"))
-        # Half precision: Flower would sum in float16; widen first, as the guard does (timed).
-        return _timed(lambda: aggregate_arrayrecords([_widened_content(c, widen) for c in contents], "num-examples"))
+        def run():
+            if transfer_dtype == "float32":
+                held["flower"] = aggregate_arrayrecords(contents, "num-examples")
+            else:  # half precision: Flower would sum in float16; widen first, as the guard does (timed)
+                held["flower"] = aggregate_arrayrecords([_widened_content(c, widen) for c in contents], "num-examples")
+        return _timed(run)
 
-    strategy = make_strategy(FedConfig(strategy="fedavg", min_sites=updates))
+    def guarded(fused: bool) -> Callable[[], float]:
+        strategy = make_strategy(FedConfig(strategy="fedavg", min_sites=updates))
+        strategy.fused_mean = fused
 
-    def guarded() -> float:
-        fresh = [_copy_reply(m) for m in replies]   # the guard replaces content["arrays"]; not timed
-        strategy.log = RoundLog(started=time.perf_counter())
-        strategy.reference = reference
-        t0 = time.perf_counter()
-        arrays, _ = strategy.aggregate_train(1, fresh)
-        elapsed = time.perf_counter() - t0
-        assert arrays is not None and not strategy.log.rejected, strategy.log.rejected
-        return elapsed
-
-    def fused(validate: bool) -> Callable[[], float]:
         def run() -> float:
+            fresh = [_copy_reply(m) for m in replies]   # the materialised path replaces content["arrays"]
+            strategy.log = RoundLog(started=time.perf_counter())
+            strategy.reference = reference
             t0 = time.perf_counter()
-            arrays, info = fused_guarded_fedavg(replies, reference, validate=validate)
+            arrays, _ = strategy.aggregate_train(1, fresh)
             elapsed = time.perf_counter() - t0
-            assert arrays is not None and not info["rejected"], info["rejected"]
+            assert arrays is not None and not strategy.log.rejected, strategy.log.rejected
+            held[f"guard {fused}"] = arrays
             return elapsed
         return run
 
-    cases = {"numpy_sum_reference": numpy_sum, "flower_aggregate_arrayrecords": flower,
-             "fused_fedavg no checks (proposal)": fused(False),
-             "reply_guard_fedavg (ours)": guarded, "fused_guarded_fedavg (proposal)": fused(True)}
+    ours = "reply_guard_fedavg (ours)"
+    cases = {"numpy_sum_reference": numpy_sum, "flower_aggregate_arrayrecords": flower, ours: guarded(True)}
+    if materialised:
+        cases["reply_guard materialised path (before; robust strategies)"] = guarded(False)
     times = interleaved(cases, repeats, warmup=1)
     med = {k: median(v) for k, v in times.items()}
     ratios = {k: paired_ratio(times, "numpy_sum_reference", k) for k in times}
 
-    # Where the guarded path's time goes (one pass each, the same 10 replies).
-    records = [m.content["arrays"] for m in replies]
-    decoded = [decode_arrays(r) for r in records]
-    breakdown = {
-        "widen x1 (decode + re-encode)": _timed(lambda: [widen(r) for r in records]),
-        "decode_arrays x1 (what the guard does once)": _timed(lambda: [decode_arrays(r) for r in records]),
-        "reply_problem (isfinite, decoded)": _timed(lambda: [reply_problem(d, reference) for d in decoded]),
-        "update_norm (float32 diff, decoded)": _timed(lambda: [update_norm(d, reference) for d in decoded]),
-        "Array.numpy() of every array (np.load copy)": _timed(lambda: [[a.numpy() for a in r.values()] for r in records]),
-        "zero-copy views of every array": _timed(lambda: [[array_view(a) for a in r.values()] for r in records]),
-        "ArrayRecord(Array(ndarray)) of one model (np.save)": _timed(
-            lambda: ArrayRecord({k: _array(v) for k, v in reference.items()})),
-    }
-    check = _max_abs_difference(fused_guarded_fedavg(replies, reference)[0],
+    breakdown = _fused_breakdown(replies, reference)
+    strategy = make_strategy(FedConfig(strategy="fedavg", min_sites=updates))
+    strategy.log, strategy.reference = RoundLog(started=time.perf_counter()), reference
+    ours_result, _ = strategy.aggregate_train(1, [_copy_reply(m) for m in replies])
+    check = _max_abs_difference(ours_result,
                                 aggregate_arrayrecords([_widened_content(c, widen) for c in contents], "num-examples"))
     gb = updates * update_bytes / 1e9
     result = {"model": model, "num_classes": num_classes, "float_params": float_params, "updates": updates,
@@ -974,17 +782,64 @@ def aggregation_cmd(
               "keys_per_update": len(reference), "seconds": times, "median_seconds": med,
               "ratio_reference_to_case": ratios,
               "effective_gb_per_s": {k: gb / v for k, v in med.items()},
-              "guard_breakdown_seconds_for_all_updates": breakdown,
-              "fused_vs_flower_max_abs_difference": check}
+              "ours_breakdown_seconds_for_all_updates": breakdown,
+              "ours_vs_flower_max_abs_difference": check}
     body = [[k, med[k], ratios[k], gb / med[k]] for k in cases]
     typer.echo(f"aggregating {updates} x {model} ({float_params / 1e6:.1f}M float params, {transfer_dtype} transfer)")
     typer.echo(format_table(["case", "median s", "ref/ours (paired)", "GB/s (f32 bytes)"], body))
-    typer.echo(format_table(["guard breakdown (all updates)", "s"], list(breakdown.items())))
-    typer.echo(f"fused vs Flower result: max |difference| {check:.3g}")
+    typer.echo(format_table(["ours, step by step (all updates, best of 3 rounds)", "s"], list(breakdown.items())))
+    typer.echo(f"ours vs Flower result: max |difference| {check:.3g}")
     rows = [row(k, "seconds", med[k], "s") for k in cases] + [row(k, "ratio_reference_to_case", ratios[k], "x") for k in cases]
     path = save_result("aggregation", params, result, rows, out)
     typer.echo(f"saved {path}")
     return result
+
+
+def _fused_breakdown(replies: list, reference: dict) -> dict[str, float]:
+    """Where the production path's time goes: the steps of ReplyGuard._aggregate_train_fused, each the
+    best of 3 rounds (so that the shared machine's noise does not dominate a single step)."""
+    import numpy as np
+    from flwr.app import ArrayRecord
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+    from leukfed.server.strategies import FusedMean, _Update, _reply_weight
+
+    def best(fn: Callable[[], object], n: int = 3) -> float:
+        return min(_timed(fn) for _ in range(n))
+
+    fused = FusedMean()
+    steps: dict[str, list[float]] = {}
+
+    def step(name: str, fn: Callable[[], object]):
+        t0 = time.perf_counter()
+        value = fn()
+        steps.setdefault(name, []).append(time.perf_counter() - t0)
+        return value
+
+    def read() -> list:
+        updates = []
+        for m in replies:
+            update = _Update(m, m.metadata.src_node_id, _reply_weight(m, "num-examples"))
+            assert fused.read(update, m.content["arrays"]) is None
+            updates.append(update)
+        return updates
+
+    held = None
+    for _ in range(4):   # the steps of one aggregation, in order; the first round builds the layout
+        step("bytes_received (ArrayRecord.count_bytes)", lambda: [m.content["arrays"].count_bytes() for m in replies])
+        step("global model's chunks + fresh result buffers (prepare)", lambda: fused.prepare(reference))
+        updates = step("header checks + zero-copy views", read)
+        step("one pass: norms, NaN/Inf, weighted sum", lambda ups=updates: fused.first_pass(ups))
+        held = step("result ArrayRecord (BytesIO hand-over, no copy)", lambda ups=updates: fused.result(ups))
+    del held
+    return {
+        **{name: min(times[1:]) for name, times in steps.items()},
+        "FedAvg metric aggregation": best(lambda: aggregate_metricrecords([m.content for m in replies], "num-examples")),
+        "for scale: numpy copy of the global model": best(
+            lambda: [np.array(v, copy=True) for v in reference.values()]),
+        "for scale: ArrayRecord(Array(ndarray)) of the model": best(
+            lambda: ArrayRecord({k: _array(v) for k, v in reference.items()})),
+    }
 
 
 def _array(value):
@@ -1312,7 +1167,7 @@ def all_cmd(
                                          data_root=os.environ.get("LEUK_DATA_ROOT", ""), repeats=3,
                                          consume_steps=3, device="auto", threads=0, out=out),
         "aggregation": lambda: aggregation_cmd(model="resnet50", num_classes=1000, updates=10,
-                                               transfer_dtype="float32", repeats=3, out=out),
+                                               transfer_dtype="float32", repeats=3, materialised=False, out=out),
         "transfer-bytes": lambda: transfer_bytes_cmd(models="resnet18,dscnet", num_classes=4,
                                                      dtypes="float32,float16,bfloat16", out=out),
     }

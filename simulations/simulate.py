@@ -49,6 +49,11 @@ class SimulateConfig:
     gpus_per_site: float = 0.0
     synthetic_per_class: int = 60
     faults: str = ""                    # e.g. "0:signflip,2:nan": misbehaving virtual sites
+    evaluate_every: int = 1             # sites score the global model every N rounds (and after the last)
+    transfer_dtype: str = "float32"     # float16 / bfloat16 halve the bytes of every update
+    secure_aggregation: bool = False
+    dp_noise_multiplier: float = 0.0    # > 0: the virtual sites train with DP-SGD
+    dp_max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
@@ -168,7 +173,9 @@ def fed_config(cfg: SimulateConfig, prep: Prepared, out: Path, strategy: str) ->
         batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer, augment=cfg.augment,
         min_sites=cfg.sites, seed=cfg.seed, state_dir=str((out / f"federated-{strategy}").resolve()),
         eval_data=str(prep.root.resolve()), eval_split=str((out / "split.json").resolve()),
-        partition_file=str((out / "partition.json").resolve()), round_timeout=3600.0)
+        partition_file=str((out / "partition.json").resolve()), round_timeout=3600.0,
+        evaluate_every=cfg.evaluate_every, transfer_dtype=cfg.transfer_dtype, secure_aggregation=cfg.secure_aggregation,
+        dp_noise_multiplier=cfg.dp_noise_multiplier, dp_max_grad_norm=cfg.dp_max_grad_norm)
 
 
 def run_federated(cfg: SimulateConfig, prep: Prepared, out: Path, strategy: str, log: Log):

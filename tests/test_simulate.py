@@ -71,3 +71,22 @@ def test_same_seed_same_numbers_and_resume(first_run, tmp_path: Path) -> None:
     assert first["federated-fedavg"]["final"]["accuracy"] == pytest.approx(second["federated-fedavg"]["final"]["accuracy"], abs=0.02)
     resumed = simulate(again)  # every method is already done under the same config: nothing retrains
     assert "training" not in resumed.stderr
+
+
+def test_dp_sites_report_epsilon_per_round_and_half_precision_halves_the_bytes(tmp_path: Path) -> None:
+    """DP-SGD in the federated round (not only centrally), evaluation every 2nd round, float16 transfer."""
+    out = tmp_path / "dp"
+    simulate(out, "--no-baselines", "--dp-noise-multiplier", "1.0", "--evaluate-every", "2",
+             "--transfer-dtype", "float16", "--rounds", "3")
+    history = json.loads((out / "results.json").read_text())["methods"]["federated-fedavg"]["history"]
+    epsilons = [row["privacy"]["max_epsilon"] for row in history]
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2]  # the accountant composes over rounds
+    assert all(row["privacy"]["min_noise_multiplier"] == 1.0 and row["privacy"]["sites"] == 3 for row in history)
+    for row in history:
+        for site in row["sites"].values():
+            assert site["train"]["dp_epsilon"] <= row["privacy"]["max_epsilon"]
+    assert [bool(row["evaluate"]) for row in history] == [False, True, True]  # round 2, and the last one
+    ledgers = sorted((out / "federated-fedavg" / "privacy").glob("*.json"))
+    assert len(ledgers) == 3  # each virtual site's spending outlives its process
+    model_bytes = history[0]["bytes_sent"] / 3  # float32 global model to each of 3 sites
+    assert history[0]["bytes_received"] / 3 == pytest.approx(model_bytes / 2, rel=0.1)
