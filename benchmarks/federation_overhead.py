@@ -77,9 +77,11 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--evaluate-every", type=int, default=1, help="sites score the global model every N rounds")
     parser.add_argument("--cold-start", action="store_true", help="Flower's default: a fresh process per task")
+    parser.add_argument("--keep", default="", help="work in this folder and keep it (logs, state, history)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="leuk-overhead-") as tmp:
-        root = Path(tmp)
+        root = Path(args.keep or tmp)
+        root.mkdir(parents=True, exist_ok=True)
         names = [f"h{i}" for i in range(args.sites)]
         fed = LoopbackFederation(root, names, model=args.model, image_size=args.image_size)
         folders = site_folders(root, args.sites, args.images_per_site)

@@ -360,7 +360,7 @@ def approve_command(
 # --------------------------------------------------------------------------------------------
 
 APPROVALS_ENV = "LEUK_APPROVALS"
-WARM_ENV = "LEUK_WARM_CLIENTAPP"          # launcher: import first, then read the task token from stdin
+SUPEREXEC_FLAG = "--leuk-superexec"   # launcher: run leuk-client's forking SuperExec (client/warm_exec.py)
 CHECK_ONLY_ENV = "LEUK_GUARD_CHECK_ONLY"   # launcher: print the verdict and exit (0 approved, 3 refused)
 
 
@@ -432,15 +432,20 @@ refusal = _verdict()
 if os.environ.get({check_env!r}):
     print(refusal or "approved")
     sys.exit(3 if refusal else 0)
-if os.environ.get({warm_env!r}):
-    # A spare process of leuk-client's SuperExec: import now (verified code only), take the task later.
+if sys.argv[1:2] == [{superexec_flag!r}]:
+    # leuk-client's SuperExec, which forks every task from a process holding the imported code: only
+    # for approved code. Otherwise Flower's own SuperExec, whose fresh task processes (this launcher,
+    # found first on PATH) refuse each task with the reason.
     if refusal is None:
-        import leukfed.client.client_app, leukfed.models  # noqa: E401,F401
-    open(os.environ[{warm_env!r}], "w").close()  # ready: the SuperExec may hand over a task now
-    token = sys.stdin.readline().strip()
-    if not token:
-        sys.exit(0)
-    sys.argv += ["--token", token]
+        from leukfed.client.warm_exec import main   # verified code only
+        main(sys.argv[2:])
+    else:
+        print("leuk-superexec: not preparing processes:", refusal, flush=True)
+        args = dict(zip(sys.argv[2::2], sys.argv[3::2]))
+        import shutil
+        superexec = shutil.which("flower-superexec") or os.path.join(os.path.dirname(sys.executable), "flower-superexec")
+        os.execv(superexec, [superexec, "--insecure", "--runtime-api-address", args["--runtime-api-address"],
+                             "--parent-pid", args["--parent-pid"]])
 if refusal is None:
     from leukfed.client.approval import guarded_clientapp_main   # verified code only
     guarded_clientapp_main(APPROVALS)
@@ -475,7 +480,7 @@ def write_guarded_launcher(bin_dir: str | Path, approvals_file: str | Path, *,
     script = _LAUNCHER.format(
         python=sys.executable, pycache=str(pycache),
         root=str(Path(root).resolve() if root is not None else package_root()),
-        approvals=str(Path(approvals_file).resolve()), check_env=CHECK_ONLY_ENV, warm_env=WARM_ENV,
+        approvals=str(Path(approvals_file).resolve()), check_env=CHECK_ONLY_ENV, superexec_flag=SUPEREXEC_FLAG,
         stdlib_manifest=inspect.getsource(stdlib_manifest),
         manifest_changes=inspect.getsource(manifest_changes),
         describe_changes=inspect.getsource(describe_changes))

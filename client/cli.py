@@ -61,15 +61,17 @@ def _wait_for_server(host: str, port: int, ca, wait: float):
             time.sleep(2.0)
 
 
-def _approved_launcher(state: Path, approvals: Path | None) -> Path:
-    """Refuse to start with code the hospital has not approved; every task is checked again at launch."""
+def _approved_launcher(state: Path, approvals: Path | None) -> tuple[Path, Path]:
+    """Refuse to start with code the hospital has not approved; every task is checked again at launch.
+
+    Returns the guarded `flwr-clientapp` launcher and the approvals file."""
     from leukfed.client.approval import verify, write_guarded_launcher
 
     approvals = (approvals or state / "approvals.json").expanduser().resolve()
     verify(approvals)
     launcher = write_guarded_launcher(state / "bin", approvals)
     typer.echo(f"code approved ({approvals}); each task's code and app bundle are checked before they run")
-    return launcher
+    return launcher, approvals
 
 
 def _parse_server(server: str) -> tuple[str, int]:
@@ -97,8 +99,8 @@ def join(
     dp_budget: float = typer.Option(0.0, "--dp-budget", help="Lifetime privacy budget on this site's data (epsilon at the "
                                     "run's delta): stop contributing before a round would exceed it; refuse runs without DP. 0: none."),
     dp_noise: float = typer.Option(0.0, "--dp-noise", help="Train with at least this DP noise multiplier (0: the run's)."),
-    cold_start: bool = typer.Option(False, "--cold-start", help="Start every task's process from scratch (Flower's "
-                                    "default) instead of keeping the next one started and imported."),
+    cold_start: bool = typer.Option(False, "--cold-start", help="Start every task in a fresh process (Flower's "
+                                    "default) instead of forking it from a process that imported torch once."),
 ) -> None:
     """Check the data, check the server, start the SuperNode and keep it running."""
     if ctx.invoked_subcommand is not None:
@@ -117,7 +119,7 @@ def join(
     typer.echo(f"server {server} reachable" + (f", certificate sha256 {fingerprint}" if fingerprint else " (insecure)"))
     state = (state or Path.home() / ".leukfed" / site).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
-    launcher = _approved_launcher(state, approvals)
+    launcher, approvals = _approved_launcher(state, approvals)
     node_config = {"data-path": str(data.resolve()), "site-name": site, "audit-log": str(state / "audit.jsonl"),
                    "device": device, "server-fingerprint": fingerprint, "dp-budget": dp_budget,
                    "dp-noise-multiplier": dp_noise, "dp-ledger": str(state / "privacy-ledger.json")}
@@ -125,7 +127,8 @@ def join(
         node_config["secure-aggregation"] = "required"
     node = SuperNode(server, state_dir=state / "supernode", ca=ca, private_key=key, node_config=node_config,
                      insecure=insecure, env={"PATH": f"{launcher.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
-                     warm_launcher=None if cold_start else launcher)
+                     approved_launcher=None if cold_start else launcher,
+                     approvals=None if cold_start else approvals)
     stopping = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
     try:

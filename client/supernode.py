@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -61,7 +60,8 @@ class SuperNode:
         insecure: bool = False,
         runtime_port: int | None = None,
         env: Mapping[str, str] | None = None,
-        warm_launcher: str | Path | None = None,
+        approved_launcher: str | Path | None = None,
+        approvals: str | Path | None = None,
     ) -> None:
         if ca is None and not insecure:
             raise LeukError("no CA certificate given (the ca.crt from this site's folder)")
@@ -73,9 +73,11 @@ class SuperNode:
         self.insecure = insecure
         self.runtime_port = runtime_port
         self.env = dict(env or {})
-        # The site's approved flwr-clientapp launcher: with it, leuk's SuperExec keeps the next ClientApp
-        # process started and imported (client/warm_exec.py); without it, Flower starts each one cold.
-        self.warm_launcher = Path(warm_launcher).resolve() if warm_launcher else None
+        # With the site's guarded launcher and approvals file, leuk's SuperExec forks each ClientApp task
+        # from a process that imported torch once (client/warm_exec.py); else Flower starts each one cold.
+        self.fork_tasks = approved_launcher is not None and approvals is not None
+        self.approved_launcher = Path(approved_launcher).resolve() if approved_launcher else None
+        self.approvals = Path(approvals).resolve() if approvals else None
         self.proc: subprocess.Popen[bytes] | None = None
         self.executor: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
@@ -117,14 +119,18 @@ class SuperNode:
             cmd += ["--auth-supernode-private-key", str(self.private_key)]
         if self.node_config:
             cmd += ["--node-config", toml_pairs(self.node_config)]
-        if self.warm_launcher is not None:
+        if self.fork_tasks:
             cmd += ["--isolation", "process"]
         return cmd + ["--host", "127.0.0.1", "--port", str(port)]
 
     def executor_command(self, port: int, supernode_pid: int) -> list[str]:
-        """leuk's SuperExec for `--isolation process`: one ClientApp process always ready."""
-        return [sys.executable, "-m", "leukfed.client.warm_exec", "--runtime-api-address", f"127.0.0.1:{port}",
-                "--launcher", str(self.warm_launcher), "--parent-pid", str(supernode_pid)]
+        """leuk's SuperExec for `--isolation process`: ClientApp tasks forked from an imported process."""
+        from leukfed.client.approval import SUPEREXEC_FLAG
+
+        # Through the guarded launcher: it checks the installed code before importing any of it.
+        return [str(self.approved_launcher), SUPEREXEC_FLAG, "--runtime-api-address", f"127.0.0.1:{port}",
+                "--approvals", str(self.approvals), "--launcher", str(self.approved_launcher),
+                "--parent-pid", str(supernode_pid)]
 
     def start(self) -> SuperNode:
         """Start the node process (returns at once; see wait_joined)."""
@@ -147,7 +153,7 @@ class SuperNode:
                 cwd=self.state_dir,
                 start_new_session=True,  # own group: stop() also reaches SuperExec/ClientApp children
             )
-            if self.warm_launcher is not None:  # exits with the node (it watches the node's pid)
+            if self.fork_tasks:  # exits with the node (it watches the node's pid)
                 self.executor = subprocess.Popen(
                     self.executor_command(port, self.proc.pid), stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT, env=flower_env(self.flwr_home, self.env), cwd=self.state_dir,

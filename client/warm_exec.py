@@ -1,13 +1,17 @@
-"""A SuperExec for one site whose next ClientApp process is already started and has imported torch.
+"""A SuperExec for one site that starts each ClientApp task by forking a process that has imported torch.
 
-Flower 1.41 runs every train/evaluate message in a fresh `flwr-clientapp` process: importing torch,
-timm and leukfed costs seconds of every round at every site. This runs Flower's own SuperExec loop
-(`run_superexec`, polling the SuperNode's Runtime API) with one change, the executor: it keeps one
-spare ClientApp process that has done its imports and waits for a task token on stdin. A task
-goes to the spare when it is ready (else it starts as Flower would start it), and the next spare
-starts at once, importing while the task runs. The spare is the site's approved launcher
-(`leuk-client`'s guarded `flwr-clientapp`), which checks the code before importing it and again,
-with the task's app bundle, for every task.
+Flower 1.41 runs every train/evaluate message in a fresh `flwr-clientapp` process, and importing
+torch, timm and leukfed takes 6 s of CPU; with several processes starting at once on a small
+machine that becomes tens of seconds of every round. This runs Flower's own SuperExec loop
+(`run_superexec`, polling the SuperNode's Runtime API) with one change, the executor: the executor
+process imports the ClientApp's modules once (without running any torch operation, so forking
+stays safe), and each ClientApp task becomes a forked child that runs Flower's `flwr-clientapp`
+main with the task's token, as gunicorn's preload or Python's forkserver do.
+
+Approval (client/approval.py) is kept: the imported code is the code `leuk-client` verified at
+start, each child checks the task's app bundle and the installed code again before running, and
+if the installed files change after start, tasks go to the site's guarded launcher instead (a
+fresh process, which refuses unapproved code) until `leuk-client` restarts.
 
 Run by `SuperNode` (client/supernode.py) next to `flower-supernode --isolation process`.
 """
@@ -17,39 +21,40 @@ import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-from leukfed.client.approval import WARM_ENV
+import time
 
 TASK_POLL_INTERVAL_S = "0.2"       # Flower's default is 1 s between Runtime API polls
 
 
-class WarmExecutor:
-    """Flower's Executor protocol: ClientApp tasks go to a pre-started spare, other tasks start cold."""
+def _say(text: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} leuk-superexec: {text}", flush=True)
 
-    def __init__(self, launcher: str, runtime_api_address: str) -> None:
+
+class ForkingExecutor:
+    """Flower's Executor protocol: ClientApp tasks run in forked children, other tasks start cold."""
+
+    def __init__(self, runtime_api_address: str, approvals: str, launcher: str) -> None:
         from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 
-        self.launcher = launcher
+        from leukfed.client.approval import package_root, stdlib_manifest, verify
+        from leukfed.common.errors import LeukError
+
         self.runtime_api_address = runtime_api_address
+        self.approvals = approvals
+        self.launcher = launcher
         self.cold = SubprocessExecutor()
-        self.spare: subprocess.Popen[bytes] | None = None
-        self.ready_file = Path.cwd() / f"clientapp-ready-{os.getpid()}"  # the spare touches it when imported
-        self.active: list[subprocess.Popen[bytes]] = []
-
-    def _command(self) -> list[str]:
-        return [self.launcher, "--runtime-api-address", self.runtime_api_address, "--insecure",
-                "--parent-pid", str(os.getpid())]
-
-    def _start_spare(self) -> subprocess.Popen[bytes]:
-        self.ready_file.unlink(missing_ok=True)
-        return subprocess.Popen(self._command(), stdin=subprocess.PIPE,
-                                env={**os.environ, WARM_ENV: str(self.ready_file)})
-
-    def _spare_ready(self) -> bool:
-        """Only a spare that has finished its imports takes a task: a task token expires 30 s after
-        it is issued unless the process holding it sends heartbeats, which start after the imports."""
-        return self.spare is not None and self.spare.poll() is None and self.ready_file.exists()
+        self.children: set[int] = set()
+        self.root = package_root()
+        self.manifest = stdlib_manifest(self.root)
+        self.code_changed = False
+        try:
+            verify(approvals)  # the code about to be imported is the approved code
+        except LeukError as refusal:  # the launcher refuses each task with this reason
+            self.code_changed = True
+            _say(f"not preparing processes: {refusal}")
+            return
+        import leukfed.client.client_app  # noqa: F401  (torch, flwr, leukfed: imported once, here)
+        import leukfed.models  # noqa: F401
 
     def get_eligible_capacity(self, supported_task_types, *, insecure=False, root_certificates_path=None):
         return self.cold.get_eligible_capacity(supported_task_types, insecure=insecure,
@@ -58,53 +63,75 @@ class WarmExecutor:
     def wait_for_capacity(self, task_type=None, *, fab_hash=None, insecure=False, root_certificates_path=None):
         return None
 
+    def _same_code(self) -> bool:
+        from leukfed.client.approval import stdlib_manifest
+
+        if not self.code_changed and stdlib_manifest(self.root) != self.manifest:
+            self.code_changed = True
+            _say("the installed leukfed code changed since leuk-client started: tasks now start as fresh, "
+                 "checked processes; restart leuk-client to fork them again")
+        return not self.code_changed
+
     def launch(self, spec):
         from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec.executor.types import LaunchResult
 
+        args = ["--runtime-api-address", spec.runtime_api_address, "--insecure", "--token", spec.token]
         if (spec.task_type != TaskType.CLIENT_APP or spec.runtime_api_address != self.runtime_api_address
                 or not spec.insecure or spec.runtime_dependency_install):
             return self.cold.launch(spec)
-        if self._spare_ready():
-            process, self.spare = self.spare, None
-            try:
-                process.stdin.write(spec.token.encode() + b"\n")
-                process.stdin.close()
-            except OSError as exc:
-                return LaunchResult.failed(f"the prepared ClientApp process did not take the task: {exc}")
-        else:  # still importing (a busy machine): start this task as Flower would; the spare stays
-            process = subprocess.Popen([*self._command(), "--token", spec.token])
-        self.active.append(process)
-        self.reconcile()  # the next spare imports while this task runs
+        if not self._same_code():
+            self.children.add(subprocess.Popen([self.launcher, *args]).pid)
+            return LaunchResult.accepted()
+        pid = os.fork()
+        if pid == 0:
+            _run_task(self.approvals, args)  # never returns
+        self.children.add(pid)
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
-        """Between polls: reap finished tasks; keep one spare process started."""
-        self.active = [p for p in self.active if p.poll() is None]
-        if self.spare is None or self.spare.poll() is not None:
-            self.spare = self._start_spare()
+        """Between polls: reap finished tasks."""
+        for pid in list(self.children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.children.discard(pid)
 
     def close(self) -> None:
-        if self.spare is not None and self.spare.poll() is None:
-            self.spare.stdin.close()  # an empty token: the spare exits without running anything
-            try:
-                self.spare.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.spare.kill()
-        self.ready_file.unlink(missing_ok=True)
+        self.reconcile()
+
+
+def _run_task(approvals: str, args: list[str]) -> None:
+    """In the forked child: Flower's flwr-clientapp main for one task, then exit without returning."""
+    code = 1
+    try:
+        from leukfed.client.approval import guarded_clientapp_main
+
+        sys.argv = ["flwr-clientapp", *args, "--parent-pid", str(os.getppid())]
+        guarded_clientapp_main(approvals)
+        code = 0
+    except SystemExit as done:  # flwr-clientapp ends with sys.exit
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True)
-    parser.add_argument("--launcher", required=True, help="the site's approved flwr-clientapp launcher")
+    parser.add_argument("--approvals", required=True, help="the site's approvals file")
+    parser.add_argument("--launcher", required=True, help="the site's guarded flwr-clientapp (fresh processes)")
     parser.add_argument("--parent-pid", type=int, required=True, help="the flower-supernode process")
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", TASK_POLL_INTERVAL_S)
 
     from flwr.supercore.superexec import run_superexec as superexec
 
-    executor = WarmExecutor(args.launcher, args.runtime_api_address)
+    executor = ForkingExecutor(args.runtime_api_address, args.approvals, args.launcher)
     # Flower picks the executor by type inside run_superexec; ours replaces the subprocess one.
     superexec.get_executor = lambda *_, **__: executor
     sys.argv[0] = "leuk-superexec"

@@ -229,18 +229,31 @@ def test_guarded_supernodes_run_only_approved_bundles(tmp_path: Path) -> None:
                 [flower_executable("flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--insecure",
                  "--node-config", f"site-name='{site}'", "--host", "127.0.0.1", "--port", str(free_port())],
                 env=node_env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True))
+    from leukfed.client.supernode import SuperNode
+
+    nodes = []
+    for site, site_root in (("forked", root), ("forked-tampered", tampered)):  # leuk-client's default mode
+        approvals = tmp_path / site / "approvals.json"
+        approve(approvals, "Dr. G", root=site_root, fabs=[ECHO_APP])
+        launcher = write_guarded_launcher(tmp_path / site / "bin", approvals, root=site_root)
+        node = SuperNode(f"127.0.0.1:{port}", state_dir=tmp_path / site / "node", ca=None, private_key=None,
+                         insecure=True, node_config={"site-name": site}, approved_launcher=launcher,
+                         approvals=approvals, env={"PATH": f"{launcher.parent}{os.pathsep}{env['PATH']}",
+                                                   "PYTHONPATH": str(site_root.parent)})
+        nodes.append(node.start())
+        logs[site] = node.log_path
     atomic = tampered / "common" / "atomic.py"          # changed after the approval
     atomic.write_text(atomic.read_text() + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
     try:
         joined_by = time.monotonic() + 120                  # all three sites connected before the run starts
-        while not all("SuperNode ID" in log.read_text() for log in logs.values()):
+        while not all(log.exists() and "SuperNode ID" in log.read_text() for log in logs.values()):
             assert time.monotonic() < joined_by, {s: log.read_text()[-500:] for s, log in logs.items()}
             time.sleep(0.5)
         t0 = time.monotonic()
         deadline = t0 + 240
         while True:
             submitted = subprocess.run([flwr, "run", str(ECHO_APP), "link", "--format", "json", "--run-config",
-                                        "min-nodes=3 num-rounds=1 round-timeout=120.0"],
+                                        "min-nodes=5 num-rounds=1 round-timeout=120.0"],
                                        env=env, check=False, capture_output=True, text=True, timeout=120)
             try:
                 run_id = json.loads(submitted.stdout)["run-id"]
@@ -259,11 +272,18 @@ def test_guarded_supernodes_run_only_approved_bundles(tmp_path: Path) -> None:
                 pass
         seconds = time.monotonic() - t0
     finally:
+        for node in nodes:
+            node.stop()
         for process in reversed(processes):
             kill_process_group(process, 10)
-    strict, trusting, tampered_log = (strip_ansi(logs[s].read_text()) for s in ("strict", "trusting", "tampered"))
-    # Exactly the site whose approved code and bundle match answered.
-    assert run["status"] == "finished:failed" and "1 of 3 nodes replied" in run.get("status-details", ""), run
+    strict, trusting, tampered_log, forked, forked_tampered = (
+        strip_ansi(logs[s].read_text()) for s in ("strict", "trusting", "tampered", "forked", "forked-tampered"))
+    # Exactly the sites whose approved code and bundle match answered.
+    assert run["status"] == "finished:failed" and "2 of 5 nodes replied" in run.get("status-details", ""), run
+    assert "Sent successfully" in forked and "raised an exception" not in forked
+    # Forked tasks: code changed after leuk-client started goes to the guarded launcher, which refuses it.
+    assert "code changed since leuk-client started" in forked_tampered or "not preparing processes" in forked_tampered
+    assert "CodeNotApproved" in forked_tampered and "changed: common/atomic.py" in forked_tampered
     assert "refused app bundle leukfed-echo 1.0.0" in strict and "it carries code" in strict
     assert "CodeNotApproved" in tampered_log and "changed: common/atomic.py" in tampered_log
     assert not marker.exists()                          # the tampered module was never imported
