@@ -1148,9 +1148,36 @@ def simulation_scale_cmd(
 # --------------------------------------------------------------------------------------------
 
 @bench_app.command("overhead")
-def overhead_cmd() -> None:
-    """Federation overhead on loopback with the TLS deployment CLIs: not yet."""
-    typer.echo("overhead: not yet (needs the TLS deployment CLIs)")
+def overhead_cmd(
+    model: str = typer.Option("resnet18", help="Model every site trains."),
+    image_size: int = typer.Option(128, help="Input size in px."),
+    images_per_site: int = typer.Option(256, help="Training images per site (all_taleqani under LEUK_DATA_ROOT, else generated)."),
+    sites: int = typer.Option(3, help="Hospitals, each a real leuk-client on loopback."),
+    rounds: int = typer.Option(3, help="Rounds (the medians use rounds 2+)."),
+    evaluate_every: int = typer.Option(1, help="Sites score the global model every N rounds."),
+    cold_start: bool = typer.Option(False, "--cold-start", help="A fresh ClientApp process per task (Flower's default)."),
+    out: Path = typer.Option(DEFAULT_OUT, "--out", help="Folder for the JSON results and perf.jsonl."),
+) -> None:
+    """Federation overhead on loopback with TLS: (round - slowest site's training - server evaluation) / round."""
+    from leukfed.simulations.overhead import measure
+
+    params = dict(model=model, image_size=image_size, images_per_site=images_per_site, sites=sites, rounds=rounds,
+                  evaluate_every=evaluate_every, cold_start=cold_start)
+    result = measure(**params)
+    case = f"{model}@{image_size}px x{sites} sites ({'cold' if cold_start else 'forked'})"
+    rows = [row(case, "median_round_seconds", result["median_round_seconds"], "s"),
+            row(case, "median_overhead_share", result["median_overhead_share"], "fraction"),
+            row(case, "median_overhead_share_without_site_evaluation",
+                result["median_overhead_share_without_site_evaluation"], "fraction")]
+    path = save_result("overhead", params, result, rows, out)
+    typer.echo(format_table(["round", "round s", "slowest train s", "client start+load s", "transfer+scheduling s", "aggregation s",
+           "site evaluation s", "overhead share"],
+          [[r["round"], r["round_seconds"], r["slowest_site_train_seconds"], r["client_startup_and_load_seconds"],
+            r["transfer_and_scheduling_seconds"], r["aggregation_seconds"], r["evaluate_phase_seconds"],
+            r["overhead_share"]] for r in result["rounds"]]))
+    typer.echo(f"median overhead (rounds 2+): {100 * result['median_overhead_share']:.1f}% of the round "
+               f"({100 * result['median_overhead_share_without_site_evaluation']:.1f}% without the sites' "
+               f"evaluation phase); saved {path}")
 
 
 @bench_app.command("all")
@@ -1158,7 +1185,7 @@ def all_cmd(
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Folder for the JSON results and perf.jsonl."),
     simulation: bool = typer.Option(True, "--simulation/--no-simulation", help="Include simulation-scale (minutes)."),
 ) -> None:
-    """Every measurement at its default setting (overhead: not yet)."""
+    """Every measurement at its default setting (`--no-simulation` skips the slow simulation-scale and overhead)."""
     defaults = {
         "trainer": lambda: trainer_cmd(models=TRAINER_MODELS, repeats=3, warmup=1,
                                        device="auto", threads=0, num_classes=4, seed=0, out=out),
@@ -1175,10 +1202,11 @@ def all_cmd(
         defaults["simulation-scale"] = lambda: simulation_scale_cmd(
             sites=50, model="smallcnn", rounds=4, image_size=32, per_class=1250, batch_size=16,
             cpus_per_site=1.0, interval=0.5, work=None, out=out)
+        defaults["overhead"] = lambda: overhead_cmd(model="resnet18", image_size=128, images_per_site=256, sites=3,
+                                                    rounds=3, evaluate_every=1, cold_start=False, out=out)
     for name, run in defaults.items():
         typer.echo(f"== {name}")
         run()
-    overhead_cmd()
 
 
 if __name__ == "__main__":  # `python -m leukfed.simulations.bench ...` before `leuk bench` is mounted

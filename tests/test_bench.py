@@ -90,8 +90,17 @@ def test_transfer_bytes(tmp_path: Path) -> None:
     assert ratios["float32"] >= 1.0 > ratios["float16"] and ratios["bfloat16"] < 1.0
 
 
-def test_overhead_is_a_stub() -> None:
-    assert "not yet" in invoke("overhead")
+@pytest.mark.slow
+def test_overhead_runs_a_real_federation_and_splits_each_round(tmp_path: Path) -> None:
+    """Real leuk-server and leuk-client processes with TLS on loopback, tiny model."""
+    invoke("overhead", "--model", "tinycnn", "--image-size", "16", "--images-per-site", "16", "--sites", "2",
+           "--rounds", "2", "--out", str(tmp_path))
+    data = saved(tmp_path, "overhead")
+    assert [r["round"] for r in data["rounds"]] == [1, 2]
+    for r in data["rounds"]:
+        assert 0 <= r["overhead_share"] <= 1 and r["round_seconds"] >= r["slowest_site_train_seconds"] > 0
+        assert r["bytes_sent"] > 0 and r["bytes_received"] > 0
+    assert 0 <= data["median_overhead_share_without_site_evaluation"] <= data["median_overhead_share"] <= 1
 
 
 @pytest.mark.parametrize("array", [
