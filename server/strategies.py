@@ -517,6 +517,16 @@ class ReplyGuard:
             return self._aggregate_train_fused(server_round, replies)
         return self._aggregate_train_materialised(server_round, replies)
 
+    def _open_train_reply(self, msg: Message) -> tuple[int, ArrayRecord | None, dict] | None:
+        """Log a failed reply (None) or count its bytes; return (node, arrays record, metrics)."""
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            self.log.failures.append({"node": node, "phase": "train", "reason": msg.error.reason})
+            return None
+        record = msg.content.array_records.get("arrays")
+        self.log.bytes_received += record.count_bytes() if record is not None else 0
+        return node, record, dict(next(iter(msg.content.metric_records.values()), {}))
+
     def _aggregate_train_fused(self, server_round: int, replies: Iterable[Message]):
         """FedAvg's weighted mean of the replies that pass the guard, in one pass over their bytes.
 
@@ -529,13 +539,9 @@ class ReplyGuard:
         fused.prepare(self.reference)
         seen: list[_Update] = []
         for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                self.log.failures.append({"node": node, "phase": "train", "reason": msg.error.reason})
+            if (opened := self._open_train_reply(msg)) is None:
                 continue
-            record = msg.content.array_records.get("arrays")
-            self.log.bytes_received += record.count_bytes() if record is not None else 0
-            metrics = dict(next(iter(msg.content.metric_records.values()), {}))
+            node, record, metrics = opened
             self.log.train[node] = metrics
             update = _Update(msg, node, _reply_weight(msg, self.weighted_by_key))
             update.problem = "no arrays in reply" if record is None else fused.read(update, record)
@@ -575,14 +581,10 @@ class ReplyGuard:
         materialised arrays: each reply is decoded (and half precision widened) once."""
         accepted = []
         for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                self.log.failures.append({"node": node, "phase": "train", "reason": msg.error.reason})
+            if (opened := self._open_train_reply(msg)) is None:
                 continue
-            record = msg.content.array_records.get("arrays")
-            self.log.bytes_received += record.count_bytes() if record is not None else 0
+            node, record, metrics = opened
             arrays = decode_arrays(record) if record is not None else {}  # decoded once, half precision widened
-            metrics = dict(next(iter(msg.content.metric_records.values()), {}))
             problem = ("no arrays in reply" if record is None else reply_problem(arrays, self.reference)) \
                 or noise_problem(metrics, self.min_noise_multiplier)
             if problem is None:
