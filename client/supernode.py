@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from leukfed.server.flower_env import (
     ConfigValue,
     claim_pidfile,
     flower_env,
+    flower_executable,
     free_port,
     kill_process_group,
     strip_ansi,
@@ -31,8 +31,6 @@ REFUSED_WINDOW_S = 90.0
 STABLE_S = 120.0  # a node up this long resets the restart counter
 EventFn = Callable[[str, str], None]
 
-
-NODE_MODULE = "leukfed.client.prompt_supernode"  # Flower's flower-supernode with shorter waits
 
 @dataclass(frozen=True)
 class NodeExit:
@@ -115,7 +113,7 @@ class SuperNode:
 
     def command(self, port: int) -> list[str]:
         """The flower-supernode command line (never with runtime dependency installation)."""
-        cmd = [sys.executable, "-m", NODE_MODULE, "--superlink", self.superlink]  # flower-supernode, prompter
+        cmd = [flower_executable("flower-supernode"), "--superlink", self.superlink]
         cmd += ["--insecure"] if self.insecure else ["--root-certificates", str(self.ca)]
         if self.private_key is not None:
             cmd += ["--auth-supernode-private-key", str(self.private_key)]
@@ -171,7 +169,7 @@ class SuperNode:
         if not self._marker_read and self.alive_path.exists():
             self._unclean_at = max(self._unclean_at, self.alive_path.stat().st_mtime)
         self._marker_read = True
-        claim_pidfile(self.pid_path, NODE_MODULE, f"a SuperNode for {self.state_dir}")
+        claim_pidfile(self.pid_path, "flower-supernode", f"a SuperNode for {self.state_dir}")
 
     def running(self) -> bool:
         """True while the node process is alive."""
