@@ -360,7 +360,7 @@ def approve_command(
 # --------------------------------------------------------------------------------------------
 
 APPROVALS_ENV = "LEUK_APPROVALS"
-SUPEREXEC_FLAG = "--leuk-superexec"   # launcher: run leuk-client's forking SuperExec (client/warm_exec.py)
+SUPEREXEC_FLAG = "--leuk-superexec"   # launcher: run leuk-client's forking SuperExec (client/fork_exec.py)
 CHECK_ONLY_ENV = "LEUK_GUARD_CHECK_ONLY"   # launcher: print the verdict and exit (0 approved, 3 refused)
 
 
@@ -437,7 +437,7 @@ if sys.argv[1:2] == [{superexec_flag!r}]:
     # for approved code. Otherwise Flower's own SuperExec, whose fresh task processes (this launcher,
     # found first on PATH) refuse each task with the reason.
     if refusal is None:
-        from leukfed.client.warm_exec import main   # verified code only
+        from leukfed.client.fork_exec import main   # verified code only
         main(sys.argv[2:])
     else:
         print("leuk-superexec: not preparing processes:", refusal, flush=True)

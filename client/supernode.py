@@ -74,7 +74,7 @@ class SuperNode:
         self.runtime_port = runtime_port
         self.env = dict(env or {})
         # With the site's guarded launcher and approvals file, leuk's SuperExec forks each ClientApp task
-        # from a process that imported torch once (client/warm_exec.py); else Flower starts each one cold.
+        # from a process that imported torch once (client/fork_exec.py); else Flower starts each one cold.
         self.fork_tasks = approved_launcher is not None and approvals is not None
         self.approved_launcher = Path(approved_launcher).resolve() if approved_launcher else None
         self.approvals = Path(approvals).resolve() if approvals else None
