@@ -3,7 +3,7 @@ aggregation, evaluation; and the federation overhead as a share of the round.
 
 Usage (from the repository root):
     LEUK_DATA_ROOT=../shared/datasets python benchmarks/federation_overhead.py \\
-        [--model resnet18 --image-size 128 --images-per-site 256 --sites 3 --rounds 3] [--cold-start]
+        [--model resnet18 --image-size 128 --images-per-site 256 --sites 3 --rounds 3] [--cold-start] [--evaluate-separately]
 Appends one row to benchmarks/results/federation_overhead.jsonl (with the machine and the command).
 The same measurement: `leuk bench overhead` (simulations/overhead.py).
 """
@@ -32,10 +32,12 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--evaluate-every", type=int, default=1, help="sites score the global model every N rounds")
     parser.add_argument("--cold-start", action="store_true", help="Flower's default: a fresh process per task")
+    parser.add_argument("--evaluate-separately", action="store_true",
+                        help="Flower's default: site evaluation in a message of its own each round")
     parser.add_argument("--keep", default="", help="work in this folder and keep it (logs, state, history)")
     args = parser.parse_args()
     result = measure(args.model, args.image_size, args.images_per_site, args.sites, args.rounds, args.local_epochs,
-                     args.evaluate_every, args.cold_start, args.keep)
+                     args.evaluate_every, args.cold_start, args.keep, args.evaluate_separately)
     row = {"benchmark": "federation_overhead", **result, "machine": machine_info(),
            "command": "python benchmarks/federation_overhead.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -49,17 +49,28 @@ def train(msg: Message, context: Context) -> Message:
     data = load_site_data(fed, site)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 1)) + int(config.get("round-offset", 0))
+    state = decode_state(msg.content["arrays"])
+    # The server asks for the previous round's scores here rather than in a message of their own.
+    scores = score_first(fed, site, data, state) if config.get("evaluate-first") else {}
     try:
-        result = local_train(fed, site, data, decode_state(msg.content["arrays"]), server_round,
+        result = local_train(fed, site, data, state, server_round,
                              proximal_mu=float(config.get("proximal-mu", 0.0)), run_id=msg.metadata.run_id)
     except BudgetSpent as exc:
         # A deliberate refusal, not a crash: one clean line in the server's failures and the audit log.
         append_audit(site, msg, kind="train-refused", metrics={"reason": str(exc)}, sent=None)
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)), reply_to=msg)
-    metrics = {**result.metrics, "load_seconds": data.load_seconds}
+    metrics = {**result.metrics, "load_seconds": data.load_seconds, **scores}
     arrays = encode_state(result.state, fed.transfer_dtype)
     return _reply(msg, fed, site, kind="train", num_examples=result.num_examples, metrics=metrics,
                   arrays=arrays, started=started)
+
+
+def score_first(fed: FedConfig, site: SiteConfig, data, state) -> dict[str, float]:
+    """The received global model's scores on the site's validation split, as `eval_*` train metrics."""
+    started = time.perf_counter()
+    result = local_evaluate(fed, site, data, state)
+    return {**suppress_small(result.metrics, result.num_examples, fed.min_metric_examples),
+            "eval_num_examples": result.num_examples, "eval_seconds": time.perf_counter() - started}
 
 
 @app.train("secagg")

@@ -50,6 +50,8 @@ class FedConfig:
     partition_file: str = ""           # simulation: which samples each virtual site holds
     site_val_fraction: float = 0.15
     evaluate_every: int = 1            # sites score the global model every N rounds and after the last; 0: last only
+    evaluate_with_train: bool = True   # round r's model is scored at the start of round r+1's train task
+                                       # (one model download per round); the last round's alone
     secure_aggregation: bool = False   # the server sees only the sum of the sites' updates
     secagg_threshold: int = 0          # 0: a majority of the sites, at least 2
     secagg_clip: float = 1024.0        # per-element bound on a site's update (new - global)

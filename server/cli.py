@@ -96,6 +96,9 @@ def serve(
     insecure: bool = typer.Option(False, "--insecure", help="No TLS and no site authentication (testing only)."),
     evaluate_every: int = typer.Option(1, "--evaluate-every", help="Sites score the global model every N rounds "
                                        "and after the last (0: after the last only)."),
+    evaluate_separately: bool = typer.Option(False, "--evaluate-separately", help="Send the model again in an "
+                                             "evaluation message of its own each round (default: the sites score "
+                                             "it at the start of the next round's training; the last round alone)."),
     secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="Masked updates: the server sees only "
                                             "the sum of the sites' updates (fedavg, fedprox, fedadam, fedyogi)."),
     secagg_threshold: int = typer.Option(0, "--secagg-threshold", help="Sites needed to unmask (0: a majority, at least 2)."),
@@ -117,8 +120,8 @@ def serve(
                     lr=lr, proximal_mu=proximal_mu, server_lr=server_lr, min_sites=min_sites,
                     round_timeout=round_timeout, transfer_dtype=transfer_dtype, seed=seed, state_dir=str(state),
                     resume=resume, eval_data=str(eval_data.resolve()) if eval_data else "",
-                    evaluate_every=evaluate_every, secure_aggregation=secure_aggregation,
-                    secagg_threshold=secagg_threshold, dp_noise_multiplier=dp_noise, dp_max_grad_norm=dp_max_grad_norm,
+                    evaluate_every=evaluate_every, evaluate_with_train=not evaluate_separately,
+                    secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold, dp_noise_multiplier=dp_noise, dp_max_grad_norm=dp_max_grad_norm,
                     dp_delta=dp_delta, dp_min_noise_multiplier=dp_min_noise)
     _check_state(state, resume, fed)
     if insecure:

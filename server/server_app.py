@@ -90,6 +90,8 @@ def round_row(round_: int, strategy, server_metrics: dict | None,
     """One history entry: per-site and aggregated metrics, bytes and timings."""
     log_ = strategy.log
     slowest = max((m.get("train_seconds", 0.0) for m in log_.train.values()), default=0.0)
+    scoring = {n: m.get("eval_seconds", 0.0) for n, m in log_.evaluate_in_train.items()}
+    slowest_work = max((m.get("train_seconds", 0.0) + scoring.get(n, 0.0) for n, m in log_.train.items()), default=0.0)
     return {
         "round": round_,
         "sites_sampled": len(log_.sites_sampled),
@@ -106,12 +108,28 @@ def round_row(round_: int, strategy, server_metrics: dict | None,
         "round_seconds": round_seconds,
         "train_phase_seconds": log_.train_phase_seconds,
         "slowest_site_train_seconds": slowest,
+        "slowest_site_work_seconds": slowest_work,   # training plus scoring the previous model, if asked
         "privacy": round_privacy(log_.train),
         "aggregation_seconds": log_.aggregation_seconds,
         "evaluate_phase_seconds": log_.evaluate_phase_seconds,
         "server_evaluate_seconds": server_eval_seconds,
         "time": time.time(),
     }
+
+
+def attach_evaluation(history: list[dict], log_, current_round: int) -> dict | None:
+    """The sites scored an earlier round's model in this round's train task: that round's entry gets
+    the scores (what its own evaluation message would have brought back)."""
+    if not log_.evaluated_round:
+        return None
+    row = next((r for r in reversed(history) if r["round"] == log_.evaluated_round), None)
+    if row is None:
+        return None
+    row["evaluate"] = log_.aggregated_evaluate_in_train
+    for node, scores in log_.evaluate_in_train.items():
+        row["sites"].setdefault(str(node), {"train": {}})["evaluate"] = scores
+    row["evaluated_in_round"] = current_round
+    return row
 
 
 def print_round(row: dict, total_rounds: int) -> None:
@@ -170,9 +188,13 @@ def main(grid: Grid, context: Context) -> None:
                         time.perf_counter() - strategy.log.started)
         if fed.secure_aggregation and train_grid.last_report is not None:
             row["secure_aggregation"] = dataclasses.asdict(train_grid.last_report)
+        scored = attach_evaluation(history, strategy.log, round_)
         history.append(row)
         save_round(state_dir, round_=round_, state=state, strategy_state=strategy_state(strategy),
                    fed=fed, class_names=class_names, history=history)
+        if scored and isinstance(scored["evaluate"].get("eval_accuracy"), float):
+            log(f"round {scored['round']} model, scored by the sites in round {round_}: "
+                f"accuracy {scored['evaluate']['eval_accuracy']:.4f}")
         print_round(row, fed.rounds)
         final_metrics = server_metrics or row["evaluate"]
         return MetricRecord({k: v for k, v in (server_metrics or {}).items() if isinstance(v, (int, float))})

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import (FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi,
@@ -20,6 +20,7 @@ from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consis
 from leukfed.client.records import BF16_SUFFIX, NpyError, decode_arrays, npy_header, npy_header_for
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.privacy import noise_problem
+from leukfed.server.kernels import fused_step
 
 
 @dataclass
@@ -41,6 +42,9 @@ class RoundLog:
     bytes_received: int = 0
     aggregated_train: dict = field(default_factory=dict)
     aggregated_evaluate: dict = field(default_factory=dict)
+    evaluated_round: int = 0    # the earlier round whose model the sites scored in this round's train task
+    evaluate_in_train: dict[int, dict] = field(default_factory=dict)   # node id -> those metrics
+    aggregated_evaluate_in_train: dict = field(default_factory=dict)
 
 
 def reply_problem(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> str | None:
@@ -66,6 +70,16 @@ def update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray])
             delta = value.ravel() - reference[key].ravel()
             total += float(np.dot(delta, delta))
     return math.sqrt(total)
+
+
+def split_evaluation(metrics: dict) -> tuple[dict, dict]:
+    """A train reply's own metrics, and the scores of the previous global model it carries (`eval_*`,
+    counted by `eval_num_examples`, which becomes their `num-examples`)."""
+    train = {k: v for k, v in metrics.items() if not k.startswith("eval_")}
+    scores = {k: v for k, v in metrics.items() if k.startswith("eval_") and k != "eval_num_examples"}
+    if "eval_num_examples" in metrics:
+        scores["num-examples"] = metrics["eval_num_examples"]
+    return train, scores
 
 
 def keep_common_metrics(messages: list[Message]) -> None:
@@ -174,9 +188,13 @@ class FusedMean:
     which gives FedAvg's result bit for bit.
     """
 
-    def __init__(self, chunk: int = FUSED_CHUNK, pack_below: int = PACK_BELOW) -> None:
+    def __init__(self, chunk: int = FUSED_CHUNK, pack_below: int = PACK_BELOW, compiled: bool | None = None) -> None:
+        """compiled: the numba loop (`server/kernels.py`); None: when numba is installed."""
         self.chunk, self.pack_below = chunk, pack_below
         self.signature: tuple | None = None
+        self.step = fused_step() if compiled is not False else None
+        if compiled and self.step is None:
+            raise RuntimeError("the compiled aggregation loop needs numba (pip install 'leukfed[fast]')")
 
     @staticmethod
     def supports(reference: dict[str, np.ndarray]) -> bool:
@@ -373,7 +391,39 @@ class FusedMean:
         for u in updates:
             u.factor, u.sq = (u.weight / total if total > 0 else 0.0), 0.0
         with _one_thread():
-            return self._first_pass(updates) and total > 0
+            exact = self._compiled_pass(updates) if self.step is not None else self._first_pass(updates)
+        return exact and total > 0
+
+    def _compiled_pass(self, updates: list[_Update]) -> bool:
+        """The same pass as `_first_pass` with one compiled loop per chunk and update: x is read once,
+        and the sum is built in place (an update found non-finite makes the sum inexact: summed again)."""
+        exact, active, step, isfinite = True, list(updates), self.step, math.isfinite
+        for seg in self.segments:
+            ref, acc, first, dropped = seg.ref, seg.acc, True, False
+            for u in active:
+                x = self._chunk(u, seg)
+                part = step(x, ref, acc, np.float32(u.factor), first)
+                first = False
+                if isfinite(part):
+                    u.sq += part
+                else:
+                    exact = False
+                    dropped = self._nonfinite(u, x, seg) or dropped
+            if dropped:
+                active = [u for u in active if u.problem is None]
+            if seg.key is None and not first:
+                self._scatter(seg)
+        return exact
+
+    def _nonfinite(self, u: _Update, x: np.ndarray, seg: _Segment) -> bool:
+        """A chunk whose distance to the global model is not finite: True when it holds NaN/Inf (the
+        update is dropped), else its values are finite but too far apart for float32 (norm: inf)."""
+        key = self._nonfinite_key(x, seg)
+        if key is None:
+            u.sq = math.inf
+            return False
+        u.problem = f"array {key} contains NaN or Inf"
+        return True
 
     def _first_pass(self, updates: list[_Update]) -> bool:
         import torch
@@ -397,11 +447,7 @@ class FusedMean:
                         used += 1
                         continue
                     exact = False      # this row is not summed (the next update overwrites it)
-                    key = self._nonfinite_key(x, seg)
-                    if key is None:
-                        u.sq = math.inf        # finite values whose distance overflows float32
-                    else:
-                        u.problem, dropped = f"array {key} contains NaN or Inf", True
+                    dropped = self._nonfinite(u, x, seg) or dropped
                 if not used:
                     continue
                 block, weights = rows_t[:used, :n].t(), factors_t[:used]
@@ -487,13 +533,18 @@ class ReplyGuard:
 
     norm_outlier_factor: float = 10.0
 
-    def setup_guard(self, min_noise_multiplier: float = 0.0, evaluate_every: int = 1, rounds: int = 0) -> None:
+    def setup_guard(self, min_noise_multiplier: float = 0.0, evaluate_every: int = 1, rounds: int = 0,
+                    evaluate_with_train: bool = False) -> None:
         self.log = RoundLog()
         self.reference: dict[str, np.ndarray] = {}
         self.min_noise_multiplier = min_noise_multiplier
         self.evaluate_every = evaluate_every
         self.rounds = rounds
         self.round_offset = 0  # a resumed run's strategy counts its rounds from 1 again
+        # Round r's evaluation message would carry the same model as round r+1's train message: the sites
+        # score it there instead, before training. Only the last round sends an evaluation message.
+        self.evaluate_with_train = evaluate_with_train
+        self.deferred_round = 0
 
     def evaluates_in(self, server_round: int) -> bool:
         """Sites score the global model every `evaluate_every` rounds and always after the last one."""
@@ -502,6 +553,9 @@ class ReplyGuard:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.log = RoundLog()
+        if self.deferred_round:
+            config = ConfigRecord({**dict(config), "evaluate-first": True})
+            self.log.evaluated_round, self.deferred_round = self.deferred_round, 0
         self.reference = {k: v.numpy() for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.log.started = time.perf_counter()  # after sampling: waiting for sites to connect is not round time
@@ -514,8 +568,21 @@ class ReplyGuard:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         if self.fused_mean and _plain_weighted_mean(self) and FusedMean.supports(self.reference):
-            return self._aggregate_train_fused(server_round, replies)
-        return self._aggregate_train_materialised(server_round, replies)
+            result = self._aggregate_train_fused(server_round, replies)
+        else:
+            result = self._aggregate_train_materialised(server_round, replies)
+        self._aggregate_evaluation_in_train()
+        return result
+
+    def _aggregate_evaluation_in_train(self) -> None:
+        """The previous model's scores that came with the train replies, aggregated as Flower's
+        aggregate_evaluate would (weighted by the sites' evaluation counts)."""
+        scores = [m for m in self.log.evaluate_in_train.values() if m.get("num-examples")]
+        if not scores:
+            return
+        common = set.intersection(*(set(m) for m in scores))
+        contents = [RecordDict({"metrics": MetricRecord({k: m[k] for k in common})}) for m in scores]
+        self.log.aggregated_evaluate_in_train = dict(self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key))
 
     def _open_train_reply(self, msg: Message) -> tuple[int, ArrayRecord | None, dict] | None:
         """Log a failed reply (None) or count its bytes; return (node, arrays record, metrics)."""
@@ -525,7 +592,12 @@ class ReplyGuard:
             return None
         record = msg.content.array_records.get("arrays")
         self.log.bytes_received += record.count_bytes() if record is not None else 0
-        return node, record, dict(next(iter(msg.content.metric_records.values()), {}))
+        name, metric_record = next(iter(msg.content.metric_records.items()), (None, None))
+        metrics, scores = split_evaluation(dict(metric_record or {}))
+        if scores:   # the previous model's scores are not training metrics: FedAvg must not average them
+            self.log.evaluate_in_train[node] = scores
+            msg.content[name] = MetricRecord(metrics)
+        return node, record, metrics
 
     def _aggregate_train_fused(self, server_round: int, replies: Iterable[Message]):
         """FedAvg's weighted mean of the replies that pass the guard, in one pass over their bytes.
@@ -637,6 +709,9 @@ class ReplyGuard:
         self.log.evaluate_phase_started = time.perf_counter()
         if not self.evaluates_in(server_round):
             return []
+        if self.evaluate_with_train and server_round + self.round_offset < self.rounds:
+            self.deferred_round = server_round + self.round_offset   # scored in the next train task
+            return []
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self.log.bytes_sent += sum(m.content["arrays"].count_bytes() for m in messages)
         return messages
@@ -674,8 +749,10 @@ def make_strategy(fed: FedConfig):
              "fedyogi": {"eta": fed.server_lr}, "fedtrimmedavg": {"beta": fed.trim_beta},
              "krum": {"num_malicious_nodes": fed.krum_malicious}}.get(fed.strategy, {})
     strategy = guarded(**common, **extra)
+    # Every site trains every round and sees the plain train message: only then can it score the model.
+    with_train = fed.evaluate_with_train and fed.fraction_train >= 1.0 and not fed.secure_aggregation
     strategy.setup_guard(min_noise_multiplier=fed.dp_min_noise_multiplier, evaluate_every=fed.evaluate_every,
-                         rounds=fed.rounds)
+                         rounds=fed.rounds, evaluate_with_train=with_train)
     return strategy
 
 

@@ -705,7 +705,7 @@ def aggregation_cmd(
     from leukfed.client.records import encode_state, widen
     from leukfed.common.fedconfig import FedConfig
     from leukfed.models import create_model
-    from leukfed.server.strategies import RoundLog, make_strategy
+    from leukfed.server.strategies import FusedMean, RoundLog, make_strategy
 
     params = dict(model=model, num_classes=num_classes, updates=updates, transfer_dtype=transfer_dtype,
                   repeats=repeats, materialised=materialised)
@@ -746,9 +746,10 @@ def aggregation_cmd(
                 held["flower"] = aggregate_arrayrecords([_widened_content(c, widen) for c in contents], "num-examples")
         return _timed(run)
 
-    def guarded(fused: bool) -> Callable[[], float]:
+    def guarded(fused: bool, compiled: bool | None = None) -> Callable[[], float]:
         strategy = make_strategy(FedConfig(strategy="fedavg", min_sites=updates))
         strategy.fused_mean = fused
+        strategy._fused = FusedMean(compiled=compiled)
 
         def run() -> float:
             fresh = [_copy_reply(m) for m in replies]   # the materialised path replaces content["arrays"]
@@ -764,6 +765,8 @@ def aggregation_cmd(
 
     ours = "reply_guard_fedavg (ours)"
     cases = {"numpy_sum_reference": numpy_sum, "flower_aggregate_arrayrecords": flower, ours: guarded(True)}
+    if FusedMean().step is not None:   # the production path is numba's loop: also time the one without it
+        cases["reply_guard_fedavg without numba (numpy/torch loop)"] = guarded(True, compiled=False)
     if materialised:
         cases["reply_guard materialised path (before; robust strategies)"] = guarded(False)
     times = interleaved(cases, repeats, warmup=1)
@@ -1156,13 +1159,15 @@ def overhead_cmd(
     rounds: int = typer.Option(3, help="Rounds (the medians use rounds 2+)."),
     evaluate_every: int = typer.Option(1, help="Sites score the global model every N rounds."),
     cold_start: bool = typer.Option(False, "--cold-start", help="A fresh ClientApp process per task (Flower's default)."),
+    evaluate_separately: bool = typer.Option(False, "--evaluate-separately",
+                                             help="Site evaluation in a message of its own (Flower's default)."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Folder for the JSON results and perf.jsonl."),
 ) -> None:
     """Federation overhead on loopback with TLS: (round - slowest site's training - server evaluation) / round."""
     from leukfed.simulations.overhead import measure
 
     params = dict(model=model, image_size=image_size, images_per_site=images_per_site, sites=sites, rounds=rounds,
-                  evaluate_every=evaluate_every, cold_start=cold_start)
+                  evaluate_every=evaluate_every, cold_start=cold_start, evaluate_separately=evaluate_separately)
     result = measure(**params)
     case = f"{model}@{image_size}px x{sites} sites ({'cold' if cold_start else 'forked'})"
     rows = [row(case, "median_round_seconds", result["median_round_seconds"], "s"),
@@ -1171,10 +1176,10 @@ def overhead_cmd(
                 result["median_overhead_share_without_site_evaluation"], "fraction")]
     path = save_result("overhead", params, result, rows, out)
     typer.echo(format_table(["round", "round s", "slowest train s", "client start+load s", "transfer+scheduling s", "aggregation s",
-           "site evaluation s", "overhead share"],
+           "scoring in train s", "evaluation phase s", "overhead share"],
           [[r["round"], r["round_seconds"], r["slowest_site_train_seconds"], r["client_startup_and_load_seconds"],
-            r["transfer_and_scheduling_seconds"], r["aggregation_seconds"], r["evaluate_phase_seconds"],
-            r["overhead_share"]] for r in result["rounds"]]))
+            r["transfer_and_scheduling_seconds"], r["aggregation_seconds"], r["slowest_site_scoring_in_train_seconds"],
+            r["evaluate_phase_seconds"], r["overhead_share"]] for r in result["rounds"]]))
     typer.echo(f"median overhead (rounds 2+): {100 * result['median_overhead_share']:.1f}% of the round "
                f"({100 * result['median_overhead_share_without_site_evaluation']:.1f}% without the sites' "
                f"evaluation phase); saved {path}")
@@ -1203,7 +1208,8 @@ def all_cmd(
             sites=50, model="smallcnn", rounds=4, image_size=32, per_class=1250, batch_size=16,
             cpus_per_site=1.0, interval=0.5, work=None, out=out)
         defaults["overhead"] = lambda: overhead_cmd(model="resnet18", image_size=128, images_per_site=256, sites=3,
-                                                    rounds=3, evaluate_every=1, cold_start=False, out=out)
+                                                    rounds=3, evaluate_every=1, cold_start=False,
+                                                    evaluate_separately=False, out=out)
     for name, run in defaults.items():
         typer.echo(f"== {name}")
         run()

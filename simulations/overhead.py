@@ -42,17 +42,20 @@ def breakdown(row: dict) -> dict:
     sites = [s["train"] for s in row["sites"].values() if s["train"]]
     slowest_train = max(s.get("train_seconds", 0.0) for s in sites)
     slowest_client = max(s.get("client_seconds", 0.0) for s in sites)
+    # Scoring the previous model inside the train task (the default) is the sites' evaluation work.
+    slowest_work = max(row.get("slowest_site_work_seconds", slowest_train), slowest_train)
     round_s = row["round_seconds"]
     train_phase = row["train_phase_seconds"]
     return {
         "round": row["round"], "round_seconds": round_s, "slowest_site_train_seconds": slowest_train,
-        "client_startup_and_load_seconds": slowest_client - slowest_train,
+        "slowest_site_scoring_in_train_seconds": slowest_work - slowest_train,
+        "client_startup_and_load_seconds": slowest_client - slowest_work,
         "transfer_and_scheduling_seconds": train_phase - slowest_client - row["aggregation_seconds"],
         "aggregation_seconds": row["aggregation_seconds"], "evaluate_phase_seconds": row["evaluate_phase_seconds"],
         "server_evaluate_seconds": row["server_evaluate_seconds"],
         "overhead_share": (round_s - slowest_train - row["server_evaluate_seconds"]) / round_s,
         # The sites' federated evaluation is work too; this share counts only what federation adds to training.
-        "overhead_share_without_site_evaluation": (round_s - slowest_train - row["server_evaluate_seconds"]
+        "overhead_share_without_site_evaluation": (round_s - slowest_work - row["server_evaluate_seconds"]
                                                    - row["evaluate_phase_seconds"]) / round_s,
         "bytes_sent": row["bytes_sent"], "bytes_received": row["bytes_received"],
     }
@@ -60,7 +63,7 @@ def breakdown(row: dict) -> dict:
 
 def measure(model: str = "resnet18", image_size: int = 128, images_per_site: int = 256, sites: int = 3,
             rounds: int = 3, local_epochs: int = 1, evaluate_every: int = 1, cold_start: bool = False,
-            keep: str = "") -> dict:
+            keep: str = "", evaluate_separately: bool = False) -> dict:
     """Run one federation and split every round's time; medians over rounds 2+ (round 1 includes joining)."""
     with tempfile.TemporaryDirectory(prefix="leuk-overhead-") as tmp:
         root = Path(keep or tmp)
@@ -71,7 +74,8 @@ def measure(model: str = "resnet18", image_size: int = 128, images_per_site: int
         start = time.time()
         try:
             server = fed.server("--rounds", str(rounds), "--min-sites", str(sites), "--local-epochs",
-                                str(local_epochs), "--pretrained", "none", "--evaluate-every", str(evaluate_every))
+                                str(local_epochs), "--pretrained", "none", "--evaluate-every", str(evaluate_every),
+                                *(["--evaluate-separately"] if evaluate_separately else []))
             fed.wait_submitted()
             for name, folder in zip(names, folders):
                 fed.client(name, folder, *(["--cold-start"] if cold_start else []))
@@ -83,6 +87,7 @@ def measure(model: str = "resnet18", image_size: int = 128, images_per_site: int
     steady = split[1:] or split
     return {"model": model, "image_size": image_size, "sites": sites, "images_per_site": images_per_site,
             "local_epochs": local_epochs, "evaluate_every": evaluate_every,
+            "site_evaluation": "own message each round" if evaluate_separately else "in the next round's train task",
             "clientapp_start": "fresh process per task" if cold_start else "forked from an imported process",
             "data": "all_taleqani" if os.environ.get("LEUK_DATA_ROOT") else "generated", "rounds": split,
             "median_round_seconds": statistics.median(r["round_seconds"] for r in steady),

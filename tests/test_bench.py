@@ -75,6 +75,7 @@ def test_aggregation_quick(tmp_path: Path) -> None:
     data = saved(tmp_path, "aggregation")
     assert set(data["ratio_reference_to_case"]) == {
         "numpy_sum_reference", "flower_aggregate_arrayrecords", "reply_guard_fedavg (ours)",
+        "reply_guard_fedavg without numba (numpy/torch loop)",          # numba comes with the test extra
         "reply_guard materialised path (before; robust strategies)"}
     assert all(positive(v) for v in data["ratio_reference_to_case"].values())
     assert all(v >= 0 for v in data["ours_breakdown_seconds_for_all_updates"].values())

@@ -72,6 +72,10 @@ def test_three_sites_with_one_killed_mid_run_still_complete(federation_factory) 
     audit = [json.loads(line) for line in (fed.root / "site-a" / "audit.jsonl").read_text().splitlines()]
     trains = [entry for entry in audit if entry["message"] == "train"]
     assert len(trains) == 3 and all(len(entry["update_sha256"]) == 64 for entry in trains)
+    # Rounds 1 and 2 were scored inside the next train task; only the last round sent an evaluation message.
+    assert [entry["message"] for entry in audit].count("evaluate") == 1
+    assert rows[0]["evaluated_in_round"] == 2 and isinstance(rows[0]["evaluate"]["eval_accuracy"], float)
+    assert "eval_accuracy" in trains[1]["metrics_sent"] and "eval_accuracy" not in trains[0]["metrics_sent"]
     assert all(len(entry["server_fingerprint"]) == 64 for entry in audit)
 
 

@@ -17,6 +17,8 @@ from leukfed.common.fedconfig import FedConfig
 from leukfed.server.strategies import FusedMean, RoundLog, _plain_weighted_mean, make_strategy
 
 DTYPES = ["float32", "float16", "bfloat16"]
+# The compiled loop (numba, installed with the test extra) and the numpy/torch loop that runs without it.
+LOOPS = [pytest.param(True, id="compiled"), pytest.param(False, id="numpy")]
 
 
 def model_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -61,12 +63,12 @@ def copy_reply(msg: Message) -> Message:
 
 
 def aggregate(strategy_name: str, state: dict, replies: list[Message], fused: bool, chunk: int = 64,
-              min_noise: float = 0.0):
+              min_noise: float = 0.0, compiled: bool | None = None):
     fed = FedConfig(strategy=strategy_name, min_sites=1, dp_min_noise_multiplier=min_noise,
                     dp_noise_multiplier=max(min_noise, 0.0))
     strategy = make_strategy(fed)
     strategy.fused_mean = fused
-    strategy._fused = FusedMean(chunk=chunk, pack_below=16)    # small chunks: exercise chunking and packing
+    strategy._fused = FusedMean(chunk=chunk, pack_below=16, compiled=compiled)    # small chunks: exercise chunking and packing
     strategy.log = RoundLog(started=time.perf_counter())
     strategy.reference = {k: v.numpy() for k, v in encode_state(state).items()}
     arrays, metrics = strategy.aggregate_train(1, [copy_reply(m) for m in replies])
@@ -102,12 +104,13 @@ def assert_same_log(fused: RoundLog, materialised: RoundLog) -> None:
         assert fused.train[node] == pytest.approx(metrics, rel=1e-5)
 
 
+@pytest.mark.parametrize("compiled", LOOPS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_clean_round_matches_flower_fedavg(dtype: str) -> None:
+def test_clean_round_matches_flower_fedavg(dtype: str, compiled: bool) -> None:
     state = model_state()
     reference = {k: v.numpy() for k, v in encode_state(state).items()}
     replies = updates(state, 4, dtype)
-    arrays, metrics, log = aggregate("fedavg", state, replies, fused=True)
+    arrays, metrics, log = aggregate("fedavg", state, replies, fused=True, compiled=compiled)
     expected = flower_fedavg(replies, reference)
     got = as_numpy(arrays)
     assert list(got) == list(reference)
@@ -123,8 +126,9 @@ def test_clean_round_matches_flower_fedavg(dtype: str) -> None:
     assert not log.rejected and all("update_norm" in m for m in log.train.values())
 
 
+@pytest.mark.parametrize("compiled", LOOPS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bad_updates_are_rejected_as_before_and_the_rest_is_flowers_mean(dtype: str) -> None:
+def test_bad_updates_are_rejected_as_before_and_the_rest_is_flowers_mean(dtype: str, compiled: bool) -> None:
     state = model_state()
     reference = {k: v.numpy() for k, v in encode_state(state).items()}
     replies = updates(state, 6, dtype)
@@ -138,7 +142,7 @@ def test_bad_updates_are_rejected_as_before_and_the_rest_is_flowers_mean(dtype: 
         replies[i].content["arrays"] = encode_state(bad, dtype)
     replies.append(reply(900, None, examples=5))                 # no arrays
     replies.append(Message(Error(code=1, reason="site crashed"), reply_to=replies[0]))
-    arrays, metrics, log = aggregate("fedavg", state, replies, fused=True)
+    arrays, metrics, log = aggregate("fedavg", state, replies, fused=True, compiled=compiled)
     _, materialised_metrics, materialised_log = aggregate("fedavg", state, replies, fused=False)
     assert_same_log(log, materialised_log)
     reasons = {r["node"]: r["reason"] for r in log.rejected}

@@ -43,6 +43,13 @@ def test_report_and_outputs(first_run) -> None:
     history = results["methods"]["federated-fedavg"]["history"]
     assert [row["round"] for row in history] == [1, 2]
     assert all(row["sites_replied"] == 3 and not row["rejected"] and not row["failures"] for row in history)
+    # Round 1's model is scored by the sites in round 2's train task (no second download of the same
+    # model); the last round's has an evaluation message of its own.
+    assert history[0]["evaluated_in_round"] == 2 and "evaluated_in_round" not in history[1]
+    assert all(isinstance(row["evaluate"].get("eval_accuracy"), float) for row in history)
+    assert all(site["evaluate"] and site["train"] for row in history for site in row["sites"].values())
+    assert not any(key.startswith("eval_") for key in history[1]["train"])
+    assert history[1]["bytes_sent"] == pytest.approx(2 * history[0]["bytes_sent"], rel=0.01)
     for method in results["methods"].values():
         assert set(method["cross_site"]) == {"global-test", "site-0-test", "site-1-test", "site-2-test"}
 
