@@ -152,6 +152,11 @@ class _Update:
         return None
 
 
+def torch_from_numpy(array: np.ndarray):
+    import torch   # imported on first use: the server starts without paying for torch here
+    return torch.from_numpy(array)
+
+
 def _widened(flat: np.ndarray, mode: int) -> np.ndarray:
     if mode == _BF16:
         return (flat.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
@@ -257,6 +262,7 @@ class FusedMean:
         self.d = self.rows[0]
         self.wide = np.empty(longest, np.float32)
         self.wide_bits = self.wide.view(np.uint32)
+        self.wide_t = torch.from_numpy(self.wide)
         self.half_bits = np.empty(longest, np.uint16)
         self.rows_t, self.factors_t = torch.from_numpy(self.rows), torch.from_numpy(self.factors)
         packed_acc_t, packed_ref_t = torch.from_numpy(self.packed_acc), torch.from_numpy(self.packed_ref)
@@ -350,6 +356,8 @@ class FusedMean:
                 return src                                   # zero-copy view of the reply's bytes
             if mode == _BF16:
                 np.left_shift(src.view(np.uint16), 16, out=self.wide_bits[:n], dtype=np.uint32)
+            elif src.dtype == np.float16:   # torch widens float16 about 15 x faster than numpy
+                self.wide_t[:n].copy_(torch_from_numpy(src))
             else:
                 np.copyto(self.wide[:n], src, casting="same_kind")
             return self.wide[:n]
@@ -390,7 +398,8 @@ class FusedMean:
         total = sum(u.weight for u in updates)
         for u in updates:
             u.factor, u.sq = (u.weight / total if total > 0 else 0.0), 0.0
-        with _one_thread():
+        with _one_thread(), warnings.catch_warnings():  # torch only reads the read-only reply bytes
+            warnings.filterwarnings("ignore", message=".*not writable.*")
             exact = self._compiled_pass(updates) if self.step is not None else self._first_pass(updates)
         return exact and total > 0
 
@@ -467,7 +476,8 @@ class FusedMean:
         total = sum(u.weight for u in updates)
         for u in updates:
             u.factor = u.weight / total
-        with _one_thread():
+        with _one_thread(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")
             for seg in self.segments:
                 acc, d = seg.acc, self.d[:seg.n]
                 for i, u in enumerate(updates):
