@@ -53,6 +53,9 @@ class ForkingExecutor:
             self.code_changed = True
             _say(f"not preparing processes: {refusal}")
             return
+        import flwr.supernode.cli.flwr_clientapp  # noqa: F401  (what each child runs: 1 s of imports)
+        import flwr.supernode.runtime.run_clientapp  # noqa: F401
+
         import leukfed.client.client_app  # noqa: F401  (torch, flwr, leukfed: imported once, here)
         import leukfed.models  # noqa: F401
 

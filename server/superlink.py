@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from leukfed.common.errors import LeukError
+from leukfed.server import superlink_process
 from leukfed.server.flower_env import (
     ConfigValue,
     claim_pidfile,
@@ -79,25 +80,31 @@ class SuperLink:
     ) -> SuperLink:
         """Start the SuperLink on host:port and return once GET /health answers (or raise LeukError).
 
-        `database` defaults to STATE_DIR/superlink.db: registrations and run history survive restarts.
+        Without `database` Flower keeps its state in memory: registrations, runs and messages. That
+        halves the time to move a model (Flower's SQLite state runs several SQL transactions per 5 MB
+        object; measured in PERFORMANCE.md, section 6), and leuk-server registers its sites again
+        whenever it starts a SuperLink (their SuperNodes restart and rejoin), while training resumes
+        from leuk-server's own checkpoints. With a `database` file, registrations and Flower's run
+        history outlive a SuperLink restart; the model objects stay in memory either way.
         """
         if self.proc is not None:
             raise LeukError("this SuperLink is already started")
         self.state_dir = Path(state_dir).expanduser().resolve()
         self.host, self.port = host, port
         args = self._tls_args(certs, insecure, supernode_auth)
-        db = Path(database).expanduser().resolve() if database else self.state_dir / "superlink.db"
-        self.database_path = db
+        db = Path(database).expanduser().resolve() if database else None
+        self.database_path = db or Path()
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            db.parent.mkdir(parents=True, exist_ok=True)
+            if db is not None:
+                db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise LeukError(f"cannot create the SuperLink state folder: {err}") from None
-        claim_pidfile(self.pid_path, "flower-superlink", f"a SuperLink for {self.state_dir}")
+        claim_pidfile(self.pid_path, superlink_process.MODULE, f"a SuperLink for {self.state_dir}")
         if port_in_use(host, port):
             raise LeukError(f"port {port} on {host} is already in use (another leuk-server?): choose another --port")
         write_flwr_config(self.flwr_home, {CONNECTION: self._connection()})
-        cmd = [flower_executable("flower-superlink"), *args, "--database", str(db)]
+        cmd = [*superlink_process.command(), *args, *(["--database", str(db)] if db is not None else [])]
         cmd += ["--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
         self._spawn(cmd)
         try:

@@ -15,6 +15,7 @@ from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig
 from leukfed.server.flower_env import (flower_env, flower_executable, free_port, kill_process_group,
                                        log_tail, strip_ansi)
+from leukfed.server import superlink_process
 from leukfed.server.flwr_app import write_app_dir, write_run_config
 
 CONNECTION = "leuk-sim"
@@ -42,9 +43,9 @@ def _write_config(flwr_home: Path, resources: SimulationResources) -> None:
 def _start_superlink(work_dir: Path, env: dict[str, str], http_port: int, control_port: int) -> subprocess.Popen:
     """Our own simulation SuperLink on free ports, so concurrent simulations never collide."""
     log_file = work_dir / "superlink.log"
-    command = [flower_executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+    command = [*superlink_process.command(), "--insecure", "--simulation", "--isolation", "subprocess",
                "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1",
-               "--port", str(http_port), "--database", str(work_dir / "superlink.db"),
+               "--port", str(http_port),   # state in memory: Flower's SQLite file halves the speed of moving models
                "--disable-runtime-dependency-installation", "--log-file", str(log_file)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
