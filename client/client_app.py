@@ -9,13 +9,13 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from leukfed.client.audit import append_audit
-from leukfed.client.records import decode_state, encode_state
+from leukfed.client.records import decode_state, encode_state, packed_arrays_mod
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.privacy import BudgetSpent
 from leukfed.server.secagg import refuse_plain_training, secure_train
 from leukfed.common.site import load_site_data, local_evaluate, local_train, site_class_names, suppress_small
 
-app = ClientApp()
+app = ClientApp(mods=[packed_arrays_mod])
 
 
 def _settings(context: Context, msg: Message | None = None) -> tuple[FedConfig, SiteConfig]:

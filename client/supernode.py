@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from leukfed.client import supernode_process
 from leukfed.common.errors import LeukError
 from leukfed.server.flower_env import (
     ConfigValue,
     claim_pidfile,
     flower_env,
-    flower_executable,
     free_port,
     kill_process_group,
     strip_ansi,
@@ -112,8 +112,9 @@ class SuperNode:
     # ------------------------------------------------------------------ lifecycle
 
     def command(self, port: int) -> list[str]:
-        """The flower-supernode command line (never with runtime dependency installation)."""
-        cmd = [flower_executable("flower-supernode"), "--superlink", self.superlink]
+        """The flower-supernode command line (never with runtime dependency installation), through
+        client/supernode_process.py (shorter waits)."""
+        cmd = [*supernode_process.command(), "--superlink", self.superlink]
         cmd += ["--insecure"] if self.insecure else ["--root-certificates", str(self.ca)]
         if self.private_key is not None:
             cmd += ["--auth-supernode-private-key", str(self.private_key)]
@@ -169,7 +170,7 @@ class SuperNode:
         if not self._marker_read and self.alive_path.exists():
             self._unclean_at = max(self._unclean_at, self.alive_path.stat().st_mtime)
         self._marker_read = True
-        claim_pidfile(self.pid_path, "flower-supernode", f"a SuperNode for {self.state_dir}")
+        claim_pidfile(self.pid_path, supernode_process.MODULE, f"a SuperNode for {self.state_dir}")
 
     def running(self) -> bool:
         """True while the node process is alive."""

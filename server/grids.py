@@ -7,6 +7,8 @@ from typing import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from leukfed.client.records import NpyError, pack_message, unpack_message
+
 # Flower's deployment grid sleeps 3 s between pulls: on average 1.5 s of idle time per phase, twice a
 # round. Pulling asks the local SuperLink for ready replies (no site traffic), so polling often is cheap.
 PULL_INTERVAL_S = 0.2
@@ -68,12 +70,20 @@ def _prompt_object_pulls() -> None:
 
 
 class PromptGrid(DelegatingGrid):
-    """Send and wait like Flower's grid (same timeout semantics), but notice replies within 0.2 s."""
+    """Send and wait like Flower's grid (same timeout semantics), but notice replies within 0.2 s; the
+    arrays of each message travel packed into one Array (client/records.py, PACKED_KEY)."""
 
     def __init__(self, grid: Grid, pull_interval: float = PULL_INTERVAL_S) -> None:
         super().__init__(grid)
         self.pull_interval = pull_interval
         _prompt_object_pulls()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        packed: dict = {}  # one packed copy of a model sent to every site
+        return self._grid.push_messages([pack_message(m, packed) for m in messages])
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [_unpacked(m) for m in self._grid.pull_messages(message_ids)]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         waiting = set(self.push_messages(messages))
@@ -86,3 +96,12 @@ class PromptGrid(DelegatingGrid):
             if waiting:
                 time.sleep(self.pull_interval)
         return replies
+
+
+def _unpacked(reply: Message) -> Message:
+    """The reply with its arrays unpacked; a damaged pack is left as it came, for the strategy's reply
+    checks to reject (its keys do not match the model's) rather than failing the round."""
+    try:
+        return unpack_message(reply)
+    except NpyError:
+        return reply

@@ -884,8 +884,11 @@ def transfer_bytes_cmd(
     dtypes: str = typer.Option("float32,float16,bfloat16", help="Transfer dtypes."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Folder for the JSON result and perf.jsonl."),
 ) -> dict:
-    """Bytes of an encoded update (client/records.encode_state) vs the model's float32 size."""
-    from leukfed.client.records import decode_state, encode_state
+    """Bytes of an encoded update (client/records.encode_state) vs the model's float32 size, and on the
+    wire: packed into one Array (pack_record), with the Flower objects each message hop moves."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from leukfed.client.records import decode_state, encode_state, pack_record
     from leukfed.models import create_model
 
     params = dict(models=models, num_classes=num_classes, dtypes=dtypes)
@@ -904,16 +907,27 @@ def transfer_bytes_cmd(
             encoded = record.count_bytes()
             payload = sum(len(a.data) for a in record.values())
             ratio = encoded / float32_bytes
+            t0 = time.perf_counter()
+            packed = pack_record(record)
+            pack_s = time.perf_counter() - t0
+            wire = packed.count_bytes()
+            objects = {"unpacked": len(get_all_nested_objects(record)), "packed": len(get_all_nested_objects(packed))}
             cases.append({"model": name, "transfer_dtype": dtype, "keys": len(record), "float_params": raw_floats,
                           "model_float32_bytes": float32_bytes, "encoded_bytes": encoded,
                           "array_bytes_without_keys": payload, "ratio_to_float32": ratio,
                           "overhead_bytes_per_key": (encoded - _ideal_bytes(state, dtype)) / len(record),
-                          "encode_seconds": encode_s, "decode_seconds": decode_s})
-            body.append([name, dtype, len(record), float32_bytes / 1e6, encoded / 1e6, ratio])
+                          "wire_bytes": wire, "wire_ratio_to_float32": wire / float32_bytes,
+                          "flower_objects_unpacked": objects["unpacked"], "flower_objects_packed": objects["packed"],
+                          "encode_seconds": encode_s, "decode_seconds": decode_s, "pack_seconds": pack_s})
+            body.append([name, dtype, len(record), float32_bytes / 1e6, encoded / 1e6, ratio, wire / float32_bytes,
+                         f"{objects['unpacked']} -> {objects['packed']}"])
             rows.append(row(f"{name}/{dtype}", "ratio_to_float32", ratio, "x"))
             rows.append(row(f"{name}/{dtype}", "encoded_bytes", encoded, "B"))
+            rows.append(row(f"{name}/{dtype}", "wire_ratio_to_float32", wire / float32_bytes, "x"))
+            rows.append(row(f"{name}/{dtype}", "flower_objects_packed", objects["packed"], "objects"))
     result = {"cases": cases}
-    typer.echo(format_table(["model", "dtype", "keys", "float32 MB", "encoded MB", "ratio"], body))
+    typer.echo(format_table(["model", "dtype", "keys", "float32 MB", "encoded MB", "ratio", "wire ratio",
+                             "Flower objects"], body))
     path = save_result("transfer-bytes", params, result, rows, out)
     typer.echo(f"saved {path}")
     return result

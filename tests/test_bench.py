@@ -89,6 +89,9 @@ def test_transfer_bytes(tmp_path: Path) -> None:
     assert set(ratios) == {"float32", "float16", "bfloat16"}
     assert all(positive(v) for v in ratios.values())
     assert ratios["float32"] >= 1.0 > ratios["float16"] and ratios["bfloat16"] < 1.0
+    for case in data["cases"]:  # packed on the wire: a few objects instead of two per array, same bytes + index
+        assert case["flower_objects_packed"] < case["flower_objects_unpacked"]
+        assert case["encoded_bytes"] < case["wire_bytes"] < 1.05 * case["encoded_bytes"] + 1000
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from leukfed.client.client_app import app
-from leukfed.client.records import encode_state
+from leukfed.client.records import PACKED_KEY, encode_state, unpack_record
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.models import create_model
@@ -52,7 +52,9 @@ def secrets_of(site_data: Path) -> set[str]:
 def test_a_training_reply_holds_only_model_arrays_and_numbers(site_data: Path, tmp_path: Path) -> None:
     reply, state = deliver("train", site_data, tmp_path)
     assert set(reply.content.keys()) == {"arrays", "metrics"}
-    arrays = reply.content["arrays"]
+    wire = reply.content["arrays"]
+    assert list(wire.keys()) == [PACKED_KEY]  # on the wire: one packed Array (client/records.py)
+    arrays = unpack_record(wire)
     assert set(arrays.keys()) == set(state)  # exactly the model's tensors, nothing else
     for key, array in arrays.items():
         assert array.numpy().shape == state[key].shape
@@ -61,6 +63,7 @@ def test_a_training_reply_holds_only_model_arrays_and_numbers(site_data: Path, t
     serialized = json.dumps(metrics) + " ".join(arrays.keys())
     for secret in secrets_of(site_data):
         assert secret not in serialized, secret
+        assert secret.encode() not in wire[PACKED_KEY].data, secret  # nor anywhere in the bytes sent
 
 
 def test_the_audit_log_records_what_left_the_site(site_data: Path, tmp_path: Path) -> None:

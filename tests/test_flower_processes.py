@@ -21,7 +21,7 @@ from leukfed.client.supernode import SuperNode
 from leukfed.common.errors import LeukError
 from leukfed.server.certs import CertsLayout, certificate_fingerprint, init_certs
 from leukfed.server.flower_env import free_port, toml_pairs, write_flwr_config
-from leukfed.server.superlink import SuperLink
+from leukfed.server.superlink import CONNECTION, SuperLink
 
 ECHO_APP = Path(__file__).parent / "fixtures" / "echo_app"
 TIMINGS: dict[str, float] = {}
@@ -151,6 +151,11 @@ def test_two_sites_join_and_echo_run_completes(link: SuperLink, pki: CertsLayout
     assert "echo: it's me, waiting for 2 nodes" in logs  # run-config string with a quote survived
     assert "echo finished: 2 rounds, 2 sites" in logs and "sites=['h1', 'h2']" in logs
     assert link.online_node_ids() >= set(ids.values())
+    # Status polls ask in this process (no `flwr` process each time) and see what the CLI prints.
+    in_process = link._run_record_in_process(run_id)
+    assert in_process is not None and in_process["status"] == status
+    by_cli = link._flwr("ls", "--run-id", str(run_id), CONNECTION)["runs"][0]
+    assert {k: v for k, v in in_process.items() if k != "elapsed"} == {k: v for k, v in by_cli.items() if k != "elapsed"}
 
 
 @pytest.mark.slow
@@ -267,6 +272,19 @@ def _wait_for(cond: Callable[[], bool], timeout: float, events: object) -> None:
     while not cond():
         assert time.monotonic() < end, f"timed out; events: {events}"
         time.sleep(0.2)
+
+
+def test_supernode_runs_flowers_node_loop_with_shorter_waits() -> None:
+    """The node notices messages within POLL_S instead of Flower's 3 s (patched in its own process)."""
+    code = ("import time; from leukfed.client.supernode_process import shorter_waits; shorter_waits(); "
+            "from flwr.supernode import start_client_internal as node; t = time.monotonic(); node.time.sleep(3); "
+            "poll = time.monotonic() - t; t = time.monotonic(); node.time.sleep(0.5); "
+            "print(poll, time.monotonic() - t, node.pull_objects.keywords['initial_backoff'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
+    poll, local_wait, backoff = (float(x) for x in out.split())
+    assert poll < 1.5 and local_wait < 0.4 and backoff == 0.1
+    node = SuperNode("127.0.0.1:1", state_dir=Path("unused"), ca=None, private_key=None, insecure=True)
+    assert node.command(9999)[:3] == [sys.executable, "-m", "leukfed.client.supernode_process"]
 
 
 def test_config_pairs_survive_flowers_own_parser(tmp_path: Path) -> None:

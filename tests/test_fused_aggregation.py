@@ -12,8 +12,10 @@ from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord,
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from leukfed.client.records import decode_arrays, encode_state
+from leukfed.client.records import (PACKED_KEY, NpyError, decode_arrays, encode_state, npy_header, npy_header_for,
+                                    pack_record, record_digest, unpack_record)
 from leukfed.common.fedconfig import FedConfig
+from leukfed.server.grids import _unpacked
 from leukfed.server.strategies import FusedMean, RoundLog, _plain_weighted_mean, make_strategy
 
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -235,3 +237,39 @@ def test_large_arrays_and_default_chunks() -> None:
     assert [r["node"] for r in strategy.log.rejected] == [100]
     expected = flower_fedavg(replies[1:], reference)
     assert all(np.array_equal(as_numpy(arrays)[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_records_travel_as_one_array_and_unpack_to_the_same_bytes(dtype: str) -> None:
+    record = encode_state(model_state(), dtype)
+    packed = pack_record(record)
+    assert list(packed.keys()) == [PACKED_KEY] and packed[PACKED_KEY].numpy().dtype == np.uint8
+    assert packed.count_bytes() - record.count_bytes() < 60 * len(record) + 200   # the index, one header
+    restored = unpack_record(packed)
+    assert list(restored.keys()) == list(record.keys()) and record_digest(restored) == record_digest(record)
+    for key, array in record.items():
+        assert (restored[key].dtype, restored[key].shape, restored[key].stype) == (array.dtype, array.shape, array.stype)
+    one = ArrayRecord({"vector": Array(np.arange(5.0))})
+    assert pack_record(one) is one and unpack_record(one) is one                # nothing to gain from one array
+
+
+def test_damaged_packs_are_refused_and_rejected_by_the_guard() -> None:
+    state = model_state()
+    data = pack_record(encode_state(state))[PACKED_KEY].data
+    offset = npy_header(data)[5]                                  # where the packed payload starts
+
+    def packed(payload: bytes) -> ArrayRecord:
+        return ArrayRecord({PACKED_KEY: Array(dtype="uint8", shape=(len(payload),), stype="numpy.ndarray",
+                                              data=npy_header_for((len(payload),), np.uint8) + payload)})
+
+    payload = data[offset:]
+    for bad in (payload[:-3], payload + b"\0", payload[:8] + b"{" + payload[9:], payload[:4]):
+        with pytest.raises(NpyError):                              # truncated, trailing bytes, broken index
+            unpack_record(packed(bad))
+    replies = updates(state, 3, "float32")
+    replies[0].content["arrays"] = packed(payload[:-3])
+    arrived = [_unpacked(m) for m in replies]                     # what the ServerApp's grid hands on
+    assert PACKED_KEY in arrived[0].content["arrays"]            # left as it came
+    _, _, log = aggregate("fedavg", state, arrived, fused=True)
+    assert [r["node"] for r in log.rejected] == [100]            # rejected; the round goes on with the rest
+    assert "::packed" in log.rejected[0]["reason"]
