@@ -140,9 +140,9 @@ def record_digest(record: ArrayRecord) -> str:
 
 # On the wire, every array of a record travels inside ONE uint8 Array. Flower moves each Array as
 # objects of its own (one per array plus one per 5 MB chunk), each a separate HTTP request on every
-# hop (ServerApp -> SuperLink -> SuperNode -> ClientApp and back): resnet18's 122 arrays were ~250
-# requests per message and hop. Packed, the same bytes are ~10 objects. Each array keeps its exact
-# Array fields and .npy bytes, so unpacking gives back an identical record (same digest).
+# hop (ServerApp -> SuperLink -> SuperNode -> ClientApp and back): a trained resnet18's 122 arrays are
+# 210 objects per message; packed, the same bytes are 11. Each array keeps its exact Array fields and
+# .npy bytes, so unpacking gives back an identical record (same digest).
 PACKED_KEY = "::packed"
 _INDEX_LENGTH = 8  # bytes of the little-endian length of the JSON index that opens the payload
 
