@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from leukfed.common.machine import machine_info
+from leukfed.simulations.bench import git_state
 from leukfed.simulations.overhead import measure
 
 RESULTS = Path(__file__).resolve().parent / "results" / "federation_overhead.jsonl"
@@ -38,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     result = measure(args.model, args.image_size, args.images_per_site, args.sites, args.rounds, args.local_epochs,
                      args.evaluate_every, args.cold_start, args.keep, args.evaluate_separately)
-    row = {"benchmark": "federation_overhead", **result, "machine": machine_info(),
+    row = {"benchmark": "federation_overhead", **result, "machine": machine_info(), "git": git_state(),
            "command": "python benchmarks/federation_overhead.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

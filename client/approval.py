@@ -379,8 +379,19 @@ def guarded_clientapp_main(approvals_file: str | Path | None = None) -> None:
 
 def _run_flwr_clientapp(check) -> None:
     """Flower's flwr-clientapp main with `check(fab_bytes)` run before the FAB is installed."""
+    main = prepared_flwr_clientapp(check)
+    sys.argv[0] = "flwr-clientapp"
+    main()
+
+
+def prepared_flwr_clientapp(check):
+    """Flower's flwr-clientapp main function, patched in this process: `check(fab_bytes)` runs before
+    the FAB is installed, and the message's arrays are pulled promptly (the SuperNode hands out the
+    task before they have arrived from the SuperLink; Flower would first wait a whole second)."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as runtime
+
+    from leukfed.server.flower_env import LOCAL_PULL_BACKOFF_S, prompt_object_pulls
 
     real_install = runtime.install_from_fab
 
@@ -389,8 +400,8 @@ def _run_flwr_clientapp(check) -> None:
         return real_install(fab_content, *args, **kwargs)
 
     runtime.install_from_fab = checked_install
-    sys.argv[0] = "flwr-clientapp"
-    flwr_clientapp()
+    prompt_object_pulls(runtime, "pull_and_inflate_object_from_tree", LOCAL_PULL_BACKOFF_S)
+    return flwr_clientapp
 
 
 _LAUNCHER = """#!{python}

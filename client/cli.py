@@ -99,6 +99,8 @@ def join(
     dp_budget: float = typer.Option(0.0, "--dp-budget", help="Lifetime privacy budget on this site's data (epsilon at the "
                                     "run's delta): stop contributing before a round would exceed it; refuse runs without DP. 0: none."),
     dp_noise: float = typer.Option(0.0, "--dp-noise", help="Train with at least this DP noise multiplier (0: the run's)."),
+    image_cache: bool = typer.Option(True, "--image-cache/--no-image-cache", help="Keep decoded copies of this "
+                                     "site's images in STATE/image-cache (owner-only) so that rounds do not decode them again."),
     cold_start: bool = typer.Option(False, "--cold-start", help="Start every task in a fresh process (Flower's "
                                     "default) instead of forking it from a process that imported torch once."),
 ) -> None:
@@ -125,6 +127,9 @@ def join(
                    "dp-noise-multiplier": dp_noise, "dp-ledger": str(state / "privacy-ledger.json")}
     if require_secagg:
         node_config["secure-aggregation"] = "required"
+    if image_cache:
+        (state / "image-cache").mkdir(mode=0o700, exist_ok=True)
+        node_config["image-cache"] = str(state / "image-cache")
     node = SuperNode(server, state_dir=state / "supernode", ca=ca, private_key=key, node_config=node_config,
                      insecure=insecure, env={"PATH": f"{launcher.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
                      approved_launcher=None if cold_start else launcher,

@@ -13,7 +13,8 @@ from leukfed.client.records import decode_state, encode_state, packed_arrays_mod
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.privacy import BudgetSpent
 from leukfed.server.secagg import refuse_plain_training, secure_train
-from leukfed.common.site import load_site_data, local_evaluate, local_train, site_class_names, suppress_small
+from leukfed.common.site import (load_site_data, local_evaluate, local_train, site_class_names, site_model,
+                                 suppress_small)
 
 app = ClientApp(mods=[packed_arrays_mod])
 
@@ -50,11 +51,12 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     server_round = int(config.get("server-round", 1)) + int(config.get("round-offset", 0))
     state = decode_state(msg.content["arrays"])
+    model = site_model(fed, site, data, state)
     # The server asks for the previous round's scores here rather than in a message of their own.
-    scores = score_first(fed, site, data, state) if config.get("evaluate-first") else {}
+    scores = score_first(fed, site, data, state, model) if config.get("evaluate-first") else {}
     try:
-        result = local_train(fed, site, data, state, server_round,
-                             proximal_mu=float(config.get("proximal-mu", 0.0)), run_id=msg.metadata.run_id)
+        result = local_train(fed, site, data, state, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)),
+                             run_id=msg.metadata.run_id, model=model)
     except BudgetSpent as exc:
         # A deliberate refusal, not a crash: one clean line in the server's failures and the audit log.
         append_audit(site, msg, kind="train-refused", metrics={"reason": str(exc)}, sent=None)
@@ -65,10 +67,10 @@ def train(msg: Message, context: Context) -> Message:
                   arrays=arrays, started=started)
 
 
-def score_first(fed: FedConfig, site: SiteConfig, data, state) -> dict[str, float]:
+def score_first(fed: FedConfig, site: SiteConfig, data, state, model) -> dict[str, float]:
     """The received global model's scores on the site's validation split, as `eval_*` train metrics."""
     started = time.perf_counter()
-    result = local_evaluate(fed, site, data, state)
+    result = local_evaluate(fed, site, data, state, model)
     return {**suppress_small(result.metrics, result.num_examples, fed.min_metric_examples),
             "eval_num_examples": result.num_examples, "eval_seconds": time.perf_counter() - started}
 

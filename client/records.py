@@ -31,11 +31,12 @@ def encode_state(state: dict[str, torch.Tensor], transfer_dtype: str = "float32"
     return record
 
 
-def decode_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Numpy arrays keyed like the model's state dict; half precision widened to float32."""
+def decode_arrays(record: ArrayRecord, *, views: bool = False) -> dict[str, np.ndarray]:
+    """Numpy arrays keyed like the model's state dict; half precision widened to float32. With
+    `views`, arrays that need no widening are read-only views of the record's bytes (no copy)."""
     out: dict[str, np.ndarray] = {}
     for key, array in record.items():
-        value = array.numpy()
+        value = _view_or_load(array) if views else array.numpy()
         if key.endswith(_BF16_SUFFIX):
             value = torch.from_numpy(value.copy()).view(torch.bfloat16).float().numpy()
             key = key[: -len(_BF16_SUFFIX)]
@@ -120,8 +121,17 @@ def npy_header_for(shape: tuple[int, ...], dtype) -> bytes:
     return header.getvalue()
 
 
+def _view_or_load(array: Array) -> np.ndarray:
+    try:
+        return array_view(array)
+    except NpyError:
+        return array.numpy()  # numpy's reader for anything unusual, with its own errors
+
+
 def decode_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in decode_arrays(record).items()}
+    """Tensors the caller owns, each array's bytes copied once."""
+    return {k: torch.from_numpy(v if v.flags.writeable else v.copy())
+            for k, v in decode_arrays(record, views=True).items()}
 
 
 def widen(record: ArrayRecord) -> ArrayRecord:

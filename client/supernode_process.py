@@ -1,7 +1,6 @@
 """`flower-supernode` with its waits shortened: the node notices a new message within 0.5 s, not 3 s."""
 from __future__ import annotations
 
-import functools
 import sys
 import time
 
@@ -13,9 +12,6 @@ MODULE = "leukfed.client.supernode_process"   # what the SuperNode's command lin
 # 0.5 s is one small authenticated request per node and poll; the local waits read memory.
 POLL_S = 0.5
 LOCAL_WAIT_S = 0.05
-# The node pulls a message's arrays with a backoff of 1, 2, 4, 8, 10 s while the ServerApp is still
-# uploading them; 0.1 s doubling to 0.5 s here, bounded by Flower's time limit instead of its tries.
-PULL_BACKOFF_S = (0.1, 0.5)
 
 
 class _ShorterSleeps:
@@ -33,12 +29,11 @@ def shorter_waits() -> None:
     """Patch the node loop's module-level names; a Flower layout without them keeps Flower's waits."""
     from flwr.supernode import start_client_internal as node
 
+    from leukfed.server.flower_env import REMOTE_PULL_BACKOFF_S, prompt_object_pulls
+
     if getattr(node, "time", None) is time:
         node.time = _ShorterSleeps()
-    pull = getattr(node, "pull_objects", None)
-    if pull is not None and not isinstance(pull, functools.partial):
-        node.pull_objects = functools.partial(pull, initial_backoff=PULL_BACKOFF_S[0], backoff_cap=PULL_BACKOFF_S[1],
-                                              max_tries_per_object=None)
+    prompt_object_pulls(node, "pull_objects", REMOTE_PULL_BACKOFF_S)  # from the SuperLink, maybe far away
 
 
 def command() -> list[str]:

@@ -6,23 +6,35 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` so that readers see either the old or the new file, never a part."""
+    return _atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray, mode: int = 0o600) -> Path:
+    """np.save `array` to `path` atomically (streamed to the temporary file, no copy held in memory)."""
+    return _atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False), mode)
+
+
+def _atomic_write(path: str | Path, write: Callable[[BinaryIO], object], mode: int | None = None) -> Path:
+    """Temporary file in the same folder, `write(file)`, fsync, then `os.replace`. Mode: `mode`, else
+    an existing file's mode, else the usual 0644 (mkstemp creates 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        # mkstemp creates 0600; keep an existing file's mode, else the usual 0644.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        if mode is None:
+            mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -122,6 +122,7 @@ class SiteConfig:
     dp_budget: float = 0.0             # lifetime epsilon on this site's data (at the run's delta); 0: none
     dp_ledger: str = ""                # the site's privacy ledger (JSON); default: next to the audit log
     dp_noise_multiplier: float = 0.0   # the site may demand more noise than the run's, never less
+    image_cache: str = ""              # folder for decoded copies of the site's images ("": decode every task)
     extra: dict = field(default_factory=dict)
 
     @classmethod

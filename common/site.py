@@ -109,8 +109,9 @@ def load_site_data(fed: FedConfig, site: SiteConfig) -> SiteData:
             classes = manifest.class_names
             check_site_classes(classes, fed.classes, site.name)
         data_config = resolve_data_config(fed.model, fed.image_size or None)
-        train = build_dataset(manifest, train_paths, data_config, train=True, augment=fed.augment)
-        val = build_dataset(manifest, val_paths, data_config, train=False)
+        cache = Path(site.image_cache) if site.image_cache else None
+        train = build_dataset(manifest, train_paths, data_config, train=True, augment=fed.augment, cache_dir=cache)
+        val = build_dataset(manifest, val_paths, data_config, train=False, cache_dir=cache)
         fault = _site_fault(fed, site)
         train.labels = flip_labels(fault, train.labels, len(classes))
         _remember(key, SiteData(tuple(classes), train, val, time.perf_counter() - start, fault))
@@ -119,18 +120,37 @@ def load_site_data(fed: FedConfig, site: SiteConfig) -> SiteData:
 
 
 def build_site_model(fed: FedConfig, num_classes: int, state: State | None = None) -> nn.Module:
-    """The run's architecture, filled with the global weights the server sent."""
+    """The run's architecture, filled with the global weights the server sent (when given, the
+    architecture is not initialised first where the weights set every tensor of it)."""
     from leukfed.models import create_model
 
-    model = create_model(fed.model, num_classes, pretrained=False, image_size=fed.image_size or None)
-    if fed.dp:
-        model = dp_compatible(model)  # as the server's initial_model does: same keys and shapes
+    def build() -> nn.Module:
+        model = create_model(fed.model, num_classes, pretrained=False, image_size=fed.image_size or None)
+        return dp_compatible(model) if fed.dp else model  # as the server's initial_model: same keys and shapes
+
+    model = _uninitialised(build) if state is not None else None
+    if model is None:
+        model = build()
     if state is not None:
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
             raise LeukError(f"global weights do not fit model {fed.model}: {str(exc).splitlines()[0]}") from None
     return model
+
+
+def _uninitialised(build) -> nn.Module | None:
+    """`build()` on the meta device, then given empty CPU storage for the weights to fill: random
+    initialisation of a large model costs more than loading its weights. None where a buffer would
+    stay unset (one that is not in the state dict) or the model cannot be built that way."""
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception:  # any model code that needs real values at construction: build it normally
+        return None
+    if set(dict(model.named_buffers())) - set(model.state_dict()):
+        return None
+    return model.to_empty(device="cpu")
 
 
 @dataclass
@@ -162,14 +182,22 @@ def ledger_path(fed: FedConfig, site: SiteConfig) -> Path:
     raise LeukError(f"site {site.name} trains with DP but has no privacy ledger: set dp-ledger in its node config")
 
 
+def site_model(fed: FedConfig, site: SiteConfig, data: SiteData, state: State) -> nn.Module:
+    """The run's model filled with the global weights, on the site's device. A train task builds it
+    once, scores it (eval mode changes no weight or BatchNorm statistic), then trains it."""
+    return prepare_model(build_site_model(fed, len(data.class_names), state), select_hardware(site.device))
+
+
 def local_train(fed: FedConfig, site: SiteConfig, data: SiteData, state: State, server_round: int,
-                *, proximal_mu: float = 0.0, lr: float | None = None, run_id: int | None = None) -> LocalResult:
-    """Train the global weights on the site's data for the round's local epochs or steps; with DP,
-    DP-SGD, refusing (BudgetSpent) before any training once the round would overspend the site's budget."""
+                *, proximal_mu: float = 0.0, lr: float | None = None, run_id: int | None = None,
+                model: nn.Module | None = None) -> LocalResult:
+    """Train the global weights (`model`, or a new site_model) on the site's data for the round's local
+    epochs or steps; with DP, DP-SGD, refusing (BudgetSpent) before any training once the round would
+    overspend the site's budget."""
     dp = site_dp_settings(fed, site)
     hardware = select_hardware(site.device)
+    model = site_model(fed, site, data, state) if model is None else model.train()  # scored first: eval mode
     seed_everything(fed.seed * 100_003 + server_round * 1_009 + max(site.partition_id, 0))
-    model = prepare_model(build_site_model(fed, len(data.class_names), state), hardware)
     loss_fn = make_loss(fed.loss, len(data.class_names), label_smoothing=fed.label_smoothing)
     optimizer = make_optimizer(model, fed.optimizer, lr or fed.lr)
     loader = make_loader(data.train, fed.batch_size, shuffle=True, seed=fed.seed + server_round)
@@ -205,10 +233,13 @@ def _train_plain(fed: FedConfig, model: nn.Module, loader, optimizer: torch.opti
             for _ in range(fed.local_epochs)]
 
 
-def local_evaluate(fed: FedConfig, site: SiteConfig, data: SiteData, state: State) -> LocalResult:
-    """Score the global weights on the site-local validation split (aggregate numbers only)."""
+def local_evaluate(fed: FedConfig, site: SiteConfig, data: SiteData, state: State,
+                   model: nn.Module | None = None) -> LocalResult:
+    """Score the global weights (`model`, or a new site_model) on the site-local validation split
+    (aggregate numbers only)."""
     hardware = select_hardware(site.device)
-    model = prepare_model(build_site_model(fed, len(data.class_names), state), hardware)
+    if model is None:
+        model = site_model(fed, site, data, state)
     loss_fn = make_loss(fed.loss, len(data.class_names))
     loader = make_loader(data.val, fed.batch_size * 2, shuffle=False)
     metrics = evaluate(model, loader, hardware, data.class_names, loss_fn=loss_fn)

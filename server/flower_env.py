@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import math
@@ -28,6 +29,14 @@ OFFLINE_ENV = {
 }
 ConfigValue = bool | int | float | str
 
+# A Flower receiver learns of a message before its arrays have arrived, and pulls them with a
+# backoff of 1, 2, 4, 8, 10 s: up to a second or more of idle time per hop while the sender is still
+# uploading. A pull from a process on the same machine is a cheap local request, so those retry after
+# 0.05 s, doubling to 0.2 s; a SuperNode pulling from a remote SuperLink starts at 0.1 s, caps at 0.25 s
+# (two pulling threads: at most 8 small requests a second per site while the coordinator uploads).
+LOCAL_PULL_BACKOFF_S = (0.05, 0.2)
+REMOTE_PULL_BACKOFF_S = (0.1, 0.25)
+
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """os.environ plus a private FLWR_HOME and every switch that keeps Flower offline."""
@@ -36,6 +45,17 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     env["FLWR_HOME"] = str(Path(flwr_home).resolve())
     env.update(extra or {})
     return env
+
+
+def prompt_object_pulls(module: object, name: str, backoff: tuple[float, float]) -> None:
+    """Make `module.name` (Flower's pull_objects, or a function that passes on its backoff arguments)
+    retry unavailable objects after `backoff` = (first wait, longest wait) seconds. Flower bounds the
+    wait by tries (500, over an hour at its 10 s cap); this keeps its time bound (max_time, 2 h)
+    instead. A Flower layout without that name keeps Flower's waits."""
+    pull = getattr(module, name, None)
+    if pull is not None and not isinstance(pull, functools.partial):
+        setattr(module, name, functools.partial(pull, initial_backoff=backoff[0], backoff_cap=backoff[1],
+                                                max_tries_per_object=None))
 
 
 def flower_executable(name: str) -> str:

@@ -8,6 +8,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from leukfed.client.records import NpyError, pack_message, unpack_message
+from leukfed.server.flower_env import LOCAL_PULL_BACKOFF_S, prompt_object_pulls
 
 # Flower's deployment grid sleeps 3 s between pulls: on average 1.5 s of idle time per phase, twice a
 # round. Pulling asks the local SuperLink for ready replies (no site traffic), so polling often is cheap.
@@ -46,27 +47,14 @@ class DelegatingGrid(Grid):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
-# A reply becomes visible at the SuperLink before the site has finished uploading its arrays; Flower
-# then pulls the missing arrays with a backoff that starts at 1 s and doubles up to 10 s, so a 45 MB
-# update that needs 5 s to upload can cost 15 s. Retrying every 0.1-0.5 s costs one cheap local
-# request per array and retry instead.
-PULL_BACKOFF_S = (0.1, 0.5)
-
-
 def _prompt_object_pulls() -> None:
-    """Make Flower's deployment grid retry unavailable reply arrays quickly (ServerApp process only)."""
-    import functools
-
+    """A reply becomes visible at the SuperLink before the site has finished uploading its arrays:
+    pull them promptly (ServerApp process only; the SuperLink is on this machine)."""
     try:
         from flwr.superlink.grid import http_grid
     except ImportError:  # another Flower layout: keep its defaults
         return
-    pull = getattr(http_grid, "pull_objects", None)
-    if pull is not None and not isinstance(pull, functools.partial):
-        # Flower bounds the wait by tries (500, i.e. over an hour at its 10 s cap); keep its time bound
-        # (max_time, 2 h) instead, so a slow hospital uplink still gets as long as before.
-        http_grid.pull_objects = functools.partial(pull, initial_backoff=PULL_BACKOFF_S[0],
-                                                   backoff_cap=PULL_BACKOFF_S[1], max_tries_per_object=None)
+    prompt_object_pulls(http_grid, "pull_objects", LOCAL_PULL_BACKOFF_S)
 
 
 class PromptGrid(DelegatingGrid):

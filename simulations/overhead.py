@@ -37,17 +37,21 @@ def site_folders(root: Path, sites: int, per_site: int) -> list[Path]:
     return folders
 
 
-def breakdown(row: dict) -> dict:
-    """One round's time split; `overhead` = round − slowest site's training − server evaluation."""
+def breakdown(row: dict, previous: dict | None = None) -> dict:
+    """One round's time split; `overhead` = round − slowest site's training − server evaluation. The
+    round is the wall time since the previous round's entry: Flower's round timer leaves out the
+    checkpoint and the next round's sampling, which happen between its rounds."""
     sites = [s["train"] for s in row["sites"].values() if s["train"]]
     slowest_train = max(s.get("train_seconds", 0.0) for s in sites)
     slowest_client = max(s.get("client_seconds", 0.0) for s in sites)
     # Scoring the previous model inside the train task (the default) is the sites' evaluation work.
     slowest_work = max(row.get("slowest_site_work_seconds", slowest_train), slowest_train)
-    round_s = row["round_seconds"]
+    between = max(row["time"] - previous["time"] - row["round_seconds"], 0.0) if previous else 0.0
+    round_s = row["round_seconds"] + between
     train_phase = row["train_phase_seconds"]
     return {
-        "round": row["round"], "round_seconds": round_s, "slowest_site_train_seconds": slowest_train,
+        "round": row["round"], "round_seconds": round_s, "between_rounds_seconds": between,
+        "slowest_site_train_seconds": slowest_train,
         "slowest_site_scoring_in_train_seconds": slowest_work - slowest_train,
         "client_startup_and_load_seconds": slowest_client - slowest_work,
         "transfer_and_scheduling_seconds": train_phase - slowest_client - row["aggregation_seconds"],
@@ -81,7 +85,8 @@ def measure(model: str = "resnet18", image_size: int = 128, images_per_site: int
                 fed.client(name, folder, *(["--cold-start"] if cold_start else []))
             if server.wait(timeout=6 * 3600) != 0:
                 raise LeukError("the federated run failed: " + fed.log("server.log")[-2000:])
-            split = [breakdown(row) for row in fed.history()]
+            history = fed.history()
+            split = [breakdown(row, previous) for previous, row in zip([None, *history], history)]
         finally:
             fed.close()
     steady = split[1:] or split

@@ -327,3 +327,42 @@ def test_real_apl_aml_cell_types(apl_manifest: Manifest) -> None:
     cell_types = {dict(s.meta)["cell_type"] for s in apl_manifest.samples}
     assert len(cell_types) == 18  # the README says 21; this copy's folders hold 18
     assert {s.label for s in apl_manifest.samples if s.patient == "Patient_00"} == {"APL"}
+
+
+# ---------------------------------------------------------------- decoded-image cache (a site's rounds)
+
+
+def test_image_cache_serves_later_processes_and_tracks_images_and_size(class_dataset: Path, make_image: MakeImage,
+                                                                         tmp_path: Path) -> None:
+    from leukfed.common.dataset import IMAGE_CACHE_ENTRIES, build_dataset
+    from leukfed.models import resolve_data_config
+
+    cache = tmp_path / "image-cache"
+    manifest = scan_dataset(class_dataset)
+    paths = list(manifest.paths())
+    config = resolve_data_config("tinycnn", 16)
+    decoded = build_dataset(manifest, paths, config, train=False).images
+    first = build_dataset(manifest, paths, config, train=False, cache_dir=cache).images
+    assert torch_equal(first, decoded)
+    [entry] = cache.glob("decoded-*.npy")
+    assert entry.stat().st_mode & 0o777 == 0o600  # decoded copies of patient images: owner-only
+
+    # A later build reads the cache file (proved by planting other pixels of the same shape there).
+    np.save(entry, np.full(tuple(first.shape), 7, dtype=np.uint8))
+    assert int(build_dataset(manifest, paths, config, train=False, cache_dir=cache).images.max()) == 7
+    # A damaged cache file is decoded anew and replaced.
+    entry.write_bytes(b"not a numpy file")
+    assert torch_equal(build_dataset(manifest, paths, config, train=False, cache_dir=cache).images, decoded)
+
+    # Changed image content or another input size: another entry, never stale pixels.
+    make_image(class_dataset / "C" / "c1.png", seed=123)
+    changed = scan_dataset(class_dataset)
+    fresh = build_dataset(changed, paths, config, train=False).images
+    assert torch_equal(build_dataset(changed, paths, config, train=False, cache_dir=cache).images, fresh)
+    for size in (20, 24, 28, 32):
+        build_dataset(changed, paths, resolve_data_config("tinycnn", size), train=False, cache_dir=cache)
+    assert len(list(cache.glob("decoded-*.npy"))) == IMAGE_CACHE_ENTRIES
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())

@@ -287,6 +287,15 @@ def test_supernode_runs_flowers_node_loop_with_shorter_waits() -> None:
     assert node.command(9999)[:3] == [sys.executable, "-m", "leukfed.client.supernode_process"]
 
 
+def test_clientapp_task_pulls_the_message_arrays_promptly() -> None:
+    """A task starts before the SuperNode has the message's arrays; it retries after 0.05 s, not Flower's 1 s."""
+    code = ("from leukfed.client.approval import prepared_flwr_clientapp; prepared_flwr_clientapp(lambda fab: None); "
+            "from flwr.supernode.runtime import run_clientapp as r; "
+            "k = r.pull_and_inflate_object_from_tree.keywords; print(k['initial_backoff'], k['backoff_cap'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
+    assert [float(x) for x in out.split()] == [0.05, 0.2]
+
+
 def test_config_pairs_survive_flowers_own_parser(tmp_path: Path) -> None:
     from flwr.common.config import parse_config_args
 

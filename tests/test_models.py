@@ -339,3 +339,24 @@ def test_lite0_pretrained_for_four_classes_keeps_backbone() -> None:
     assert model.classifier.weight.shape == (4, 1280)
     src = torch.load(lite_package_file("efficientnet_lite0"), map_location="cpu", weights_only=True)
     assert torch.equal(model.conv_head.weight, src["_conv_head.weight"])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_site_model_from_global_weights_equals_an_initialised_one(name: str) -> None:
+    """A site builds the model without random initialisation where the weights set every tensor
+    (DSCNet's fixed filter buffer is not in the state dict: it is built normally)."""
+    from leukfed.common.fedconfig import FedConfig
+    from leukfed.common.site import _uninitialised, build_site_model
+
+    size = resolve_data_config(name).min_size
+    fed = FedConfig(model=name, image_size=size)
+    torch.manual_seed(3)
+    src = create_model(name, NUM_CLASSES, image_size=size)
+    src.train()
+    src(_batch(src.leuk_info.data_config, 4))  # BatchNorm statistics off their init
+    site = build_site_model(fed, NUM_CLASSES, {k: v.clone() for k, v in src.state_dict().items()})
+    x = _batch(src.leuk_info.data_config)
+    with torch.no_grad():
+        torch.testing.assert_close(site.eval()(x), src.eval()(x), rtol=0, atol=0)
+    skipped_init = _uninitialised(lambda: create_model(name, NUM_CLASSES, image_size=size)) is not None
+    assert skipped_init == (name != "dscnet")
