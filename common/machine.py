@@ -1,9 +1,12 @@
-"""A description of the machine a figure was measured on, saved next to every benchmark result."""
+"""A description of the machine (and the code's commit) a figure was measured on, saved next to every
+benchmark result."""
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
+from pathlib import Path
 
 
 def cpu_model() -> str:
@@ -35,3 +38,16 @@ def machine_info() -> dict:
         "flwr": flwr_version,
         "platform": platform.platform(),
     }
+
+
+def git_state() -> dict:
+    """The commit of the code being measured and whether tracked files differ from it (None: no git)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit or None, "dirty": dirty}

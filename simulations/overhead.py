@@ -19,9 +19,8 @@ from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.simulations.loopback import LoopbackFederation
 
 
-def site_folders(root: Path, sites: int, per_site: int) -> list[Path]:
-    """Per-site folders of symbolic links into the real dataset (stratified), or generated data."""
-    data_root = os.environ.get("LEUK_DATA_ROOT")
+def site_folders(root: Path, sites: int, per_site: int, data_root: str | None) -> list[Path]:
+    """Per-site folders of symbolic links into <data_root>/all_taleqani (stratified), or generated data."""
     if not data_root:
         return [make_synthetic_dataset(root / f"data-{i}", per_class=per_site // 4, size=96, seed=i) for i in range(sites)]
     manifest = scan_dataset(Path(data_root) / "all_taleqani")
@@ -69,12 +68,13 @@ def measure(model: str = "resnet18", image_size: int = 128, images_per_site: int
             rounds: int = 3, local_epochs: int = 1, evaluate_every: int = 1, cold_start: bool = False,
             keep: str = "", evaluate_separately: bool = False) -> dict:
     """Run one federation and split every round's time; medians over rounds 2+ (round 1 includes joining)."""
+    data_root = os.environ.get("LEUK_DATA_ROOT")
     with tempfile.TemporaryDirectory(prefix="leuk-overhead-") as tmp:
         root = Path(keep or tmp)
         root.mkdir(parents=True, exist_ok=True)
         names = [f"h{i}" for i in range(sites)]
         fed = LoopbackFederation(root, names, model=model, image_size=image_size)
-        folders = site_folders(root, sites, images_per_site)
+        folders = site_folders(root, sites, images_per_site, data_root)
         start = time.time()
         try:
             server = fed.server("--rounds", str(rounds), "--min-sites", str(sites), "--local-epochs",
@@ -94,7 +94,7 @@ def measure(model: str = "resnet18", image_size: int = 128, images_per_site: int
             "local_epochs": local_epochs, "evaluate_every": evaluate_every,
             "site_evaluation": "own message each round" if evaluate_separately else "in the next round's train task",
             "clientapp_start": "fresh process per task" if cold_start else "forked from an imported process",
-            "data": "all_taleqani" if os.environ.get("LEUK_DATA_ROOT") else "generated", "rounds": split,
+            "data": "all_taleqani" if data_root else "generated", "rounds": split,
             "median_round_seconds": statistics.median(r["round_seconds"] for r in steady),
             "median_overhead_share": statistics.median(r["overhead_share"] for r in steady),
             "median_overhead_share_without_site_evaluation": statistics.median(

@@ -16,14 +16,19 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from leukfed.simulations import bench
+from leukfed.client.records import array_view
+from leukfed.simulations.bench import bench_app
+from leukfed.simulations.bench.flops import gpu_peak_tflops
+from leukfed.simulations.bench.measure import PERF_LOG, ModelSpec
+from leukfed.simulations.bench.memory import TreeMemorySampler
+from leukfed.simulations.bench.simulation_scale import slope, summarize_rounds
 
 runner = CliRunner()
 MACHINE_KEYS = {"cpu", "cores", "torch_threads", "gpu", "python", "torch", "flwr", "platform"}
 
 
 def invoke(*args: str) -> str:
-    result = runner.invoke(bench.bench_app, list(args))
+    result = runner.invoke(bench_app, list(args))
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     return result.output
 
@@ -35,7 +40,7 @@ def saved(out: Path, benchmark: str) -> dict:
     assert data["benchmark"] == benchmark
     assert MACHINE_KEYS <= set(data["machine"])
     assert data["command"] and data["timestamp"] and "params" in data and "git" in data
-    rows = [json.loads(line) for line in (out / bench.PERF_LOG).read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / PERF_LOG).read_text().splitlines()]
     mine = [r for r in rows if r["benchmark"] == benchmark]
     assert mine and all({"case", "metric", "value", "unit", "timestamp", "cpu"} <= set(r) for r in mine)
     return data
@@ -116,7 +121,7 @@ def test_array_view_matches_numpy(array: np.ndarray) -> None:
     from flwr.app import Array
 
     record = Array(array)
-    view = bench.array_view(record)
+    view = array_view(record)   # what the aggregation reference reads the replies with
     expected = record.numpy()
     assert view.dtype == expected.dtype and view.shape == expected.shape and np.array_equal(view, expected)
 
@@ -124,25 +129,25 @@ def test_array_view_matches_numpy(array: np.ndarray) -> None:
 def test_memory_sampler_sees_children() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(80_000_000); x[::4096] = b'1' * len(x[::4096]); time.sleep(3)"])
     try:
-        with bench.TreeMemorySampler(interval=0.1) as sampler:
+        with TreeMemorySampler(interval=0.1) as sampler:
             time.sleep(1.5)
     finally:
         child.wait()
     assert max(s["procs"] for s in sampler.samples) >= 2
-    alone = bench.TreeMemorySampler().sample()["rss"]
+    alone = TreeMemorySampler().sample()["rss"]
     assert sampler.peak_rss >= alone + 60_000_000
     assert sampler.peak_pss > 0
 
 
 def test_round_summary_and_slope() -> None:
-    assert bench.slope([1, 2, 3], [10.0, 12.0, 14.0]) == pytest.approx(2.0)
-    assert bench.slope([1], [5.0]) == 0.0
-    sampler = bench.TreeMemorySampler()
+    assert slope([1, 2, 3], [10.0, 12.0, 14.0]) == pytest.approx(2.0)
+    assert slope([1], [5.0]) == 0.0
+    sampler = TreeMemorySampler()
     sampler.samples = [{"t": 10.0 + i, "rss": (100 + i) * 2**20, "pss": 50 * 2**20, "procs": 3, "threads": 9}
                        for i in range(6)]
     history = [{"round": r, "time": 10.5 + r, "round_seconds": 2.0, "sites": {"1": {"train": {"train_seconds": 1.0,
                 "load_seconds": 0.5}}}} for r in (1, 2, 3)]
-    summary = bench.summarize_rounds(history, sampler)
+    summary = summarize_rounds(history, sampler)
     assert [r["rss_after_round_mb"] for r in summary["rounds"]] == [102.0, 103.0, 104.0]
     assert summary["rss_slope_mb_per_round"] == pytest.approx(1.0)
     assert summary["pss_slope_mb_per_round"] == pytest.approx(0.0)
@@ -150,12 +155,12 @@ def test_round_summary_and_slope() -> None:
 
 
 def test_model_spec_parsing() -> None:
-    spec = bench.ModelSpec.parse("resnet18:128:32:3")
+    spec = ModelSpec.parse("resnet18:128:32:3")
     assert (spec.name, spec.image_size, spec.batch, spec.steps) == ("resnet18", 128, 32, 3)
-    assert bench.ModelSpec.parse("tinycnn").batch == 32
-    assert bench.gpu_peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
-    assert bench.gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert bench.gpu_peak_tflops("NVIDIA L40S") == 362.0 and bench.gpu_peak_tflops(None) is None
+    assert ModelSpec.parse("tinycnn").batch == 32
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_peak_tflops("NVIDIA L40S") == 362.0 and gpu_peak_tflops(None) is None
 
 
 @pytest.mark.slow
