@@ -6,7 +6,6 @@ Rows go to benchmarks/results/centralized.jsonl, runs to benchmarks/runs/<name>/
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -19,6 +18,7 @@ from leukfed.common.centralized import TrainConfig, train_centralized
 from leukfed.common.data import scan_dataset
 from leukfed.common.machine import machine_info
 from leukfed.common.splits import make_split, save_split
+from leukfed.simulations.bench.measure import append_jsonl, experiment_parser, pending_experiments, utc_now
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "centralized.jsonl"
@@ -68,12 +68,6 @@ def summarize(metrics: dict) -> dict:
     return row
 
 
-def done_experiments() -> set[str]:
-    if not RESULTS.exists():
-        return set()
-    return {json.loads(line)["experiment"] for line in RESULTS.read_text().splitlines() if line.strip()}
-
-
 def run(experiment: Experiment, data_root: Path) -> dict:
     data_dir = data_root / experiment.dataset
     out = HERE / "runs" / experiment.name
@@ -93,15 +87,12 @@ def run(experiment: Experiment, data_root: Path) -> dict:
             "pretrained_source": description["pretrained_source"], "note": experiment.note,
             "wall_seconds": round(time.time() - start, 1), "resumed": resume,
             "command": "python benchmarks/centralized.py --only " + shlex.quote(experiment.name),
-            "machine": machine_info(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": machine_info(), "finished": utc_now(),
             **summarize(metrics)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", help="experiment names to run (default: all not yet done)")
-    parser.add_argument("--list", action="store_true", help="list experiments and exit")
-    args = parser.parse_args()
+    args = experiment_parser(__doc__).parse_args()
     if args.list:
         for e in EXPERIMENTS:
             print(e.name)
@@ -109,15 +100,11 @@ def main() -> None:
     root = os.environ.get("LEUK_DATA_ROOT")
     if not root:
         sys.exit("error: set LEUK_DATA_ROOT to the folder holding all_taleqani/ and apl_aml/")
-    done = done_experiments()
-    for experiment in EXPERIMENTS:
-        if (args.only and experiment.name not in args.only) or experiment.name in done:
-            continue
-        print(f"== {experiment.name}", flush=True)
-        row = run(experiment, Path(root))
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    by_name = {e.name: e for e in EXPERIMENTS}
+    for name in pending_experiments(by_name, args.only, RESULTS):
+        print(f"== {name}", flush=True)
+        row = run(by_name[name], Path(root))
+        append_jsonl(RESULTS, [row])
         print(json.dumps({k: row[k] for k in ("experiment", "accuracy", "macro_f1", "wall_seconds")}), flush=True)
 
 

@@ -7,7 +7,6 @@ benchmarks/runs/<name>/; an interrupted comparison resumes with the methods it h
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 from leukfed.common.machine import machine_info
+from leukfed.simulations.bench.measure import append_jsonl, experiment_parser, pending_experiments, utc_now
 from leukfed.simulations.simulate import SimulateConfig, simulate
 
 HERE = Path(__file__).resolve().parent
@@ -79,37 +79,23 @@ def summarize(results: dict) -> dict:
     return rows
 
 
-def done() -> set[str]:
-    if not RESULTS.exists():
-        return set()
-    return {json.loads(line)["experiment"] for line in RESULTS.read_text().splitlines() if line.strip()}
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", help="experiment names (default: all not yet done)")
-    parser.add_argument("--list", action="store_true")
-    args = parser.parse_args()
+    args = experiment_parser(__doc__).parse_args()
     if args.list:
         print("\n".join(EXPERIMENTS))
         return
     root = os.environ.get("LEUK_DATA_ROOT")
     if not root:
         sys.exit("error: set LEUK_DATA_ROOT to the folder holding all_taleqani/ and apl_aml/")
-    finished = done()
-    for name in EXPERIMENTS:
-        if (args.only and name not in args.only) or name in finished:
-            continue
+    for name in pending_experiments(EXPERIMENTS, args.only, RESULTS):
         print(f"== {name}", flush=True)
         start = time.time()
         results = simulate(config_for(name, Path(root)), log=lambda line: print(line, flush=True))
         row = {"experiment": name, "config": results["config"], "methods": summarize(results),
                "wall_seconds": round(time.time() - start, 1), "report": f"benchmarks/runs/{name}/report.md",
                "command": "python benchmarks/federated.py --only " + shlex.quote(name),
-               "machine": machine_info(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+               "machine": machine_info(), "finished": utc_now()}
+        append_jsonl(RESULTS, [row])
         print(json.dumps(row["methods"], indent=1), flush=True)
 
 

@@ -13,11 +13,10 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
-from leukfed.common.machine import machine_info
-from leukfed.simulations.bench import git_state
+from leukfed.common.machine import git_state, machine_info
+from leukfed.simulations.bench.measure import append_jsonl, utc_now
 from leukfed.simulations.overhead import measure
 
 RESULTS = Path(__file__).resolve().parent / "results" / "federation_overhead.jsonl"
@@ -41,10 +40,8 @@ def main() -> None:
                      args.evaluate_every, args.cold_start, args.keep, args.evaluate_separately)
     row = {"benchmark": "federation_overhead", **result, "machine": machine_info(), "git": git_state(),
            "command": "python benchmarks/federation_overhead.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-           "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+           "finished": utc_now()}
+    append_jsonl(RESULTS, [row])
     for r in result["rounds"]:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
     print(f"median federation overhead (rounds 2+): {100 * row['median_overhead_share']:.1f}% of the round, "

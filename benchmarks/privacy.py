@@ -10,7 +10,6 @@ epoch (no epoch selection, so DP and non-DP runs are treated alike).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -27,6 +26,7 @@ from leukfed.common.splits import make_split
 from leukfed.common.train import (evaluate, make_loss, make_optimizer, prepare_model, seed_everything,
                                   select_hardware, train_epoch)
 from leukfed.models import create_model
+from leukfed.simulations.bench.measure import append_jsonl, experiment_parser, pending_experiments, utc_now
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "privacy.jsonl"
@@ -139,17 +139,9 @@ def train_once(recipe: Recipe, class_names, sets, arm: Arm) -> dict:
             "test_images": scores["test"]["num_samples"], "train_images": len(sets["train"])}
 
 
-def done_experiments() -> set[str]:
-    if not RESULTS.exists():
-        return set()
-    return {json.loads(line)["experiment"] for line in RESULTS.read_text().splitlines() if line.strip()}
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = experiment_parser(__doc__, choices=list(ARMS))
     parser.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE, help="shared training recipe")
-    parser.add_argument("--only", nargs="*", choices=list(ARMS), help="runs to do (default: all not yet done)")
-    parser.add_argument("--list", action="store_true", help="list experiments and exit")
     args = parser.parse_args()
     recipe = RECIPES[args.recipe]
     if args.list:
@@ -158,8 +150,9 @@ def main() -> None:
     root = os.environ.get("LEUK_DATA_ROOT")
     if not root:
         sys.exit("error: set LEUK_DATA_ROOT to the folder holding all_taleqani/")
-    todo = [label for label in ARMS if (not args.only or label in args.only)
-            and experiment_name(args.recipe, label) not in done_experiments()]
+    labels = {experiment_name(args.recipe, label): label for label in ARMS}
+    asked = [experiment_name(args.recipe, label) for label in args.only or []]
+    todo = [labels[name] for name in pending_experiments(labels, asked, RESULTS)]
     if not todo:
         print("all experiments are already in", RESULTS)
         return
@@ -177,10 +170,8 @@ def main() -> None:
                # Other jobs may share the CPU: the 1-minute load average puts wall times in context.
                "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                "command": f"python benchmarks/privacy.py --recipe {args.recipe} --only {shlex.quote(label)}",
-               "machine": machine_info(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+               "machine": machine_info(), "finished": utc_now()}
+        append_jsonl(RESULTS, [row])
         print(json.dumps({k: row[k] for k in ("experiment", "epsilon", "test_accuracy", "test_macro_f1",
                                               "wall_seconds")}), flush=True)
 

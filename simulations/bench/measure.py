@@ -1,6 +1,7 @@
 """What every `leuk bench` measurement shares: interleaved timing, medians, result files and tables."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shlex
@@ -101,6 +102,20 @@ def recorded_experiments(path: Path) -> set[str]:
     if not path.exists():
         return set()
     return {json.loads(line)["experiment"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def pending_experiments(names: Iterable[str], only: Sequence[str] | None, results: Path) -> list[str]:
+    """The experiments still to run: those asked for (all when none) without a row in `results` yet."""
+    done = recorded_experiments(results)
+    return [name for name in names if (not only or name in only) and name not in done]
+
+
+def experiment_parser(description: str, choices: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line every resumable benchmark script (benchmarks/*.py) shares: --only and --list."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=choices, help="experiments to run (default: all not yet done)")
+    parser.add_argument("--list", action="store_true", help="list experiments and exit")
+    return parser
 
 
 def utc_now() -> str:
