@@ -213,40 +213,6 @@ def patient_metrics(y_true: Any, proba: Any, patients: Sequence[str],
     return out
 
 
-def mean_std(values: Sequence[float], ddof: int = 1) -> tuple[float, float]:
-    """Mean and standard deviation (sample std by default; 0.0 for a single value)."""
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.size == 0:
-        raise ValueError("mean_std needs at least one value")
-    std = float(arr.std(ddof=ddof)) if arr.size > ddof else 0.0
-    return float(arr.mean()), std
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
-
-def aggregate_weighted(metrics_list: Sequence[Mapping[str, Any]],
-                       weights: Sequence[int]) -> dict[str, float]:
-    """Example-count-weighted mean of every numeric scalar key (e.g. per-site metrics -> one dict).
-
-    A key is averaged over the dicts that hold a number for it (None, bools, lists, dicts and strings
-    are skipped); keys whose contributing weights sum to 0 are left out.
-    """
-    if len(metrics_list) != len(weights):
-        raise ValueError(f"got {len(metrics_list)} metric dicts but {len(weights)} weights")
-    if any(w < 0 for w in weights):
-        raise ValueError("weights must be non-negative")
-    sums: dict[str, float] = {}
-    totals: dict[str, float] = {}
-    for metrics, w in zip(metrics_list, weights):
-        for key, value in metrics.items():
-            if _is_number(value):
-                sums[key] = sums.get(key, 0.0) + float(w) * float(value)
-                totals[key] = totals.get(key, 0.0) + float(w)
-    return {k: sums[k] / totals[k] for k in sums if totals[k] > 0}
-
-
 def _pct(value: Any) -> str:
     return "n/a" if value is None else f"{100.0 * float(value):.2f}%"
 

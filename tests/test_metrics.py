@@ -11,12 +11,10 @@ import pytest
 
 from leukfed.common import plots
 from leukfed.common.metrics import (
-    aggregate_weighted,
     binary_auc,
     classification_metrics,
     confusion_matrix,
     format_metrics_table,
-    mean_std,
     patient_metrics,
     roc_curve,
 )
@@ -206,23 +204,6 @@ def test_patient_with_mixed_labels_raises() -> None:
         patient_metrics(np.array([0, 1]), np.full((2, 2), 0.5), ["P1", "P1"], ["a", "b"])
     with pytest.raises(ValueError):
         patient_metrics(np.array([0, 1]), np.full((2, 2), 0.5), ["P1"], ["a", "b"])
-
-
-def test_aggregate_weighted() -> None:
-    sites = [
-        {"accuracy": 0.5, "loss": 1.0, "auc": None, "name": "x", "per_class": {}},
-        {"accuracy": 1.0, "loss": 0.0, "auc": 0.9, "ok": True},
-    ]
-    out = aggregate_weighted(sites, [1, 3])
-    assert out == pytest.approx({"accuracy": 0.875, "loss": 0.25, "auc": 0.9})
-    assert aggregate_weighted([{"a": 1.0}], [0]) == {}
-    with pytest.raises(ValueError):
-        aggregate_weighted(sites, [1])
-
-
-def test_mean_std() -> None:
-    assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
-    assert mean_std([4.0]) == (4.0, 0.0)
 
 
 def test_format_metrics_table(worked: dict) -> None:
