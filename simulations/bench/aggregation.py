@@ -104,12 +104,16 @@ def guarded_timer(replies, reference: dict, held: dict, *, fused: bool, numba: b
         held[f"guard {fused}"] = arrays
         return elapsed
 
+    def build():
+        guarded = make_strategy(FedConfig(strategy="fedavg", min_sites=len(replies)))
+        guarded.fused_mean = fused
+        return guarded
+
     if numba:
-        strategy = make_strategy(FedConfig(strategy="fedavg", min_sites=len(replies)))
-        strategy.fused_mean = fused
+        strategy = build()
         return run
     with numba_hidden():
-        strategy = make_strategy(FedConfig(strategy="fedavg", min_sites=len(replies)))
+        strategy = build()
         run()   # builds the strategy's aggregation loop while numba is hidden
     return run
 
