@@ -70,7 +70,6 @@ from leukfed.server.grids import DelegatingGrid
 __all__ = ["SecAggReport", "SecAggSettings", "SecureAggregationGrid", "check_secagg_strategy"]
 
 
-
 @dataclass
 class SecAggReport:
     """What one secure round did: who took part at each stage, who dropped and why, timings."""

@@ -340,3 +340,46 @@ def test_deployed_site_without_keys_and_misdelivered_messages_are_refused(keys) 
     wrong_pins = {**keys["h1"], "site-key": keys["h2"]["site-key"]}           # h2's key under the name h1
     with pytest.raises(LeukError, match="no key for this site 'h1'"):
         secure_train(message, Context(RUN, 5, wrong_pins, RecordDict(), {}), lambda m, c: m)
+
+
+# --------------------------------------------------------------------------------------------
+# Deployment: leuk-server and leuk-client as real processes, TLS, site keys from `leuk certs init`
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_deployed_sites_sign_and_pin_and_a_site_missing_a_pin_refuses(tmp_path: Path) -> None:
+    """Each hospital pins the federation's site keys in `<its certs folder>/peers/`; site c does not
+    pin b, so c refuses the round's keys and the round completes with a and b only."""
+    import json
+
+    from leukfed.common.synthetic import make_synthetic_dataset
+    from leukfed.simulations.loopback import LoopbackFederation, wait_for
+
+    fed = LoopbackFederation(tmp_path, ["a", "b", "c"])
+    try:
+        for site in fed.sites:
+            make_synthetic_dataset(tmp_path / f"data-{site}", per_class=10, size=28, seed=20 + ord(site))
+            peers = fed.certs / "sites" / site / "peers"
+            peers.mkdir()
+            for other in fed.sites:
+                if (site, other) != ("c", "b"):
+                    shutil.copy(fed.certs / "sites" / other / "site.pub", peers / f"{other}.pub")
+        server = fed.server("--rounds", "1", "--min-sites", "3", "--round-timeout", "120", "--batch-size", "16",
+                            "--secure-aggregation")
+        fed.wait_submitted()
+        for site in fed.sites:
+            fed.client(site, tmp_path / f"data-{site}")
+        wait_for(lambda: server.poll() is not None, 400, "the run to finish")
+        assert server.returncode == 0, fed.log("server.log")[-3000:]
+        report = fed.history()[0]["secure_aggregation"]
+        assert not report["aborted"] and sorted(report["names"].values()) == ["a", "b", "c"], report
+        assert len(report["masked"]) == 2 and len(report["dropped"]) == 1
+        assert "unknown site 'b'" in next(iter(report["dropped"].values())), report
+        audit = [json.loads(line) for line in (tmp_path / "site-a" / "audit.jsonl").read_text().splitlines()]
+        masked = [entry for entry in audit if entry["message"] == "train-masked"]
+        assert len(masked) == 1 and len(masked[0]["update_sha256"]) == 64
+        assert not (tmp_path / "site-c" / "audit.jsonl").exists() or all(
+            json.loads(line)["message"] != "train-masked"
+            for line in (tmp_path / "site-c" / "audit.jsonl").read_text().splitlines())
+    finally:
+        fed.close()
