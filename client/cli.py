@@ -125,6 +125,9 @@ def join(
     node_config = {"data-path": str(data.resolve()), "site-name": site, "audit-log": str(state / "audit.jsonl"),
                    "device": device, "server-fingerprint": fingerprint, "dp-budget": dp_budget,
                    "dp-noise-multiplier": dp_noise, "dp-ledger": str(state / "privacy-ledger.json")}
+    if key is not None:  # secure aggregation: sign round keys with the site key, pin the federation's site keys
+        peers = certs / "sites" if (certs / "sites").is_dir() else certs / "peers"
+        node_config.update({"site-key": str(Path(key).resolve()), "peer-keys": str(peers.resolve())})
     if require_secagg:
         node_config["secure-aggregation"] = "required"
     if image_cache:

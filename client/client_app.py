@@ -12,7 +12,7 @@ from leukfed.client.audit import append_audit
 from leukfed.client.records import decode_state, encode_state, packed_arrays_mod
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.privacy import BudgetSpent
-from leukfed.server.secagg import refuse_plain_training, secure_train
+from leukfed.client.secagg import refuse_plain_training, secure_train
 from leukfed.common.site import (load_site_data, local_evaluate, local_train, site_class_names, site_model,
                                  suppress_small)
 
@@ -78,7 +78,8 @@ def score_first(fed: FedConfig, site: SiteConfig, data, state, model) -> dict[st
 @app.train("secagg")
 def train_secagg(msg: Message, context: Context) -> Message:
     """A secure-aggregation round: only a masked update leaves the site."""
-    return secure_train(msg, context, train)
+    return secure_train(msg, context, train, on_masked=lambda sent, metrics: append_audit(
+        SiteConfig.from_node_config(context.node_config), msg, kind="train-masked", metrics=metrics, sent=sent))
 
 
 @app.evaluate()

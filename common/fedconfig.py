@@ -123,6 +123,8 @@ class SiteConfig:
     dp_ledger: str = ""                # the site's privacy ledger (JSON); default: next to the audit log
     dp_noise_multiplier: float = 0.0   # the site may demand more noise than the run's, never less
     image_cache: str = ""              # folder for decoded copies of the site's images ("": decode every task)
+    site_key: str = ""                 # the site's private key (OpenSSH); signs its secure-aggregation keys
+    peer_keys: str = ""                # folder of the federation's site public keys (<name>.pub), pinned
     extra: dict = field(default_factory=dict)
 
     @classmethod

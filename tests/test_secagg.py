@@ -1,9 +1,11 @@
 """Secure aggregation: the server sees only masked vectors and their sum, dropouts are survived.
 
 Most tests run the real protocol in-process: Flower's Message-API FedAvg (wrapped in leukfed's
-ReplyGuard) drives a SecureAggregationGrid over a grid that serialises every message to protobuf
-and back (as on the wire) and hands it to a real ClientApp with per-node Contexts. One slow test
-runs a fixture app on Flower's simulation engine with a site dropping mid-round.
+ReplyGuard) drives a SecureAggregationGrid (server half) over a grid that serialises every message
+to protobuf and back (as on the wire) and hands it to a real ClientApp calling `secure_train` (site
+half) with per-node Contexts whose node configs carry real site keys from `leuk certs` (signed round
+keys, as in deployment). One slow test runs a fixture app on Flower's simulation engine (unsigned,
+as simulations run) with a site dropping mid-round.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import tomli_w
 from flwr.app import (
     Array,
     ArrayRecord,
+    ConfigRecord,
     Context,
     Message,
     MessageType,
@@ -29,21 +32,27 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
+from leukfed.client.records import record_digest
+from leukfed.client.secagg import refuse_plain_training, secure_train
+from leukfed.common import secagg as core
 from leukfed.common.errors import LeukError
-from leukfed.server import secagg
-from leukfed.server.secagg import (
+from leukfed.common.secagg import (
+    MASKED,
+    MESSAGE_TYPE,
     RECORD,
     STATE,
     SecAggSettings,
-    SecureAggregationGrid,
     check_secagg_strategy,
+    combine_shares,
+    create_shares,
     decode_site_arrays,
     quantize_update,
-    refuse_plain_training,
     scale_bits,
-    secure_train,
     self_mask,
 )
+from leukfed.server import secagg
+from leukfed.server.certs import init_certs
+from leukfed.server.secagg import SecureAggregationGrid
 
 SECAGG_APP = Path(__file__).parent / "fixtures" / "secagg_app"
 
@@ -54,6 +63,18 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     monkeypatch.setattr(TaskIdentity, "_run_id", 7)
     monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+
+
+IDENTITIES: dict[int, dict[str, str]] = {}   # node id -> node config with the site's real keys
+
+
+@pytest.fixture(autouse=True, scope="module")
+def site_keys(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One key pair per site from `leuk certs init`; every site pins the whole `sites/` folder."""
+    certs = init_certs(tmp_path_factory.mktemp("certs"), ["localhost"], [f"h{i}" for i in range(len(NODES))])
+    for i, nid in enumerate(NODES):
+        IDENTITIES[nid] = {"site-name": f"h{i}", "site-key": str(certs.site(f"h{i}").private_key),
+                           "peer-keys": str(certs.root / "sites")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,6 +99,7 @@ class Site:
                       for k, v in initial_arrays().items()}
         self.transfer = transfer
         self.sent: dict[str, np.ndarray] = {}   # what its train function returned, decoded
+        self.audited: tuple[str, dict] | None = None   # what secure_train's on_masked hook reported
 
     def train(self, arrays: dict[str, np.ndarray]) -> ArrayRecord:
         record = ArrayRecord()
@@ -111,7 +133,9 @@ def make_client_app(sites: dict[int, Site], faults: dict[int, str]) -> ClientApp
 
     @app.train("secagg")
     def train_secagg(msg: Message, context: Context) -> Message:
-        return secure_train(msg, context, train)
+        def audit(sent: ArrayRecord, metrics: dict) -> None:
+            sites[msg.metadata.dst_node_id].audited = (record_digest(sent), metrics)
+        return secure_train(msg, context, train, on_masked=audit)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -133,7 +157,7 @@ class WireGrid(Grid):
         self.sites = sites
         self.faults = faults or {}
         self.app = make_client_app(sites, self.faults)
-        self.contexts = {n: Context(7, n, dict(node_config or {}), RecordDict(), {}) for n in sites}
+        self.contexts = {n: Context(7, n, {**IDENTITIES[n], **(node_config or {})}, RecordDict(), {}) for n in sites}
         self.received: list[Message] = []        # every reply the server side got
         self.seeds: dict[int, bytes] = {}        # each site's self-mask seed (test-only peek)
         self.tamper = tamper
@@ -143,7 +167,7 @@ class WireGrid(Grid):
 
     @property
     def run(self):
-        raise RuntimeError("no run in tests")
+        return type("Run", (), {"run_id": 7})()
 
     def create_message(self, *args, **kwargs):
         raise NotImplementedError
@@ -241,16 +265,16 @@ def test_secure_sum_equals_fedavg_and_server_sees_only_masks(monkeypatch: pytest
     # even after removing the self mask the server legitimately learns.
     bits = scale_bits(len(sites), SecAggSettings().clip, SecAggSettings().max_examples)
     received = [r for r in wire_grid.received if r.has_content()]
-    masked = [r for r in received if secagg.MASKED in r.content.array_records]
+    masked = [r for r in received if MASKED in r.content.array_records]
     assert len(masked) == len(sites)
     for reply in received:
-        assert set(reply.content.array_records) <= {secagg.MASKED}
+        assert set(reply.content.array_records) <= {MASKED}
     quantized = {}
     for reply in masked:
         nid = reply.metadata.src_node_id
         q, _ = quantize_update(sites[nid].sent, initial_arrays(), sites[nid].weight, SecAggSettings().clip, bits)
         quantized[nid] = q.view(np.uint64)
-        vector = reply.content[secagg.MASKED]["vector"].numpy()
+        vector = reply.content[MASKED]["vector"].numpy()
         assert np.mean(vector == quantized[nid]) < 0.01
         without_self_mask = vector - self_mask(wire_grid.seeds[nid], report.ctx, nid, vector.size)
         assert np.mean(without_self_mask == quantized[nid]) < 0.01
@@ -258,6 +282,13 @@ def test_secure_sum_equals_fedavg_and_server_sees_only_masks(monkeypatch: pytest
     assert len(sums) == 1
     assert np.array_equal(sums[0], np.sum(np.stack(list(quantized.values())), axis=0, dtype=np.uint64))
     assert seconds < 10
+    # The site's audit hook saw exactly what left it: the masked vector and the clear metrics.
+    for reply in masked:
+        nid = reply.metadata.src_node_id
+        digest, metrics = sites[nid].audited
+        assert digest == record_digest(reply.content[MASKED]) and metrics == dict(reply.content["metrics"])
+    # Every round key the server relayed was signed by a named site.
+    assert report.names == {nid: f"h{NODES.index(nid)}" for nid in sites}
 
 
 @pytest.mark.parametrize("stage", ["setup-silent", "share-keys-silent", "mask-error", "mask-silent", "unmask-silent"])
@@ -334,8 +365,8 @@ def test_sites_reject_altered_keys_and_out_of_order_stages() -> None:
     assert any("altered" in why for why in secure.last_report.dropped.values())
 
     context = Context(7, 5, {}, RecordDict(), {})
-    message = Message(RecordDict({RECORD: secagg.ConfigRecord({"stage": "mask", "round": "x"})}),
-                      dst_node_id=5, message_type=secagg.MESSAGE_TYPE)
+    message = Message(RecordDict({RECORD: ConfigRecord({"stage": "mask", "round": "x"})}),
+                      dst_node_id=5, message_type=MESSAGE_TYPE)
     with pytest.raises(LeukError, match="out of order"):
         secure_train(message, context, lambda m, c: m)
 
@@ -361,6 +392,37 @@ def test_quantisation_clips_and_refuses_nan() -> None:
         quantize_update({"a": np.array([np.nan, 0, 0, 0], np.float32)}, old, 3, 1024.0, 20)
     with pytest.raises(LeukError, match="missing"):
         quantize_update({"b": np.zeros(4)}, old, 3, 1024.0, 20)
+
+
+def test_simulated_sites_run_unsigned_and_deployed_sites_without_keys_refuse() -> None:
+    """Without a site key only a simulation (a partition id) takes part, with unsigned keys."""
+    sites = federation(3)
+    simulated = {"site-key": "", "peer-keys": ""}
+    wire_grid = WireGrid(sites, node_config=simulated)
+    for i, nid in enumerate(sites):
+        wire_grid.contexts[nid].node_config["partition-id"] = i
+    secure = SecureAggregationGrid(wire_grid, SecAggSettings())
+    from leukfed.common.fedconfig import FedConfig
+    from leukfed.server.strategies import make_strategy
+
+    result = make_strategy(FedConfig(min_sites=3)).start(
+        grid=secure, initial_arrays=ArrayRecord({k: Array(v) for k, v in initial_arrays().items()}),
+        num_rounds=1, timeout=30)
+    assert not secure.last_report.aborted
+    assert np.abs(result.arrays["fc.bias"].numpy() - fedavg(sites, sites)["fc.bias"]).max() < 1e-6
+
+    _, secure, wire_grid, _ = run_round(federation(3), node_config=simulated)
+    assert secure.last_report.aborted and secure.last_report.keys == []
+    assert all("no site key" in why for why in secure.last_report.dropped.values())
+    assert not any(MASKED in r.content.array_records for r in wire_grid.received if r.has_content())
+
+
+def test_shamir_shares_rebuild_from_any_threshold_subset() -> None:
+    secret = bytes(range(32))
+    shares = create_shares(secret, 3, 5)
+    assert combine_shares(shares[:3]) == combine_shares(shares[2:]) == combine_shares(shares) == secret
+    assert combine_shares(shares[:2]) != secret
+    assert MESSAGE_TYPE == f"{MessageType.TRAIN}.secagg" and core.RECORD == RECORD
 
 
 def test_robust_strategies_are_refused() -> None:
