@@ -10,8 +10,8 @@ from flwr.common.constant import ErrorCode
 
 from leukfed.client.audit import append_entry, task_entry
 from leukfed.client.records import decode_state, encode_state, packed_arrays_mod
-from leukfed.client.site_errors import (ReceivedArraysRefused, error_code, is_refusal, local_detail, log,
-                                        log_failure, new_ref, public_reason)
+from leukfed.client.site_errors import (ReceivedArraysRefused, error_code, is_refusal, local_detail,
+                                        log_failure, new_ref, public_reason, site_log)
 from leukfed.client.wire_checks import check_received, expected_layout, max_model_bytes
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.server.secagg import refuse_plain_training, secure_train
@@ -49,7 +49,7 @@ class AuditedClientApp(ClientApp):
 def _refusal_or_failure(message: Message, exc: Exception) -> tuple[Message, str, dict]:
     """The error reply for a task that raised: the refusal's rule, or a code and a generic text."""
     if is_refusal(exc):
-        log.warning("task refused: %s", exc)
+        site_log(f"{message.metadata.message_type} task refused: {exc}")
         reason, outcome, detail = str(exc), "refused", {}
     else:
         ref, code = new_ref(), error_code(exc)

@@ -1,9 +1,9 @@
 """What a failed task may tell the coordinator: a site error code and a generic text; details stay local."""
 from __future__ import annotations
 
-import logging
 import secrets
 import sys
+import time
 import traceback
 
 from leukfed.common.errors import LeukError, SiteRefusal
@@ -21,12 +21,10 @@ SITE_ERRORS = {
 DATA_MODULES = ("leukfed.common.data", "leukfed.common.dataset", "leukfed.common.splits",
                 "leukfed.common.partition", "PIL.")
 
-log = logging.getLogger("leukfed.site")
-if not log.handlers:  # the task process's stderr is the site's local log (the SuperNode's log file)
-    _handler = logging.StreamHandler(sys.stderr)
-    _handler.setFormatter(logging.Formatter("%(asctime)s leukfed site %(levelname)s: %(message)s"))
-    log.addHandler(_handler)
-    log.propagate = False
+
+def site_log(text: str) -> None:
+    """The site's local log: the task process's stderr, which the SuperNode writes to its log file."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} leukfed site: {text}", file=sys.stderr, flush=True)
 
 
 class ReceivedArraysRefused(LeukError):
@@ -67,7 +65,8 @@ def local_detail(exc: BaseException) -> str:
 
 
 def log_failure(kind: str, ref: str, exc: BaseException) -> None:
-    log.error("%s task failed (ref %s): %s", kind, ref, local_detail(exc), exc_info=exc)
+    site_log(f"{kind} task failed (ref {ref}): {local_detail(exc)}\n"
+             + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
 
 
 def _raised_in(exc: BaseException, modules: tuple[str, ...], function: str = "") -> bool:
