@@ -125,9 +125,10 @@ def verify_chain(path: str | Path) -> ChainReport:
     lines = raw.split(b"\n")
     complete = lines[:-1]          # the text after the last newline is an unfinished (truncated) line
     parsed = [_parse(line) for line in complete]
-    seqs = {entry.get("seq"): number for number, entry in enumerate(parsed, 1) if entry is not None}
+    seqs = {entry["seq"]: number for number, entry in enumerate(parsed, 1)
+            if entry is not None and type(entry.get("seq")) is int}
     prev = GENESIS
-    for number, (line, entry) in enumerate(zip(complete, parsed), 1):
+    for number, entry in enumerate(parsed, 1):
         if entry is None:
             return ChainReport(number - 1, prev, number, "not a complete audit entry (edited or damaged)")
         if entry.get("hash") != entry_hash(entry):

@@ -33,10 +33,10 @@ class AuditedClientApp(ClientApp):
         except Exception as exc:  # noqa: BLE001 - everything: Flower must not see the text
             reply, outcome, detail = _refusal_or_failure(message, exc)
         try:
-            entry = task_entry(message, context, outcome=outcome, started_wall=wall,
-                               seconds=time.perf_counter() - started, reply=reply, detail=detail)
-            if context.node_config.get("audit-log"):
-                append_entry(str(context.node_config["audit-log"]), entry)
+            if context.node_config.get("audit-log"):  # simulated sites keep none
+                append_entry(str(context.node_config["audit-log"]), task_entry(
+                    message, context, outcome=outcome, started_wall=wall, seconds=time.perf_counter() - started,
+                    reply=reply, detail=detail))
         except Exception as exc:  # noqa: BLE001 - no evidence, no reply: what left would be unrecorded
             ref = new_ref()
             log_failure("audit", ref, exc)

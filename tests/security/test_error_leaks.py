@@ -87,3 +87,33 @@ def test_an_honest_site_still_answers(tmp_path: Path) -> None:
     data = make_synthetic_dataset(tmp_path / "clean", per_class=6, size=24, classes=("AML", "APL"))
     reply = deliver("train", data, tmp_path / "audit.jsonl")
     assert not reply.has_error() and dict(reply.content["metrics"])["num-examples"] > 0
+
+
+@pytest.mark.slow
+def test_in_a_real_federation_the_coordinator_sees_only_the_code(tmp_path: Path) -> None:
+    """leuk-server and two leuk-clients on loopback (TLS); site b's image turns corrupt after its data check."""
+    from leukfed.simulations.loopback import LoopbackFederation, read_history, wait_for
+
+    federation = LoopbackFederation(tmp_path, ["a", "b"])
+    data = {s: make_synthetic_dataset(tmp_path / f"Ward_{s}_records", per_class=8, size=28, seed=20 + "ab".index(s))
+            for s in "ab"}
+    try:
+        server = federation.server("--rounds", "1", "--min-sites", "2", "--round-timeout", "120", "--batch-size", "16")
+        federation.wait_submitted()
+        federation.client("a", data["a"])
+        federation.client("b", data["b"])
+        wait_for(lambda: "data ok" in federation.log("client-b.log"), 180, "site b's data check")
+        first_class = sorted(p for p in data["b"].iterdir() if p.is_dir())[0]
+        (first_class / PATIENT_FILE).write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG: truncated scan")
+        assert server.wait(timeout=600) == 0, federation.log("server.log")
+    finally:
+        federation.close()
+    failures = [f for row in read_history(federation.state) for f in row["failures"]]
+    assert failures and all(f["reason"].startswith("site error 3: data could not be read") for f in failures)
+    seen_by_coordinator = federation.log("server.log") + (federation.state / "history.json").read_text()
+    for secret in (*SECRETS, str(data["b"]), "Ward_b"):
+        assert secret not in seen_by_coordinator, secret
+    site_log = (tmp_path / "site-b" / "supernode" / "supernode.log").read_text()
+    assert PATIENT_FILE in site_log                                  # the hospital's own log names the file
+    audit = [json.loads(line) for line in (tmp_path / "site-b" / "audit.jsonl").read_text().splitlines()]
+    assert any(e["outcome"] == "failed" and PATIENT_FILE in e["error"] for e in audit)
