@@ -136,8 +136,8 @@ def verify_chain(path: str | Path) -> ChainReport:
         if entry.get("seq") != number:
             return ChainReport(number - 1, prev, number, _misplaced(entry.get("seq"), number, seqs))
         if entry.get("prev") != prev:
-            problem = (f"does not link to line {number - 1}: line {number - 1} was replaced, or edited and "
-                       "rehashed" if number > 1 else "does not link to the chain's start: entries before it were removed")
+            problem = (f"does not link to line {number - 1}: line {number - 1} was replaced, or edited and rehashed"
+                       if number > 1 else "does not link to the chain's start: entries before it were removed")
             return ChainReport(number - 1, prev, number, problem)
         prev = entry["hash"]
     if lines[-1]:

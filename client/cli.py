@@ -153,7 +153,7 @@ app.add_typer(audit_app, name="audit")
 
 
 @audit_app.command("verify")
-def audit_verify(audit_log: Path = typer.Option(..., "--audit-log", help="The site's audit log (STATE/audit.jsonl).")) -> None:
+def audit_verify(audit_log: Path = typer.Option(..., "--audit-log", help="The site's log (STATE/audit.jsonl).")) -> None:
     """Check the log's hash chain: OK with the number of entries, or the first removed, edited or reordered line."""
     from leukfed.client.audit import verify_chain
 

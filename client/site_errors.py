@@ -9,7 +9,8 @@ import traceback
 from leukfed.common.errors import LeukError, SiteRefusal
 
 # Exception texts name files, folders and patients (a corrupt image's path, a missing partition file):
-# none of it may reach the coordinator. Only the code and this text leave the site.
+# none of it may reach the coordinator. Only the code and this text leave the site. (A policy refusal,
+# SiteRefusal or BudgetSpent, sends its own text, which names the rule only.)
 SITE_ERRORS = {
     1: "internal error",
     3: "data could not be read",

@@ -1,7 +1,6 @@
 """Malformed or conflicting answers to the class query are ignored and logged by site; the ServerApp goes on."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import pytest
