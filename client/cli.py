@@ -151,4 +151,19 @@ from leukfed.client.approval import approve_command  # noqa: E402  (light: no to
 
 app.command("approve")(approve_command)
 
+audit_app = typer.Typer(help="The site's audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(audit_log: Path = typer.Option(..., "--audit-log", help="The site's log (STATE/audit.jsonl).")) -> None:
+    """Check the log's hash chain: OK with the number of entries, or the first removed, edited or reordered line."""
+    from leukfed.client.audit import verify_chain
+
+    report = verify_chain(audit_log)
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 main = run_app(app)

@@ -8,15 +8,72 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from leukfed.client.audit import append_audit
+from leukfed.client.audit import append_entry, task_entry
 from leukfed.client.records import decode_state, encode_state, packed_arrays_mod
+from leukfed.client.site_errors import (ReceivedArraysRefused, error_code, is_refusal, local_detail,
+                                        log_failure, new_ref, public_reason, site_log)
+from leukfed.client.wire_checks import check_received, expected_layout, max_model_bytes
 from leukfed.common.fedconfig import FedConfig, SiteConfig
-from leukfed.common.privacy import BudgetSpent
 from leukfed.client.secagg import refuse_plain_training, secure_train
 from leukfed.common.site import (load_site_data, local_evaluate, local_train, site_class_names, site_model,
                                  suppress_small)
 
-app = ClientApp(mods=[packed_arrays_mod])
+
+class AuditedClientApp(ClientApp):
+    """Every task ends in one audit entry (answered, refused or failed), and no exception reaches
+    Flower, whose error reply would carry its text (file paths, patient IDs) to the coordinator: a
+    failure leaves as a site error code and a generic text, a policy refusal (SiteRefusal) as its rule."""
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        started, wall = time.perf_counter(), time.time()
+        try:
+            reply, outcome, detail = super().__call__(message, context), "answered", {}
+            if reply.has_error():  # a handler's own error reply: its text is not checked, so it stays here
+                raise RuntimeError(f"the task replied with an error: {reply.error.reason}")
+        except Exception as exc:  # noqa: BLE001 - everything: Flower must not see the text
+            reply, outcome, detail = _refusal_or_failure(message, exc)
+        try:
+            if context.node_config.get("audit-log"):  # simulated sites keep none
+                append_entry(str(context.node_config["audit-log"]), task_entry(
+                    message, context, outcome=outcome, started_wall=wall, seconds=time.perf_counter() - started,
+                    reply=reply, detail=detail))
+        except Exception as exc:  # noqa: BLE001 - no evidence, no reply: what left would be unrecorded
+            ref = new_ref()
+            log_failure("audit", ref, exc)
+            if outcome == "answered":
+                return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=public_reason(7, ref)),
+                               reply_to=message)
+        return reply
+
+
+def _refusal_or_failure(message: Message, exc: Exception) -> tuple[Message, str, dict]:
+    """The error reply for a task that raised: the refusal's rule, or a code and a generic text."""
+    if is_refusal(exc):
+        site_log(f"{message.metadata.message_type} task refused: {exc}")
+        reason, outcome, detail = str(exc), "refused", {}
+    else:
+        ref, code = new_ref(), error_code(exc)
+        log_failure(str(message.metadata.message_type), ref, exc)
+        reason, outcome = public_reason(code, ref), "failed"
+        detail = {"error_code": code, "ref": ref, "error": local_detail(exc)}  # stays in the site's log
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message), outcome, detail
+
+
+def refuse_unfit_arrays(msg: Message, context: Context, call_next) -> Message:
+    """Mod, before unpacking: the server's arrays must be this site's model (keys, dtypes, shapes,
+    sizes, read from their headers) or nothing is copied; a train or evaluate task has one, "arrays"."""
+    records = msg.content.array_records if msg.has_content() else {}
+    category = str(msg.metadata.message_type).split(".")[0]
+    if set(records) - {"arrays"} or (records and category not in ("train", "evaluate")):
+        raise ReceivedArraysRefused(f"unexpected array records {sorted(records)[:5]}")
+    if records:
+        fed, site = _settings(context, msg)
+        classes = fed.classes or site_class_names(fed, site)
+        check_received(records["arrays"], expected_layout(fed, len(classes)), max_model_bytes(context.node_config))
+    return call_next(msg, context)
+
+
+app = AuditedClientApp(mods=[refuse_unfit_arrays, packed_arrays_mod])
 
 
 def _settings(context: Context, msg: Message | None = None) -> tuple[FedConfig, SiteConfig]:
@@ -29,7 +86,7 @@ def _settings(context: Context, msg: Message | None = None) -> tuple[FedConfig, 
     return fed, SiteConfig.from_node_config(context.node_config)
 
 
-def _reply(msg: Message, fed: FedConfig, site: SiteConfig, *, kind: str, num_examples: int,
+def _reply(msg: Message, fed: FedConfig, *, num_examples: int,
            metrics: dict[str, float], arrays=None, started: float) -> Message:
     released = suppress_small(metrics, num_examples, fed.min_metric_examples)
     privacy = {k: v for k, v in metrics.items() if k.startswith("dp_")}  # the guarantee, not data: always sent
@@ -38,7 +95,6 @@ def _reply(msg: Message, fed: FedConfig, site: SiteConfig, *, kind: str, num_exa
     content = RecordDict({"metrics": metric_record})
     if arrays is not None:
         content["arrays"] = arrays
-    append_audit(site, msg, kind=kind, metrics=dict(metric_record), sent=arrays)
     return Message(content=content, reply_to=msg)
 
 
@@ -54,16 +110,12 @@ def train(msg: Message, context: Context) -> Message:
     model = site_model(fed, site, data, state)
     # The server asks for the previous round's scores here rather than in a message of their own.
     scores = score_first(fed, site, data, state, model) if config.get("evaluate-first") else {}
-    try:
-        result = local_train(fed, site, data, state, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)),
-                             run_id=msg.metadata.run_id, model=model)
-    except BudgetSpent as exc:
-        # A deliberate refusal, not a crash: one clean line in the server's failures and the audit log.
-        append_audit(site, msg, kind="train-refused", metrics={"reason": str(exc)}, sent=None)
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)), reply_to=msg)
+    # BudgetSpent is a refusal: AuditedClientApp sends its text and logs it as one.
+    result = local_train(fed, site, data, state, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)),
+                         run_id=msg.metadata.run_id, model=model)
     metrics = {**result.metrics, "load_seconds": data.load_seconds, **scores}
     arrays = encode_state(result.state, fed.transfer_dtype)
-    return _reply(msg, fed, site, kind="train", num_examples=result.num_examples, metrics=metrics,
+    return _reply(msg, fed, num_examples=result.num_examples, metrics=metrics,
                   arrays=arrays, started=started)
 
 
@@ -78,8 +130,7 @@ def score_first(fed: FedConfig, site: SiteConfig, data, state, model) -> dict[st
 @app.train("secagg")
 def train_secagg(msg: Message, context: Context) -> Message:
     """A secure-aggregation round: only a masked update leaves the site."""
-    return secure_train(msg, context, train, on_masked=lambda sent, metrics: append_audit(
-        SiteConfig.from_node_config(context.node_config), msg, kind="train-masked", metrics=metrics, sent=sent))
+    return secure_train(msg, context, train)  # the task's audit entry records the masked reply that left
 
 
 @app.evaluate()
@@ -88,7 +139,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     fed, site = _settings(context, msg)
     data = load_site_data(fed, site)
     result = local_evaluate(fed, site, data, decode_state(msg.content["arrays"]))
-    return _reply(msg, fed, site, kind="evaluate", num_examples=result.num_examples,
+    return _reply(msg, fed, num_examples=result.num_examples,
                   metrics=result.metrics, started=started)
 
 
@@ -97,7 +148,6 @@ def query(msg: Message, context: Context) -> Message:
     """The site's class list (no counts, no names of files or patients)."""
     fed, site = _settings(context)
     classes = site_class_names(fed, site)
-    append_audit(site, msg, kind="query", metrics={}, sent=None)
     return Message(content=RecordDict({"info": ConfigRecord({"class-names": list(classes)})}),
                    reply_to=msg)
 

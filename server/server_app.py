@@ -38,20 +38,53 @@ def wait_for_sites(grid: Grid, minimum: int) -> list[int]:
     return nodes
 
 
+MAX_CLASSES, MAX_CLASS_NAME = 1000, 100
+
+
+def reported_classes(reply: Message) -> tuple[tuple[str, ...] | None, str]:
+    """A site's answer to the class query: (its class list, "") or (None, why it is unusable). A
+    reply is untrusted input: anything but a short list of distinct, printable names is ignored."""
+    if reply.has_error():
+        return None, f"error reply (code {reply.error.code})"
+    info = reply.content.config_records.get("info")
+    names = info.get("class-names") if info is not None else None
+    if not isinstance(names, list) or not names:
+        return None, "no class list"
+    if len(names) > MAX_CLASSES:
+        return None, f"{len(names)} classes (at most {MAX_CLASSES})"
+    if not all(isinstance(n, str) and 0 < len(n) <= MAX_CLASS_NAME and n.isprintable() and "," not in n
+               for n in names):
+        return None, f"class names must be printable text of 1-{MAX_CLASS_NAME} characters without commas"
+    if len(set(names)) != len(names):
+        return None, "repeated class names"
+    return tuple(names), ""
+
+
 def ask_class_names(grid: Grid, fed: FedConfig) -> tuple[str, ...]:
-    """The run's classes: given in the config, else the list most sites report."""
+    """The run's classes: given in the config, else the list most sites report (ties: the first list in
+    sorted order). Malformed or conflicting answers are logged by site and ignored."""
     if fed.classes:
         return fed.classes
     nodes = wait_for_sites(grid, fed.min_sites)
     messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-    replies = [r for r in grid.send_and_receive(messages, timeout=fed.round_timeout) if not r.has_error()]
-    lists = Counter(tuple(r.content["info"]["class-names"]) for r in replies)
+    answers: dict[int, tuple[str, ...]] = {}
+    for reply in grid.send_and_receive(messages, timeout=fed.round_timeout):
+        node = reply.metadata.src_node_id
+        classes, problem = reported_classes(reply)
+        if node not in nodes or node in answers:
+            log(f"class query: ignored a reply from node {node} (not asked, or a second reply)")
+        elif classes is None:
+            log(f"class query: ignored site {node}'s reply: {problem}")
+        else:
+            answers[node] = classes
+    lists = Counter(answers.values())
     if not lists:
-        raise LeukError("no site answered the class-list query")
-    classes, _ = lists.most_common(1)[0]
-    for other in lists:
+        raise LeukError("no site answered the class-list query with a usable class list")
+    classes = min(lists, key=lambda c: (-lists[c], c))
+    for node, other in sorted(answers.items()):
         if other != classes:
-            log(f"sites with classes {list(other)} differ from the run's {list(classes)} and will be refused")
+            shown = ", ".join(other[:10]) + (f" ... ({len(other)} classes)" if len(other) > 10 else "")
+            log(f"site {node} reports classes [{shown}], not the run's {list(classes)}; it will be refused")
     return classes
 
 

@@ -10,11 +10,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from leukfed.client.client_app import app
-from leukfed.client.records import PACKED_KEY, encode_state, unpack_record
+from leukfed.client.audit import verify_chain
+from leukfed.client.records import PACKED_KEY, encode_state, record_digest, unpack_record
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.models import create_model
-
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +67,14 @@ def test_a_training_reply_holds_only_model_arrays_and_numbers(site_data: Path, t
 
 
 def test_the_audit_log_records_what_left_the_site(site_data: Path, tmp_path: Path) -> None:
-    deliver("train", site_data, tmp_path)
+    reply, _ = deliver("train", site_data, tmp_path)
     entry = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
     assert entry["message"] == "train" and entry["run_id"] == 11
     assert entry["bytes_out"] > 0 and len(entry["update_sha256"]) == 64
     assert entry["metrics_sent"]["num-examples"] > 0
+    assert entry["outcome"] == "answered" and entry["arrays_sent"] == len(unpack_record(reply.content["arrays"]))
+    assert entry["update_sha256"] == record_digest(unpack_record(reply.content["arrays"]))  # what the server gets
+    assert verify_chain(tmp_path / "audit.jsonl").ok  # hash-chained (tests/security/test_audit_chain.py)
 
 
 def test_metrics_on_fewer_than_k_examples_are_suppressed(site_data: Path, tmp_path: Path) -> None:

@@ -57,8 +57,9 @@ def test_site_reports_epsilon_and_stops_when_its_budget_is_spent(site_data: Path
 
 def test_a_site_that_demands_dp_refuses_a_run_without_it(site_data: Path, tmp_path: Path) -> None:
     plain = FedConfig(model="tinycnn", image_size=16, class_names="Benign,Early,Pre,Pro")
-    with pytest.raises(LeukError, match="requires differential privacy"):
-        deliver(site_data, tmp_path, 1, plain, **{"dp-budget": 3.0})
+    refused = deliver(site_data, tmp_path, 1, plain, **{"dp-budget": 3.0})  # an error reply: the app never raises
+    last = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert refused.has_error() and "requires differential privacy" in last.get("error", last["reason_sent"])
 
 
 def test_the_server_cannot_require_more_noise_than_the_run_uses() -> None:

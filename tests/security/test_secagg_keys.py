@@ -376,10 +376,10 @@ def test_deployed_sites_sign_and_pin_and_a_site_missing_a_pin_refuses(tmp_path: 
         assert len(report["masked"]) == 2 and len(report["dropped"]) == 1
         assert "unknown site 'b'" in next(iter(report["dropped"].values())), report
         audit = [json.loads(line) for line in (tmp_path / "site-a" / "audit.jsonl").read_text().splitlines()]
-        masked = [entry for entry in audit if entry["message"] == "train-masked"]
+        masked = [entry for entry in audit if entry["message"] == "train.secagg" and entry.get("update_sha256")]
         assert len(masked) == 1 and len(masked[0]["update_sha256"]) == 64
         assert not (tmp_path / "site-c" / "audit.jsonl").exists() or all(
-            json.loads(line)["message"] != "train-masked"
+            not (json.loads(line)["message"] == "train.secagg" and json.loads(line).get("update_sha256"))
             for line in (tmp_path / "site-c" / "audit.jsonl").read_text().splitlines())
     finally:
         fed.close()

@@ -1,0 +1,133 @@
+"""Received arrays checked against the site's own model from their headers, before any copy; digests."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from leukfed.client.records import BF16_SUFFIX, PACKED_KEY, NpyError, npy_header
+from leukfed.client.site_errors import ReceivedArraysRefused
+
+Layout = Mapping[str, tuple[tuple[int, ...], str]]   # state-dict key -> (shape, dtype name)
+
+MAX_HEADER_BYTES = 4096          # np.save writes ~128 bytes of .npy header per array
+DEFAULT_MAX_MODEL_MB = 4096      # node config `max-model-mb`: the most model bytes a site accepts
+_INDEX_LENGTH = 8                # client/records.py's packed layout: [index length][JSON index][data ...]
+_LAYOUTS: dict[tuple, dict[str, tuple[tuple[int, ...], str]]] = {}
+
+
+@dataclass(frozen=True)
+class ArrayEntry:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview     # the array's .npy bytes, a view into the received message (no copy)
+
+
+def array_entries(record: ArrayRecord, *, max_index_bytes: int = 1 << 24) -> Iterator[ArrayEntry]:
+    """The arrays of a plain or packed (client/records.py `pack_record`) record, read in place."""
+    if PACKED_KEY not in record:
+        for key, array in record.items():
+            yield ArrayEntry(key, str(array.dtype), tuple(array.shape), memoryview(array.data))
+        return
+    if len(record) != 1:
+        raise NpyError("a packed record carries nothing beside its packed array")
+    data = record[PACKED_KEY].data
+    _, dtype, shape, _, count, offset = npy_header(data)
+    if dtype != np.uint8 or len(shape) != 1 or len(data) != offset + count:
+        raise NpyError("packed arrays: not one flat uint8 array")
+    view = memoryview(data)[offset:]
+    length = int.from_bytes(view[:_INDEX_LENGTH], "little")
+    if length > min(max_index_bytes, len(view) - _INDEX_LENGTH):
+        raise NpyError(f"packed arrays: an index of {length} bytes")
+    try:
+        index = json.loads(bytes(view[_INDEX_LENGTH:_INDEX_LENGTH + length]))
+    except ValueError:
+        raise NpyError("packed arrays: unreadable index") from None
+    position = _INDEX_LENGTH + length
+    for item in index if isinstance(index, list) else [None]:
+        if not (isinstance(item, list) and len(item) == 5 and isinstance(item[0], str) and isinstance(item[1], str)
+                and isinstance(item[2], list) and all(type(n) is int and n >= 0 for n in item[2])
+                and type(item[4]) is int and 0 <= item[4] <= len(view) - position):
+            raise NpyError("packed arrays: malformed index entry")
+        key, a_dtype, a_shape, _, size = item
+        yield ArrayEntry(key, a_dtype, tuple(a_shape), view[position:position + size])
+        position += size
+    if position != len(view):
+        raise NpyError("packed arrays: trailing bytes")
+
+
+def record_sha256(record: ArrayRecord) -> str:
+    """client/records.py `record_digest` of the unpacked record, computed on a packed one in place."""
+    digest = hashlib.sha256()
+    for entry in sorted(array_entries(record), key=lambda e: e.key):
+        digest.update(entry.key.encode())
+        digest.update(entry.data)
+    return digest.hexdigest()
+
+
+def expected_layout(fed, num_classes: int) -> Layout:
+    """Keys, shapes and dtypes of the model this site builds for the run (on the meta device: no memory)."""
+    key = (fed.model, fed.image_size, fed.dp, num_classes)
+    if key not in _LAYOUTS:
+        import torch
+
+        from leukfed.common.site import build_site_model
+
+        try:
+            with torch.device("meta"):
+                model = build_site_model(fed, num_classes)
+        except Exception:  # noqa: BLE001 - model code that needs real values at construction
+            model = build_site_model(fed, num_classes)
+        _LAYOUTS[key] = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+                         for k, v in model.state_dict().items()}
+    return _LAYOUTS[key]
+
+
+def check_received(record: ArrayRecord, layout: Layout, max_bytes: int) -> None:
+    """Refuse (ReceivedArraysRefused) arrays that are not exactly the site's model, from the headers only:
+    every key once, the model's shape, float32/float16/bfloat16 for float tensors (the exact dtype
+    otherwise), .npy bytes of exactly that size, at most `max_bytes` in all."""
+    if PACKED_KEY in record and len(record[PACKED_KEY].data) > max_bytes + MAX_HEADER_BYTES * (len(layout) + 1):
+        raise ReceivedArraysRefused(f"{len(record[PACKED_KEY].data)} bytes of arrays, over the site's limit")
+    seen: set[str] = set()
+    total = 0
+    try:
+        for entry in array_entries(record, max_index_bytes=512 * len(layout) + 4096):
+            name = entry.key.removesuffix(BF16_SUFFIX)
+            if name not in layout or name in seen:
+                raise ReceivedArraysRefused(f"array {name[:80]!r} is not in the site's model, or repeated")
+            seen.add(name)
+            total += _check_entry(entry, name, *layout[name])
+            if total > max_bytes:
+                raise ReceivedArraysRefused(f"over {max_bytes} bytes of arrays, the site's limit")
+    except NpyError as exc:
+        raise ReceivedArraysRefused(f"malformed arrays: {exc}") from None
+    if missing := set(layout) - seen:
+        raise ReceivedArraysRefused(f"{len(missing)} arrays of the site's model are missing, e.g. {min(missing)!r}")
+
+
+def _check_entry(entry: ArrayEntry, name: str, shape: tuple[int, ...], dtype: str) -> int:
+    floating = np.dtype(dtype).kind == "f"
+    allowed = {"int16"} if entry.key.endswith(BF16_SUFFIX) and floating else \
+        {"float32", "float16"} if floating else {dtype}
+    header = npy_header(bytes(entry.data[:MAX_HEADER_BYTES]))
+    _, header_dtype, header_shape, _, count, offset = header
+    if entry.dtype not in allowed or header_dtype.name != entry.dtype or not header_dtype.isnative:
+        raise ReceivedArraysRefused(f"array {name!r}: dtype {entry.dtype[:20]!r}, expected one of {sorted(allowed)}")
+    if entry.shape != shape or header_shape != shape:
+        raise ReceivedArraysRefused(f"array {name!r}: shape {entry.shape[:8]} where the site's model has {shape}")
+    if len(entry.data) != offset + count * header_dtype.itemsize:
+        raise ReceivedArraysRefused(f"array {name!r}: {len(entry.data)} bytes, not one array of its shape")
+    return len(entry.data)
+
+
+def max_model_bytes(node_config: Mapping) -> int:
+    try:
+        return int(float(node_config.get("max-model-mb", DEFAULT_MAX_MODEL_MB)) * 2**20)
+    except (TypeError, ValueError):
+        return DEFAULT_MAX_MODEL_MB * 2**20
