@@ -49,9 +49,9 @@ def package(tmp_path: Path) -> Path:
 def test_manifest_covers_the_package_code(package: Path) -> None:
     manifest = code_manifest(package)
     for must in ("__init__.py", "client/client_app.py", "server/strategies.py", "common/errors.py",
-                 "client/approval.py"):
+                 "client/approval/launcher.py", "pyproject.toml"):      # every file, not only *.py
         assert must in manifest
-    assert all(p.endswith(".py") and "__pycache__" not in p for p in manifest)
+    assert all("__pycache__" not in p for p in manifest)
     assert all(len(h) == 64 for h in manifest.values())
     assert code_manifest(package) == manifest                       # deterministic
     assert "client/client_app.py" in code_manifest()                # the installed package by default
@@ -150,9 +150,9 @@ def test_app_bundles(tmp_path: Path) -> None:
 
 def test_approve_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     package = copy_package(tmp_path / "pkg")
-    from leukfed.client import approval
+    from leukfed.client.approval import manifest
 
-    monkeypatch.setattr(approval, "package_root", lambda: package)
+    monkeypatch.setattr(manifest, "package_root", lambda: package)
     app = typer.Typer()
     app.command("approve")(approve_command)
     app.command("noop")(lambda: None)                   # two commands: `approve` stays a subcommand
