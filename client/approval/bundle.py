@@ -154,14 +154,21 @@ def bundle_refusal(summary: dict[str, Any], own: dict[str, Any], clientapp: str)
     config = _config_differences(own["config"], summary["config"])
     if config:
         return f"its config is not leukfed {own['version']}'s ({config})"
-    if summary["project"] != own["project"]:
-        fields = sorted(k for k in set(own["project"]) | set(summary["project"])
-                        if own["project"].get(k) != summary["project"].get(k))
+    fields = _differing_fields(own["project"], summary["project"])
+    if fields:
         return f"its pyproject differs from leukfed {own['version']}'s in {', '.join(fields)}"
     config_file = summary["config_file"]
     if summary["content"] != f"{CONFIG_FILE},{hashlib.sha256(config_file).hexdigest()},{len(config_file) * 8}".encode():
         return f"its {CONTENT_FILE} does not list exactly its {CONFIG_FILE}"
     return None
+
+
+def _differing_fields(own: Any, theirs: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the pyproject fields where two parsed pyprojects differ."""
+    if not (isinstance(own, dict) and isinstance(theirs, dict)):
+        return [] if own == theirs else [prefix or "the whole file"]
+    return [field for key in sorted(set(own) | set(theirs))
+            for field in _differing_fields(own.get(key), theirs.get(key), f"{prefix}.{key}" if prefix else key)]
 
 
 def _config_differences(own: dict[str, Any], theirs: dict[str, Any]) -> str:
