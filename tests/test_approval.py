@@ -12,6 +12,7 @@ import pytest
 import typer
 from leukfed.client.approval import (
     APPROVED_CLIENTAPP,
+    apply_install_from_fab_patch,
     approve,
     approve_command,
     code_manifest,
@@ -187,6 +188,33 @@ def test_launcher_checks_the_code_before_importing_it(package: Path, tmp_path: P
     refused = subprocess.run([str(launcher)], env=env, check=False, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 3 and "changed: common/atomic.py" in refused.stdout and "Dr. H" in refused.stdout
     assert not marker.exists()
+
+
+def test_install_from_fab_patch_sits_on_flowers_call_site(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's task runner looks `install_from_fab` up in its module when it runs: the patched name."""
+    import dis
+
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    globals_read = {i.argval for i in dis.get_instructions(runtime.run_clientapp) if i.opname == "LOAD_GLOBAL"}
+    assert "install_from_fab" in globals_read
+    original = runtime.install_from_fab
+    monkeypatch.setattr(runtime, "install_from_fab", original)            # restored after the test
+    seen: list[bytes] = []
+
+    def refuse(fab: bytes) -> None:
+        seen.append(fab)
+        raise LeukError("refused app bundle")
+
+    apply_install_from_fab_patch(refuse)
+    with pytest.raises(LeukError, match="refused app bundle"):
+        runtime.install_from_fab(b"bundle", skip_prompt=True)
+    assert seen == [b"bundle"]
+    apply_install_from_fab_patch(lambda fab: None)                         # applied again: not stacked
+    assert runtime.install_from_fab.leuk_unchecked is original
+    monkeypatch.delattr(runtime, "install_from_fab")
+    with pytest.raises(RuntimeError, match="install_from_fab is missing"):  # never silently unchecked
+        apply_install_from_fab_patch(lambda fab: None)
 
 
 # --------------------------------------------------------------------------------------------
