@@ -103,6 +103,10 @@ def test_no_approval_is_refused(package: Path, tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(LeukError, match="cannot read"):
         verify(tmp_path / "bad.json", root=package)
+    older = tmp_path / "format1.json"                     # an approval that covered only *.py files
+    older.write_text(json.dumps({"format": 1, "approvals": [{"reviewer": "Dr. Z", "time": "then", "files": {}}]}))
+    with pytest.raises(LeukError, match="older leukfed that covered only"):
+        verify(older, root=package)
 
 
 def test_summary_shows_version_files_digest_and_diff(package: Path, tmp_path: Path) -> None:

@@ -50,17 +50,14 @@ def guarded_clientapp_main(approvals_file: str | Path | None = None) -> None:
     main()
 
 
-def write_guarded_launcher(bin_dir: str | Path, approvals_file: str | Path, *,
-                           pycache_dir: str | Path | None = None, root: str | Path | None = None) -> Path:
+def write_guarded_launcher(bin_dir: str | Path, approvals_file: str | Path, *, root: str | Path | None = None) -> Path:
     """Write `bin_dir/flwr-clientapp` (launcher.py run with `python -S`) and the files it reads.
 
     Call it after `verify`: the copies are of the verified code. Put bin_dir first on the
-    SuperNode's PATH. pycache_dir: where task processes keep compiled bytecode (default:
-    bin_dir/../pycache). root: the leukfed package folder the tasks import (default: the installed one).
+    SuperNode's PATH. root: the leukfed package folder the tasks import (default: the installed one).
     """
     bin_dir = Path(bin_dir).resolve()
-    config = {"root": str(manifest.resolve_root(root)), "approvals": str(Path(approvals_file).resolve()),
-              "pycache": str(Path(pycache_dir).resolve() if pycache_dir else bin_dir.parent / "pycache")}
+    config = {"root": str(manifest.resolve_root(root)), "approvals": str(Path(approvals_file).resolve())}
     atomic_write_bytes(bin_dir / MANIFEST_FILE, Path(manifest.__file__).read_bytes())
     atomic_write_text(bin_dir / CONFIG_NAME, json.dumps(config, indent=1))
     source = Path(launcher.__file__).read_text(encoding="utf-8")

@@ -9,11 +9,13 @@ Flower's SubprocessExecutor starts every task as `flwr-clientapp ...` through PA
 starts its forking SuperExec as `flwr-clientapp --leuk-superexec ...`. On every start:
   1. hash every file of the leukfed package and compare with the site's latest approval;
   2. run Python's site set-up, executing only the approved start-up hooks (others are skipped);
-  3. make sure `import leukfed` finds the approved folder.
+  3. make sure `import leukfed` finds the approved folder, and compile its modules from the verified
+     sources (no bytecode cache of leukfed is read or written: a planted `__pycache__/*.pyc` never runs).
 Approved: leuk-client's forking SuperExec, or Flower's flwr-clientapp with each task's bundle checked
 before Flower unpacks it. Refused: Flower's own runner (no leukfed import), answering every task with
 the reason. LEUK_GUARD_CHECK_ONLY=1: print the verdict and exit (0 approved, 3 refused).
 """
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -34,9 +36,39 @@ def _beside_me(name):
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
 
 
+class SourceOnlyLoader(importlib.machinery.SourceFileLoader):
+    """Compiles a module from its source file every time; never reads or writes cached bytecode."""
+
+    def get_code(self, fullname):
+        path = self.get_filename(fullname)
+        return self.source_to_code(self.get_data(path), path)
+
+
+class VerifiedSourceFinder:
+    """Meta path finder for leukfed.*: the approved folder, source files through SourceOnlyLoader."""
+
+    def __init__(self, root):
+        self.root = os.path.realpath(root)
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "leukfed":
+            init = os.path.join(self.root, "__init__.py")
+            return importlib.util.spec_from_file_location(fullname, init, loader=SourceOnlyLoader(fullname, init),
+                                                          submodule_search_locations=[self.root])
+        if not fullname.startswith("leukfed."):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is not None and type(spec.loader) is importlib.machinery.SourceFileLoader:
+            spec.loader = SourceOnlyLoader(fullname, spec.origin)
+            spec.cached = None
+        return spec
+
+
 def load_manifest_module():
     """The copy of manifest.py written beside this launcher when the code was verified."""
-    spec = importlib.util.spec_from_file_location("leukfed_approval_manifest", _beside_me(MANIFEST_FILE))
+    path = _beside_me(MANIFEST_FILE)
+    spec = importlib.util.spec_from_file_location("leukfed_approval_manifest", path,
+                                                  loader=SourceOnlyLoader("leukfed_approval_manifest", path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -125,8 +157,9 @@ def run_superexec(args, refusal):
 def main():
     with open(_beside_me(CONFIG_NAME), encoding="utf-8") as handle:
         config = json.load(handle)
-    sys.pycache_prefix = config["pycache"]     # never load __pycache__/*.pyc from the package
     refusal = verdict(config, load_manifest_module())
+    if refusal is None:
+        sys.meta_path.insert(0, VerifiedSourceFinder(config["root"]))
     if os.environ.get(CHECK_ONLY_ENV):
         print(refusal or "approved")
         sys.exit(REFUSED_EXIT if refusal else 0)

@@ -4,7 +4,7 @@ Covered: EVERY file of the installed leukfed package (sources, compiled modules,
 beside an approved module would be imported in its place), and the interpreter's start-up hooks:
 each `.pth` file of the site directories, the modules in those directories its import lines name
 (an editable install's `__editable__*.pth` and its finder), and `sitecustomize`/`usercustomize`.
-Not covered: `__pycache__/` (the launcher keeps bytecode elsewhere, `sys.pycache_prefix`), and
+Not covered: `__pycache__/` (the launcher compiles leukfed from its verified sources and never reads it), and
 folders whose names contain a dot (`.git`, `.pytest_cache`, `*.egg-info`: no Python package can
 live there). The guarded launcher loads a copy of this file before Python has processed any `.pth`
 file or imported any leukfed module, so only the standard library may be imported at module level.
@@ -154,7 +154,10 @@ def read_latest_approval(approvals_file: str | os.PathLike[str]) -> dict[str, An
         raise ApprovalMissing(f"{path} is not a leukfed approvals file")
     if not data["approvals"]:
         raise ApprovalMissing(f"no approval recorded in {path}: a reviewer must run `leuk-client approve` first")
-    return data["approvals"][-1]
+    entry = data["approvals"][-1]
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k, {}), dict) for k in ("files", "startup_hooks")):
+        raise ApprovalMissing(f"{path} is not a leukfed approvals file")
+    return entry
 
 
 def manifest_changes(approved: dict[str, str], current: dict[str, str]) -> dict[str, list[str]]:
@@ -171,6 +174,9 @@ def refusal(entry: dict[str, Any], files: dict[str, str], hooks: dict[str, str])
     """Why the installed package `files` and start-up `hooks` are not what `entry` approved (None: they are)."""
     problems = []
     who = f"{entry.get('reviewer', '?')} approved on {entry.get('time', '?')}"
+    if "startup_hooks" not in entry:
+        return (f"the approval {who} was recorded by an older leukfed that covered only *.py files; "
+                "review the installed code again with `leuk-client approve`")
     code = describe_changes(manifest_changes(entry.get("files", {}), files))
     if code:
         problems.append(f"the installed leukfed code is not the code {who} ({code})")
