@@ -112,7 +112,7 @@ def serve(
     from leukfed.common.errors import LeukError
     from leukfed.common.fedconfig import FedConfig
     from leukfed.server.certs import CertsLayout
-    from leukfed.server.flwr_app import write_app_dir, write_run_config
+    from leukfed.common.fab import write_app_dir, write_run_config
     from leukfed.server.superlink import SuperLink
 
     state = state.expanduser().resolve()

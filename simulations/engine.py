@@ -16,7 +16,7 @@ from leukfed.common.fedconfig import FedConfig
 from leukfed.server.flower_env import (flower_env, flower_executable, free_port, kill_process_group,
                                        log_tail, strip_ansi)
 from leukfed.server import superlink_process
-from leukfed.server.flwr_app import write_app_dir, write_run_config
+from leukfed.common.fab import write_app_dir, write_run_config
 
 CONNECTION = "leuk-sim"
 

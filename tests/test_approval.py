@@ -12,6 +12,7 @@ import pytest
 import typer
 from leukfed.client.approval import (
     APPROVED_CLIENTAPP,
+    apply_install_from_fab_patch,
     approve,
     approve_command,
     code_manifest,
@@ -49,9 +50,9 @@ def package(tmp_path: Path) -> Path:
 def test_manifest_covers_the_package_code(package: Path) -> None:
     manifest = code_manifest(package)
     for must in ("__init__.py", "client/client_app.py", "server/strategies.py", "common/errors.py",
-                 "client/approval.py"):
+                 "client/approval/launcher.py", "pyproject.toml"):      # every file, not only *.py
         assert must in manifest
-    assert all(p.endswith(".py") and "__pycache__" not in p for p in manifest)
+    assert all("__pycache__" not in p for p in manifest)
     assert all(len(h) == 64 for h in manifest.values())
     assert code_manifest(package) == manifest                       # deterministic
     assert "client/client_app.py" in code_manifest()                # the installed package by default
@@ -102,6 +103,10 @@ def test_no_approval_is_refused(package: Path, tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(LeukError, match="cannot read"):
         verify(tmp_path / "bad.json", root=package)
+    older = tmp_path / "format1.json"                     # an approval that covered only *.py files
+    older.write_text(json.dumps({"format": 1, "approvals": [{"reviewer": "Dr. Z", "time": "then", "files": {}}]}))
+    with pytest.raises(LeukError, match="older leukfed that covered only"):
+        verify(older, root=package)
 
 
 def test_summary_shows_version_files_digest_and_diff(package: Path, tmp_path: Path) -> None:
@@ -150,9 +155,9 @@ def test_app_bundles(tmp_path: Path) -> None:
 
 def test_approve_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     package = copy_package(tmp_path / "pkg")
-    from leukfed.client import approval
+    from leukfed.client.approval import manifest
 
-    monkeypatch.setattr(approval, "package_root", lambda: package)
+    monkeypatch.setattr(manifest, "package_root", lambda: package)
     app = typer.Typer()
     app.command("approve")(approve_command)
     app.command("noop")(lambda: None)                   # two commands: `approve` stays a subcommand
@@ -187,6 +192,33 @@ def test_launcher_checks_the_code_before_importing_it(package: Path, tmp_path: P
     refused = subprocess.run([str(launcher)], env=env, check=False, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 3 and "changed: common/atomic.py" in refused.stdout and "Dr. H" in refused.stdout
     assert not marker.exists()
+
+
+def test_install_from_fab_patch_sits_on_flowers_call_site(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's task runner looks `install_from_fab` up in its module when it runs: the patched name."""
+    import dis
+
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    globals_read = {i.argval for i in dis.get_instructions(runtime.run_clientapp) if i.opname == "LOAD_GLOBAL"}
+    assert "install_from_fab" in globals_read
+    original = runtime.install_from_fab
+    monkeypatch.setattr(runtime, "install_from_fab", original)            # restored after the test
+    seen: list[bytes] = []
+
+    def refuse(fab: bytes) -> None:
+        seen.append(fab)
+        raise LeukError("refused app bundle")
+
+    apply_install_from_fab_patch(refuse)
+    with pytest.raises(LeukError, match="refused app bundle"):
+        runtime.install_from_fab(b"bundle", skip_prompt=True)
+    assert seen == [b"bundle"]
+    apply_install_from_fab_patch(lambda fab: None)                         # applied again: not stacked
+    assert runtime.install_from_fab.leuk_unchecked is original
+    monkeypatch.delattr(runtime, "install_from_fab")
+    with pytest.raises(RuntimeError, match="install_from_fab is missing"):  # never silently unchecked
+        apply_install_from_fab_patch(lambda fab: None)
 
 
 # --------------------------------------------------------------------------------------------
