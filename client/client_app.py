@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from leukfed.client.audit import append_audit
+from leukfed.client.policy import check_task
 from leukfed.client.records import decode_state, encode_state, packed_arrays_mod
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.privacy import BudgetSpent
@@ -44,6 +45,7 @@ def _reply(msg: Message, fed: FedConfig, site: SiteConfig, *, kind: str, num_exa
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    check_task(context)  # the site's policy, before any data is touched
     refuse_plain_training(msg, context)  # node config secure-aggregation="required": never in the clear
     started = time.perf_counter()
     fed, site = _settings(context, msg)
@@ -78,11 +80,13 @@ def score_first(fed: FedConfig, site: SiteConfig, data, state, model) -> dict[st
 @app.train("secagg")
 def train_secagg(msg: Message, context: Context) -> Message:
     """A secure-aggregation round: only a masked update leaves the site."""
+    check_task(context)
     return secure_train(msg, context, train)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    check_task(context)
     started = time.perf_counter()
     fed, site = _settings(context, msg)
     data = load_site_data(fed, site)
@@ -94,6 +98,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """The site's class list (no counts, no names of files or patients)."""
+    check_task(context)
     fed, site = _settings(context)
     classes = site_class_names(fed, site)
     append_audit(site, msg, kind="query", metrics={}, sent=None)

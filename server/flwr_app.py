@@ -10,7 +10,8 @@ from leukfed.common.atomic import atomic_write_text
 from leukfed.common.fedconfig import FedConfig
 
 
-def write_app_dir(app_dir: Path) -> Path:
+def write_app_dir(app_dir: Path, clientapp: str = "leukfed.client.client_app:app",
+                  extra_config: dict | None = None) -> Path:
     """Write the app folder `flwr run` bundles; the code itself is the installed leukfed package.
 
     Every FedConfig field appears under [tool.flwr.app.config], because `flwr run --run-config`
@@ -25,8 +26,8 @@ def write_app_dir(app_dir: Path) -> Path:
         "tool": {"flwr": {"app": {
             "publisher": "leukfed",
             "components": {"serverapp": "leukfed.server.server_app:app",
-                           "clientapp": "leukfed.client.client_app:app"},
-            "config": FedConfig().to_run_config(),
+                           "clientapp": clientapp},
+            "config": {**FedConfig().to_run_config(), **(extra_config or {})},
         }}},
     }
     atomic_write_text(app_dir / "pyproject.toml", tomli_w.dumps(project))
