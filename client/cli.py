@@ -116,7 +116,7 @@ def join(
     approvals: Optional[Path] = typer.Option(None, "--approvals", help="Approvals file from `leuk-client approve` (default: STATE/approvals.json)."),
     require_secagg: bool = typer.Option(False, "--require-secure-aggregation", help="Train only in secure-aggregation rounds."),
     dp_budget: float = typer.Option(0.0, "--dp-budget", help="Lifetime privacy budget on this site's data (epsilon at the "
-                                    "run's delta): stop contributing before a round would exceed it; refuse runs without DP. 0: none."),
+                                    "run's delta, never above --dp-delta): stop contributing before a round would exceed it; refuse runs without DP. 0: none."),
     dp_noise: float = typer.Option(0.0, "--dp-noise", help="Train with at least this DP noise multiplier (0: the run's)."),
     image_cache: bool = typer.Option(True, "--image-cache/--no-image-cache", help="Keep decoded copies of this "
                                      "site's images in STATE/image-cache (owner-only) so that rounds do not decode them again."),

@@ -109,7 +109,7 @@ def test_under_dp_only_accounted_numbers_leave_the_site(site_data, tmp_path) -> 
 def test_a_site_refuses_a_run_that_would_expose_it_alone(tmp_path: Path) -> None:
     """Real leuk-server and leuk-client on loopback with TLS: the coordinator submits min-sites 1; the site
     (default policy) refuses; the refusal is one line at the site and in the server's round log."""
-    federation = LoopbackFederation(tmp_path, ["a"])
+    federation = LoopbackFederation(tmp_path, ["a"], site_policy=())  # the default policy
     try:
         data = make_synthetic_dataset(tmp_path / "data-a", per_class=10, size=28)
         server = federation.server("--rounds", "1", "--min-sites", "1", "--classes", CLASSES, "--round-timeout", "60")
