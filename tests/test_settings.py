@@ -119,3 +119,14 @@ def test_leuk_server_refuses_an_impossible_model_before_starting(tmp_path: Path,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "SuperLink" not in result.stdout and not (tmp_path / "state" / "superlink").exists()
+
+
+def test_leuk_client_policy_is_its_file_then_the_options_given(tmp_path: Path) -> None:
+    from leukfed.client import cli as client_cli
+
+    ctx = typer.main.get_command(client_cli.app).make_context("leuk-client", ["--min-sites", "4", "--dp-delta", "1e-6"])
+    (tmp_path / "policy.toml").write_text("min-sites = 5\nmax-local-epochs = 3\n")
+    names = {f.name for f in fields(SitePolicy)}
+    written = client_cli._site_policy(ctx, tmp_path / "policy.toml",
+                                      {k: v for k, v in ctx.params.items() if k in names}, tmp_path)
+    assert SitePolicy.load(written) == SitePolicy(min_sites=4, max_local_epochs=3, dp_delta=1e-6)
