@@ -138,16 +138,16 @@ def join(
     classes = _check_data(data)
     typer.echo(f"data ok: {data} ({len(classes)} classes: {', '.join(classes)})")
     ca, key = (None, None) if insecure else _site_files(certs, site)
+    state = (state or Path.home() / ".leukfed" / site).expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    policy_path = _site_policy(ctx, policy, policy_settings, state)  # a bad policy stops us before the network
     info = _wait_for_server(host, port, ca, wait)
     fingerprint = getattr(info, "fingerprint_sha256", "") or ""
     typer.echo(f"server {server} reachable" + (f", certificate sha256 {fingerprint}" if fingerprint else " (insecure)"))
-    state = (state or Path.home() / ".leukfed" / site).expanduser().resolve()
-    state.mkdir(parents=True, exist_ok=True)
     launcher, approvals = _approved_launcher(state, approvals)
-    policy_path = _site_policy(ctx, policy, policy_settings, state)
-    node_config = {"site-policy": str(policy_path),"data-path": str(data.resolve()), "site-name": site, "audit-log": str(state / "audit.jsonl"),
-                   "device": device, "server-fingerprint": fingerprint, "dp-budget": dp_budget,
-                   "dp-noise-multiplier": dp_noise, "dp-ledger": str(state / "privacy-ledger.json")}
+    node_config = {"data-path": str(data.resolve()), "site-name": site, "audit-log": str(state / "audit.jsonl"),
+                   "site-policy": str(policy_path), "device": device, "server-fingerprint": fingerprint,
+                   "dp-budget": dp_budget, "dp-noise-multiplier": dp_noise, "dp-ledger": str(state / "privacy-ledger.json")}
     if require_secagg:
         node_config["secure-aggregation"] = "required"
     if image_cache:
