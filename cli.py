@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from leukfed.common.cli_support import new_app, print_json, progress_bar, run_app
+from leukfed.common.settings import with_options
 
 app = new_app("leukfed: federated learning for leukemia diagnosis from blood-smear images.")
 data_app = new_app("Inspect datasets and make leak-free splits.")
@@ -187,48 +188,30 @@ def predict_cmd(
                    + " ".join(f"{r['probabilities'][c]:8.4f}" for c in classes))
 
 
-@app.command("simulate")
 def simulate_cmd(
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (default: a generated smear-like dataset, no download)."),
-    sites: int = typer.Option(3, "--sites", help="Number of virtual hospitals."),
-    partition: str = typer.Option("iid", "--partition", help="iid, dirichlet:ALPHA, patient or quantity:W1,W2,..."),
-    model: str = typer.Option("tinycnn", "--model", help="Model name (see `leuk models`)."),
-    strategy: str = typer.Option("fedavg", "--strategy", help="One or more, comma-separated: fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum."),
-    rounds: int = typer.Option(5, "--rounds", help="Federated rounds."),
-    local_epochs: int = typer.Option(1, "--local-epochs", help="Local epochs per round."),
-    image_size: int = typer.Option(0, "--image-size", help="Input size in px (0: the model's default)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Batch size."),
-    lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
-    augment: str = typer.Option("flip", "--augment", help="paper002, flip or none."),
-    pretrained: str = typer.Option("auto", "--pretrained", help="auto, none, hub or package."),
-    split: Optional[Path] = typer.Option(None, "--split", help="Split JSON (default: make one)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same numbers)."),
-    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also train centralized and local-only."),
-    cpus_per_site: float = typer.Option(1.0, "--cpus-per-site", help="CPU share of each virtual site."),
-    gpus_per_site: float = typer.Option(0.0, "--gpus-per-site", help="GPU share of each virtual site."),
-    faulty: str = typer.Option("", "--faulty", help="Misbehaving sites for robustness studies, e.g. 0:signflip,2:nan (kinds: nan, signflip[:SCALE], noise[:SIGMA], labelflip)."),
-    evaluate_every: int = typer.Option(1, "--evaluate-every", help="Sites score the global model every N rounds (0: after the last only)."),
-    transfer_dtype: str = typer.Option("float32", "--transfer-dtype", help="float32, float16 or bfloat16 updates."),
-    secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="Masked updates (SecAgg+ style): the server sees only their sum."),
-    dp_noise: float = typer.Option(0.0, "--dp-noise-multiplier", help="> 0: the virtual sites train with DP-SGD at this noise."),
-    dp_max_grad_norm: float = typer.Option(1.0, "--dp-max-grad-norm", help="DP-SGD per-example clipping bound."),
-    out: Path = typer.Option(Path("leuk-simulation"), "--out", help="Output folder (re-running resumes finished methods)."),
+    strategy: str = typer.Option("fedavg", "--strategy", help="One or more, comma-separated: fedavg, fedprox, "
+                                 "fedadam, fedyogi, fedmedian, fedtrimmedavg, krum."),
+    **settings,
 ) -> None:
     """Virtual hospitals on this machine: federated vs centralized vs local-only, with a report."""
     from leukfed.common.cli_support import parse_csv_list
     from leukfed.simulations.report import method_table
-    from leukfed.simulations.simulate import SimulateConfig, simulate
+    from leukfed.simulations.config import SimulateConfig
+    from leukfed.simulations.simulate import simulate
 
-    cfg = SimulateConfig(out=str(out), data=str(data) if data else "", sites=sites, partition=partition,
-                         model=model, strategies=tuple(parse_csv_list(strategy)), rounds=rounds,
-                         local_epochs=local_epochs, image_size=image_size, batch_size=batch_size, lr=lr,
-                         augment=augment, pretrained=pretrained, seed=seed, split=str(split) if split else "",
-                         baselines=baselines, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site,
-                         faults=faulty, evaluate_every=evaluate_every, transfer_dtype=transfer_dtype, secure_aggregation=secure_aggregation,
-                         dp_noise_multiplier=dp_noise, dp_max_grad_norm=dp_max_grad_norm)
+    cfg = SimulateConfig(**settings, strategies=tuple(parse_csv_list(strategy)))
     results = simulate(cfg, log=lambda line: typer.echo(line, err=True))
     typer.echo(method_table(results))
-    typer.echo(f"report: {out / 'report.md'}")
+    typer.echo(f"report: {Path(cfg.out) / 'report.md'}")
 
 
+def _simulate_options() -> list:
+    """`leuk simulate`'s options come from SimulateConfig, whose run settings come from FedConfig."""
+    from leukfed.common.settings import cli_parameters
+    from leukfed.simulations.config import SimulateConfig
+
+    return cli_parameters(SimulateConfig, ("coordinator", "simulation"))
+
+
+app.command("simulate")(with_options(simulate_cmd, _simulate_options()))
 main = run_app(app)

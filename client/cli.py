@@ -1,6 +1,7 @@
 """`leuk-client`: one hospital's SuperNode, after checking its data, the server and its key."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Optional
 import typer
 
 from leukfed.common.cli_support import run_app
+from leukfed.common.settings import with_options
 
 app = typer.Typer(help="Join a federated run as one hospital: train locally, send only model updates.",
                   add_completion=False, pretty_exceptions_enable=False)
@@ -83,7 +85,24 @@ def _parse_server(server: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-@app.callback(invoke_without_command=True)
+def _site_policy(ctx: typer.Context, policy_file: Path | None, settings: dict, state: Path) -> Path:
+    """The hospital's policy: its file (if any), then the options given on the command line; written to
+    STATE/site-policy.toml, which every task reads before touching the data."""
+    from click.core import ParameterSource
+
+    from leukfed.client.policy import SitePolicy
+    from leukfed.common.atomic import atomic_write_text
+
+    base = SitePolicy.load(policy_file) if policy_file else SitePolicy()
+    given = {name: value for name, value in settings.items()
+             if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+    policy = dataclasses.replace(base, **given)
+    path = state / "site-policy.toml"
+    atomic_write_text(path, policy.to_toml())
+    typer.echo(f"site policy ({path}): {policy.summary()}")
+    return path
+
+
 def join(
     ctx: typer.Context,
     server: Optional[str] = typer.Option(None, "--server", help="The coordinator's HOST:PORT."),
@@ -97,12 +116,15 @@ def join(
     approvals: Optional[Path] = typer.Option(None, "--approvals", help="Approvals file from `leuk-client approve` (default: STATE/approvals.json)."),
     require_secagg: bool = typer.Option(False, "--require-secure-aggregation", help="Train only in secure-aggregation rounds."),
     dp_budget: float = typer.Option(0.0, "--dp-budget", help="Lifetime privacy budget on this site's data (epsilon at the "
-                                    "run's delta): stop contributing before a round would exceed it; refuse runs without DP. 0: none."),
+                                    "run's delta, never above --dp-delta): stop contributing before a round would exceed it; refuse runs without DP. 0: none."),
     dp_noise: float = typer.Option(0.0, "--dp-noise", help="Train with at least this DP noise multiplier (0: the run's)."),
     image_cache: bool = typer.Option(True, "--image-cache/--no-image-cache", help="Keep decoded copies of this "
                                      "site's images in STATE/image-cache (owner-only) so that rounds do not decode them again."),
     cold_start: bool = typer.Option(False, "--cold-start", help="Start every task in a fresh process (Flower's "
                                     "default) instead of forking it from a process that imported torch once."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="This site's policy file (TOML, keys as the policy "
+                                          "options below); the options given override it."),
+    **policy_settings,
 ) -> None:
     """Check the data, check the server, start the SuperNode and keep it running."""
     if ctx.invoked_subcommand is not None:
@@ -116,15 +138,16 @@ def join(
     classes = _check_data(data)
     typer.echo(f"data ok: {data} ({len(classes)} classes: {', '.join(classes)})")
     ca, key = (None, None) if insecure else _site_files(certs, site)
+    state = (state or Path.home() / ".leukfed" / site).expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    policy_path = _site_policy(ctx, policy, policy_settings, state)  # a bad policy stops us before the network
     info = _wait_for_server(host, port, ca, wait)
     fingerprint = getattr(info, "fingerprint_sha256", "") or ""
     typer.echo(f"server {server} reachable" + (f", certificate sha256 {fingerprint}" if fingerprint else " (insecure)"))
-    state = (state or Path.home() / ".leukfed" / site).expanduser().resolve()
-    state.mkdir(parents=True, exist_ok=True)
     launcher, approvals = _approved_launcher(state, approvals)
     node_config = {"data-path": str(data.resolve()), "site-name": site, "audit-log": str(state / "audit.jsonl"),
-                   "device": device, "server-fingerprint": fingerprint, "dp-budget": dp_budget,
-                   "dp-noise-multiplier": dp_noise, "dp-ledger": str(state / "privacy-ledger.json")}
+                   "site-policy": str(policy_path), "device": device, "server-fingerprint": fingerprint,
+                   "dp-budget": dp_budget, "dp-noise-multiplier": dp_noise, "dp-ledger": str(state / "privacy-ledger.json")}
     if key is not None:  # secure aggregation: sign round keys with the site key, pin the federation's site keys
         peers = certs / "sites" if (certs / "sites").is_dir() else certs / "peers"
         node_config.update({"site-key": str(Path(key).resolve()), "peer-keys": str(peers.resolve())})
@@ -146,6 +169,15 @@ def join(
         node.stop()
     typer.echo(f"left the federation; audit log: {state / 'audit.jsonl'}")
 
+
+def _policy_options() -> list:
+    from leukfed.client.policy import SitePolicy
+    from leukfed.common.settings import cli_parameters
+
+    return cli_parameters(SitePolicy, "site")
+
+
+app.callback(invoke_without_command=True)(with_options(join, _policy_options()))
 
 from leukfed.client.approval import approve_command  # noqa: E402  (light: no torch, no flwr)
 

@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from leukfed.client.audit import append_entry, task_entry
+from leukfed.client.policy import check_task
 from leukfed.client.records import decode_state, encode_state, packed_arrays_mod
 from leukfed.client.site_errors import (ReceivedArraysRefused, error_code, is_refusal, local_detail,
                                         log_failure, new_ref, public_reason, site_log)
@@ -100,6 +101,7 @@ def _reply(msg: Message, fed: FedConfig, *, num_examples: int,
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    check_task(context)  # the site's policy, before any data is touched
     refuse_plain_training(msg, context)  # node config secure-aggregation="required": never in the clear
     started = time.perf_counter()
     fed, site = _settings(context, msg)
@@ -130,11 +132,13 @@ def score_first(fed: FedConfig, site: SiteConfig, data, state, model) -> dict[st
 @app.train("secagg")
 def train_secagg(msg: Message, context: Context) -> Message:
     """A secure-aggregation round: only a masked update leaves the site."""
+    check_task(context)
     return secure_train(msg, context, train)  # the task's audit entry records the masked reply that left
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    check_task(context)
     started = time.perf_counter()
     fed, site = _settings(context, msg)
     data = load_site_data(fed, site)
@@ -146,6 +150,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """The site's class list (no counts, no names of files or patients)."""
+    check_task(context)
     fed, site = _settings(context)
     classes = site_class_names(fed, site)
     return Message(content=RecordDict({"info": ConfigRecord({"class-names": list(classes)})}),

@@ -18,8 +18,8 @@ SERVERAPP = "leukfed.server.server_app:app"
 CLIENTAPP = "leukfed.client.client_app:app"
 
 
-def app_project() -> dict[str, Any]:
-    """The bundle's pyproject.toml as data.
+def app_project(clientapp: str = CLIENTAPP, extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The bundle's pyproject.toml as data (a simulation names its own ClientApp and config keys).
 
     Every FedConfig field appears under [tool.flwr.app.config], because `flwr run --run-config`
     may only override keys that the app declares; their defaults are FedConfig's.
@@ -31,16 +31,16 @@ def app_project() -> dict[str, Any]:
                     "dependencies": [f"leukfed=={__version__}"]},
         "tool": {"flwr": {"app": {
             "publisher": "leukfed",
-            "components": {"serverapp": SERVERAPP, "clientapp": CLIENTAPP},
-            "config": FedConfig().to_run_config(),
+            "components": {"serverapp": SERVERAPP, "clientapp": clientapp},
+            "config": {**FedConfig().to_run_config(), **(extra_config or {})},
         }}},
     }
 
 
-def write_app_dir(app_dir: Path) -> Path:
+def write_app_dir(app_dir: Path, clientapp: str = CLIENTAPP, extra_config: dict[str, Any] | None = None) -> Path:
     """Write the app folder `flwr run` bundles; the code itself is the installed leukfed package."""
     app_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(app_dir / "pyproject.toml", tomli_w.dumps(app_project()))
+    atomic_write_text(app_dir / "pyproject.toml", tomli_w.dumps(app_project(clientapp, extra_config)))
     return app_dir
 
 

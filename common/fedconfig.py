@@ -6,59 +6,63 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from leukfed.common.errors import LeukError
+from leukfed.common.settings import from_mapping, kebab, setting
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 TRANSFER_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
 @dataclass(frozen=True)
 class FedConfig:
-    """Run-wide settings, identical for every site; travels as Flower's run config."""
+    """Run-wide settings, identical for every site; travels as Flower's run config. Each field is
+    declared once (type, default, help, owner); leuk-server's and leuk simulate's options derive from it."""
 
-    model: str = "tinycnn"
-    class_names: str = ""              # comma-separated; empty: asked from the sites
-    image_size: int = 0                # 0: the model's default
-    pretrained: str = "auto"
-    rounds: int = 3
-    strategy: str = "fedavg"
-    local_epochs: int = 1
-    local_steps: int = 0               # > 0: a fixed number of batches per round instead of epochs
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    loss: str = "ce"
-    label_smoothing: float = 0.0
-    augment: str = "paper002"
-    proximal_mu: float = 0.01          # FedProx only
-    server_lr: float = 0.01            # FedAdam / FedYogi eta
-    trim_beta: float = 0.2             # FedTrimmedAvg
-    krum_malicious: int = 1            # Krum's assumed number of malicious sites
-    min_sites: int = 2
-    fraction_train: float = 1.0
-    round_timeout: float = 600.0
-    transfer_dtype: str = "float32"
-    min_metric_examples: int = 5       # suppress metrics computed on fewer examples
-    seed: int = 0
-    state_dir: str = ""                # where the ServerApp writes checkpoints and history
-    resume: bool = False
-    eval_data: str = ""                # optional server-side held-out data (simulation: global test)
-    eval_split: str = ""
-    partition_file: str = ""           # simulation: which samples each virtual site holds
-    site_val_fraction: float = 0.15
-    evaluate_every: int = 1            # sites score the global model every N rounds and after the last; 0: last only
-    evaluate_with_train: bool = True   # round r's model is scored at the start of round r+1's train task
-                                       # (one model download per round); the last round's alone
-    secure_aggregation: bool = False   # the server sees only the sum of the sites' updates
-    secagg_threshold: int = 0          # 0: a majority of the sites, at least 2
-    secagg_clip: float = 1024.0        # per-element bound on a site's update (new - global)
-    dp_noise_multiplier: float = 0.0   # > 0: sites train with DP-SGD (Opacus) at this noise, or more
-    dp_max_grad_norm: float = 1.0      # DP-SGD per-example clipping bound
-    dp_delta: float = 1e-5             # epsilons are reported at this delta (keep it below 1/site size)
-    dp_min_noise_multiplier: float = 0.0  # server policy: refuse updates that report less noise
+    model: str = setting("tinycnn", "Model name (see `leuk models`).")
+    class_names: str = setting("", "Comma-separated class names (default: asked from the sites).", flag="--classes")
+    image_size: int = setting(0, "Input size in px (0: the model's default).")
+    pretrained: str = setting("auto", "Initial weights: auto, none, hub, package or a weights file.")
+    rounds: int = setting(3, "Federated rounds.")
+    strategy: str = setting("fedavg", "fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg or krum.")
+    local_epochs: int = setting(1, "Local epochs per round.")
+    local_steps: int = setting(0, "Local batches per round instead of epochs (0: use epochs).")
+    batch_size: int = setting(32, "Local batch size.")
+    lr: float = setting(1e-3, "Local learning rate.")
+    optimizer: str = setting("adam", "Local optimizer: adam, adamw or sgd.")
+    weight_decay: float = setting(0.0, "Local weight decay.")
+    loss: str = setting("ce", "ce (cross-entropy) or kl (KL-divergence, as DSCNet).")
+    label_smoothing: float = setting(0.0, "Label smoothing.")
+    class_weights: bool = setting(False, "Weight each site's loss by the inverse class frequency of its training images.")
+    augment: str = setting("paper002", "Training augmentation: paper002, flip or none.")
+    proximal_mu: float = setting(0.01, "FedProx mu.")
+    server_lr: float = setting(0.01, "FedAdam/FedYogi server learning rate.")
+    trim_beta: float = setting(0.2, "FedTrimmedAvg: fraction trimmed at each end.")
+    krum_malicious: int = setting(1, "Krum: assumed number of malicious sites.")
+    min_sites: int = setting(3, "Sites needed before a round starts (and to keep going).")
+    fraction_train: float = setting(1.0, "Fraction of the connected sites asked to train each round.")
+    round_timeout: float = setting(600.0, "Seconds to wait for sites in a round.")
+    transfer_dtype: str = setting("float32", "float32, float16 or bfloat16 updates.")
+    min_metric_examples: int = setting(10, "Metrics computed on fewer examples are not released.")
+    seed: int = setting(0, "Random seed.")
+    state_dir: str = setting("", "State directory: checkpoints, history, final model.", flag="--state", required=True)
+    resume: bool = setting(False, "Continue from the last completed round in --state.")
+    eval_data: str = setting("", "Optional held-out data at the coordinator.")
+    eval_split: str = setting("", "Split JSON of --eval-data: score its test side only (default: all images).")
+    site_val_fraction: float = setting(0.15, "Fraction of each site's images kept for its local validation.")
+    site_group_by: str = setting("auto", "How each site splits off its validation images: auto, image, patient, block:N.")
+    evaluate_every: int = setting(1, "Sites score the global model every N rounds and after the last (0: after the last only).")
+    evaluate_with_train: bool = setting(
+        True, "Sites score round r's model at the start of round r+1's train task (one model download per round); "
+        "--evaluate-separately sends it again in an evaluation message of its own.",
+        flag="--evaluate-with-train/--evaluate-separately")
+    secure_aggregation: bool = setting(False, "Masked updates: the server sees only the sum of the sites' updates "
+                                       "(fedavg, fedprox, fedadam, fedyogi).")
+    secagg_threshold: int = setting(0, "Sites needed to unmask (0: a majority, at least 2).")
+    secagg_clip: float = setting(1024.0, "Secure aggregation: per-element bound on a site's update (new - global).")
+    dp_noise_multiplier: float = setting(0.0, "> 0: sites train with DP-SGD at this noise multiplier.")
+    dp_max_grad_norm: float = setting(1.0, "DP-SGD per-example clipping bound.")
+    dp_delta: float = setting(1e-5, "Delta at which sites report epsilon (each site refuses one above its own).")
+    dp_min_noise_multiplier: float = setting(0.0, "Refuse updates trained with less noise.")
+    # Other branches add here: sites, max_update_norm, max_examples_per_site (coordinator).
 
     def __post_init__(self) -> None:
         problems = []
@@ -70,6 +74,8 @@ class FedConfig:
             problems.append("rounds must be >= 1")
         if self.min_sites < 1:
             problems.append("min-sites must be >= 1")
+        if self.batch_size < 1 or self.lr <= 0:
+            problems.append("batch size must be >= 1 and learning rate > 0")
         if self.evaluate_every < 0:
             problems.append("evaluate-every must be >= 0")
         if self.local_epochs < 1 and self.local_steps < 1:
@@ -97,11 +103,12 @@ class FedConfig:
         return tuple(c for c in self.class_names.split(",") if c)
 
     def to_run_config(self) -> dict[str, Any]:
-        return {_kebab(k): v for k, v in dataclasses.asdict(self).items()}
+        return {kebab(k): v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedConfig":
-        return _from_mapping(cls, run_config)
+        """Parse once; unknown keys are ignored here and refused by every site's policy."""
+        return from_mapping(cls, run_config)
 
     def training_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with its checkpoint."""
@@ -113,25 +120,29 @@ class FedConfig:
 class SiteConfig:
     """Facts about one hospital; travels as the SuperNode's node config (never leaves the site)."""
 
-    data_path: str = ""
-    site_name: str = ""
-    audit_log: str = ""
-    device: str = "auto"
-    partition_id: int = -1             # simulation: which virtual site this node is
-    num_partitions: int = 0
-    dp_budget: float = 0.0             # lifetime epsilon on this site's data (at the run's delta); 0: none
-    dp_ledger: str = ""                # the site's privacy ledger (JSON); default: next to the audit log
-    dp_noise_multiplier: float = 0.0   # the site may demand more noise than the run's, never less
-    image_cache: str = ""              # folder for decoded copies of the site's images ("": decode every task)
-    site_key: str = ""                 # the site's private key (OpenSSH); signs its secure-aggregation keys
-    peer_keys: str = ""                # folder of the federation's site public keys (<name>.pub), pinned
+    data_path: str = setting("", "This hospital's image folder.", "site")
+    site_name: str = setting("", "This site's name.", "site")
+    audit_log: str = setting("", "The site's audit log (JSON lines).", "site")
+    device: str = setting("auto", "auto (GPU when present), cpu, cuda or cuda:N.", "site")
+    site_policy: str = setting("", "The site's policy file (TOML, written by leuk-client); empty: the safe defaults.", "site")
+    dp_budget: float = setting(0.0, "Lifetime epsilon on this site's data (at the site's delta); 0: none.", "site")
+    dp_ledger: str = setting("", "The site's privacy ledger (JSON); default: next to the audit log.", "site")
+    dp_noise_multiplier: float = setting(0.0, "The site may demand more noise than the run's, never less.", "site")
+    dp_clear_metrics: bool = setting(False, "Under DP, also send training loss/accuracy and validation scores "
+                                     "(not covered by the privacy accounting).", "site")
+    image_cache: str = setting("", "Folder for decoded copies of the site's images (\"\": decode every task).", "site")
+    partition_id: int = setting(-1, "Which virtual site this node is.", "simulation")
+    num_partitions: int = setting(0, "How many virtual sites there are.", "simulation")
+    partition_file: str = setting("", "Which samples each virtual site holds (partition.json).", "simulation")
+    site_key: str = setting("", "The site's private key (OpenSSH); signs its secure-aggregation keys.", "site")
+    peer_keys: str = setting("", "Folder of the federation's site public keys (<name>.pub), pinned.", "site")
     extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "SiteConfig":
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k.replace("-", "_"): v for k, v in node_config.items()}
-        site = _from_mapping(cls, {k: v for k, v in node_config.items() if k.replace("-", "_") in known})
+        site = from_mapping(cls, {k: v for k, v in node_config.items() if k.replace("-", "_") in known})
         return dataclasses.replace(site, extra={k: v for k, v in values.items() if k not in known})
 
     @property
@@ -139,26 +150,3 @@ class SiteConfig:
         if self.site_name:
             return self.site_name
         return f"site-{self.partition_id}" if self.partition_id >= 0 else "site"
-
-
-def _from_mapping(cls, mapping: Mapping[str, Any]):
-    """Build a dataclass from kebab- or snake-case keys, converting scalar types."""
-    kinds = {f.name: f.type for f in fields(cls)}
-    values: dict[str, Any] = {}
-    for key, raw in mapping.items():
-        name = key.replace("-", "_")
-        if name not in kinds or name == "extra":
-            continue
-        kind = kinds[name]
-        try:
-            if kind == "bool":
-                values[name] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
-            elif kind == "int":
-                values[name] = int(raw)
-            elif kind == "float":
-                values[name] = float(raw)
-            else:
-                values[name] = str(raw)
-        except (TypeError, ValueError):
-            raise LeukError(f"setting {key!r} must be {kind}, got {raw!r}") from None
-    return cls(**values)

@@ -2,27 +2,40 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from leukfed.common.data import Manifest, scan_dataset
 from leukfed.common.dataset import SmearDataset, build_dataset, make_loader
 from leukfed.common.errors import LeukError
-from leukfed.common.faults import corrupt_update, flip_labels
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.privacy import DPSettings, PrivacyLedger, dp_compatible, private_train
 from leukfed.common.splits import make_split
-from leukfed.common.train import (EpochStats, Hardware, LossFn, evaluate, make_loss, make_optimizer,
-                                  prepare_model, proximal_term, seed_everything, select_hardware, train_epoch)
+from leukfed.common.train import (EpochStats, Hardware, LossFn, class_weights_from_counts, evaluate, make_loss,
+                                  make_optimizer, prepare_model, proximal_term, seed_everything, select_hardware, train_epoch)
 
 State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SiteShare:
+    """Which images a site trains and validates on. A simulation's virtual sites may also relabel their
+    training images or replace their update (simulations/client_app.py); a hospital's never do."""
+
+    manifest: Manifest
+    train: list[str]
+    val: list[str]
+    classes: tuple[str, ...]
+    relabel: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    tamper: Callable[[State, State, int], State] | None = None
 
 
 @dataclass
@@ -33,7 +46,7 @@ class SiteData:
     train: SmearDataset
     val: SmearDataset
     load_seconds: float
-    fault: str = ""  # simulation only: how this virtual site misbehaves
+    tamper: Callable[[State, State, int], State] | None = None  # simulation only
 
     @property
     def nbytes(self) -> int:
@@ -47,7 +60,7 @@ _CACHE_BYTES = int(os.environ.get("LEUK_SITE_CACHE_MB", "2048")) * 2**20
 
 
 @functools.lru_cache(maxsize=4)
-def _manifest(root: str) -> Manifest:
+def cached_manifest(root: str) -> Manifest:
     return scan_dataset(root)
 
 
@@ -58,34 +71,35 @@ def _remember(key: tuple, data: SiteData) -> None:
         _CACHE.popitem(last=False)
 
 
-def _site_fault(fed: FedConfig, site: SiteConfig) -> str:
-    if not fed.partition_file:
-        return ""
-    return json.loads(Path(fed.partition_file).read_text())["sites"][site.partition_id].get("fault", "")
-
-
-def _site_paths(fed: FedConfig, site: SiteConfig) -> tuple[Manifest, list[str], list[str]]:
-    """Simulation: the partition file's share; deployment: a site-local split of data-path."""
-    if fed.partition_file:
-        partition = json.loads(Path(fed.partition_file).read_text())
-        if not 0 <= site.partition_id < len(partition["sites"]):
-            raise LeukError(f"partition id {site.partition_id} is outside the {len(partition['sites'])} sites")
-        share = partition["sites"][site.partition_id]
-        return _manifest(partition["data"]), share["train"], share["val"]
+def _site_manifest(site: SiteConfig) -> Manifest:
     if not site.data_path:
         raise LeukError(f"site {site.name} has no data-path in its node config")
-    manifest = scan_dataset(site.data_path)
-    split = make_split(manifest, val_fraction=fed.site_val_fraction, test_fraction=0.0, seed=fed.seed)
-    return manifest, list(split.train), list(split.val)
+    return scan_dataset(site.data_path)
+
+
+def hospital_share(fed: FedConfig, site: SiteConfig) -> SiteShare:
+    """A hospital's images: a site-local train/validation split of its data-path."""
+    manifest = _site_manifest(site)
+    split = make_split(manifest, val_fraction=fed.site_val_fraction, test_fraction=0.0, seed=fed.seed,
+                       group_by=fed.site_group_by)
+    check_site_classes(manifest.class_names, fed.classes, site.name)
+    return SiteShare(manifest, list(split.train), list(split.val), manifest.class_names)
+
+
+ShareSource = Callable[[FedConfig, SiteConfig], SiteShare]
+_SOURCE: list[ShareSource] = [hospital_share]
+
+
+def use_share_source(source: ShareSource) -> None:
+    """Where this process's sites take their images from; only a simulation's ClientApp changes it."""
+    _SOURCE[0] = source
 
 
 def site_class_names(fed: FedConfig, site: SiteConfig) -> tuple[str, ...]:
     """The class list of the site's data, without decoding any image."""
-    if fed.partition_file:
-        return fed.classes or _manifest(json.loads(Path(fed.partition_file).read_text())["data"]).class_names
-    if not site.data_path:
-        raise LeukError(f"site {site.name} has no data-path in its node config")
-    return scan_dataset(site.data_path).class_names
+    if _SOURCE[0] is hospital_share:
+        return _site_manifest(site).class_names
+    return _SOURCE[0](fed, site).classes
 
 
 def check_site_classes(site_classes, run_classes, site_name: str) -> None:
@@ -98,23 +112,19 @@ def load_site_data(fed: FedConfig, site: SiteConfig) -> SiteData:
     """Decode the site's images once per process (simulation actors reuse them across rounds)."""
     from leukfed.models import resolve_data_config
 
-    key = (fed.partition_file, site.partition_id, site.data_path, fed.model, fed.image_size,
-           fed.augment, fed.seed, fed.site_val_fraction)
+    key = (_SOURCE[0], site.partition_file, site.partition_id, site.data_path, fed.model, fed.image_size,
+           fed.augment, fed.seed, fed.site_val_fraction, fed.site_group_by)
     if key not in _CACHE:
         start = time.perf_counter()
-        manifest, train_paths, val_paths = _site_paths(fed, site)
-        if fed.partition_file:
-            classes = fed.classes or manifest.class_names
-        else:
-            classes = manifest.class_names
-            check_site_classes(classes, fed.classes, site.name)
+        share = _SOURCE[0](fed, site)
         data_config = resolve_data_config(fed.model, fed.image_size or None)
         cache = Path(site.image_cache) if site.image_cache else None
-        train = build_dataset(manifest, train_paths, data_config, train=True, augment=fed.augment, cache_dir=cache)
-        val = build_dataset(manifest, val_paths, data_config, train=False, cache_dir=cache)
-        fault = _site_fault(fed, site)
-        train.labels = flip_labels(fault, train.labels, len(classes))
-        _remember(key, SiteData(tuple(classes), train, val, time.perf_counter() - start, fault))
+        train = build_dataset(share.manifest, share.train, data_config, train=True, augment=fed.augment,
+                              cache_dir=cache)
+        val = build_dataset(share.manifest, share.val, data_config, train=False, cache_dir=cache)
+        if share.relabel is not None:
+            train.labels = share.relabel(train.labels, len(share.classes))
+        _remember(key, SiteData(tuple(share.classes), train, val, time.perf_counter() - start, share.tamper))
     _CACHE.move_to_end(key)
     return _CACHE[key]
 
@@ -161,7 +171,9 @@ class LocalResult:
 
 
 def site_dp_settings(fed: FedConfig, site: SiteConfig) -> DPSettings | None:
-    """The site's DP-SGD settings (None: no DP); a site that demands DP refuses a run without it."""
+    """The site's DP-SGD settings (None: no DP); a site that demands DP refuses a run without it.
+    Epsilon is accounted at the run's delta, which the site's policy (client/policy.py) has checked is
+    no larger than the site's own."""
     if not fed.dp:
         if site.dp_budget > 0 or site.dp_noise_multiplier > 0:
             raise LeukError(f"site {site.name} refused: it requires differential privacy (dp-budget or "
@@ -177,8 +189,6 @@ def ledger_path(fed: FedConfig, site: SiteConfig) -> Path:
         return Path(site.dp_ledger)
     if site.audit_log:
         return Path(site.audit_log).with_name("privacy-ledger.json")
-    if fed.partition_file:  # simulation: the virtual sites keep theirs with the run's state
-        return Path(fed.state_dir or "leuk-server-state") / "privacy" / f"{site.name}.json"
     raise LeukError(f"site {site.name} trains with DP but has no privacy ledger: set dp-ledger in its node config")
 
 
@@ -198,8 +208,10 @@ def local_train(fed: FedConfig, site: SiteConfig, data: SiteData, state: State, 
     hardware = select_hardware(site.device)
     model = site_model(fed, site, data, state) if model is None else model.train()  # scored first: eval mode
     seed_everything(fed.seed * 100_003 + server_round * 1_009 + max(site.partition_id, 0))
-    loss_fn = make_loss(fed.loss, len(data.class_names), label_smoothing=fed.label_smoothing)
-    optimizer = make_optimizer(model, fed.optimizer, lr or fed.lr)
+    weights = class_weights_from_counts(np.bincount(data.train.labels.numpy(), minlength=len(data.class_names))) \
+        if fed.class_weights else None
+    loss_fn = make_loss(fed.loss, len(data.class_names), label_smoothing=fed.label_smoothing, class_weights=weights)
+    optimizer = make_optimizer(model, fed.optimizer, lr or fed.lr, fed.weight_decay)
     loader = make_loader(data.train, fed.batch_size, shuffle=True, seed=fed.seed + server_round)
     privacy: dict[str, float] = {}
     if dp is None:
@@ -215,12 +227,18 @@ def local_train(fed: FedConfig, site: SiteConfig, data: SiteData, state: State, 
         "train_accuracy": sum(s.accuracy * s.num_examples for s in stats_list) / max(seen, 1),
         "train_seconds": sum(s.seconds for s in stats_list),
         "examples_processed": float(seen),
-        **privacy,
     }
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if data.fault:
-        new_state = corrupt_update(data.fault, state, new_state, seed=fed.seed + server_round)
-    return LocalResult(new_state, len(data.train), metrics)
+    if data.tamper is not None:  # a simulated faulty or malicious site
+        new_state = data.tamper(state, new_state, fed.seed + server_round)
+    return LocalResult(new_state, len(data.train), {**accounted(fed, site, metrics), **privacy})
+
+
+def accounted(fed: FedConfig, site: SiteConfig, metrics: dict[str, float]) -> dict[str, float]:
+    """Under DP only what the privacy accounting covers leaves the site (the update, its epsilon and the
+    example count): losses, accuracies and timings computed on the data in clear are withheld, unless the
+    site's own config releases them (dp-clear-metrics)."""
+    return metrics if not fed.dp or site.dp_clear_metrics else {}
 
 
 def _train_plain(fed: FedConfig, model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
@@ -245,7 +263,7 @@ def local_evaluate(fed: FedConfig, site: SiteConfig, data: SiteData, state: Stat
     metrics = evaluate(model, loader, hardware, data.class_names, loss_fn=loss_fn)
     summary = {"eval_loss": metrics.get("loss", float("nan")), "eval_accuracy": metrics["accuracy"],
                "eval_balanced_accuracy": metrics["balanced_accuracy"], "eval_macro_f1": metrics["macro_f1"]}
-    return LocalResult(state, len(data.val), summary)
+    return LocalResult(state, len(data.val), accounted(fed, site, summary))
 
 
 def suppress_small(metrics: dict[str, float], num_examples: int, minimum: int) -> dict[str, float]:

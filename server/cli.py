@@ -9,6 +9,8 @@ from typing import Optional
 import typer
 
 from leukfed.common.cli_support import err_console, new_app, run_app
+from leukfed.common.fedconfig import FedConfig
+from leukfed.common.settings import cli_parameters, with_options
 
 app = new_app("Coordinate a federated run across hospitals (Flower SuperLink + leukfed ServerApp).")
 DEFAULT_PORT = 9092
@@ -70,60 +72,21 @@ def _print_round(row: dict, total_rounds: int) -> None:
         _say(f"  node {rejected['node']} update rejected: {rejected['reason']}")
 
 
-@app.command()
 def serve(
     certs: Optional[Path] = typer.Option(None, "--certs", help="Folder from `leuk certs init` (CA, server certificate and key, site public keys)."),
-    model: str = typer.Option(..., "--model", help="Model name (see `leuk models`)."),
-    rounds: int = typer.Option(..., "--rounds", help="Federated rounds."),
-    min_sites: int = typer.Option(2, "--min-sites", help="Sites needed before a round starts (and to keep going)."),
-    state: Path = typer.Option(..., "--state", help="State directory: checkpoints, history, final model."),
-    strategy: str = typer.Option("fedavg", "--strategy", help="fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg or krum."),
-    local_epochs: int = typer.Option(1, "--local-epochs", help="Local epochs per round."),
-    local_steps: int = typer.Option(0, "--local-steps", help="Local batches per round instead of epochs (0: use epochs)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Local learning rate."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Local batch size."),
-    image_size: int = typer.Option(0, "--image-size", help="Input size in px (0: the model's default)."),
-    classes: str = typer.Option("", "--classes", help="Comma-separated class names (default: asked from the sites)."),
-    pretrained: str = typer.Option("auto", "--pretrained", help="Initial weights: auto, none, hub, package or a file."),
-    proximal_mu: float = typer.Option(0.01, "--proximal-mu", help="FedProx mu."),
-    server_lr: float = typer.Option(0.01, "--server-lr", help="FedAdam/FedYogi server learning rate."),
-    transfer_dtype: str = typer.Option("float32", "--transfer-dtype", help="float32, float16 or bfloat16 updates."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Optional held-out data at the coordinator."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
     host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on."),
     port: int = typer.Option(DEFAULT_PORT, "--port", help="The one port sites connect to."),
-    round_timeout: float = typer.Option(600.0, "--round-timeout", help="Seconds to wait for sites in a round."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last completed round in --state."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS and no site authentication (testing only)."),
-    evaluate_every: int = typer.Option(1, "--evaluate-every", help="Sites score the global model every N rounds "
-                                       "and after the last (0: after the last only)."),
-    evaluate_separately: bool = typer.Option(False, "--evaluate-separately", help="Send the model again in an "
-                                             "evaluation message of its own each round (default: the sites score "
-                                             "it at the start of the next round's training; the last round alone)."),
-    secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="Masked updates: the server sees only "
-                                            "the sum of the sites' updates (fedavg, fedprox, fedadam, fedyogi)."),
-    secagg_threshold: int = typer.Option(0, "--secagg-threshold", help="Sites needed to unmask (0: a majority, at least 2)."),
-    dp_noise: float = typer.Option(0.0, "--dp-noise-multiplier", help="> 0: sites train with DP-SGD at this noise multiplier."),
-    dp_max_grad_norm: float = typer.Option(1.0, "--dp-max-grad-norm", help="DP-SGD per-example clipping bound."),
-    dp_delta: float = typer.Option(1e-5, "--dp-delta", help="Delta at which sites report epsilon."),
-    dp_min_noise: float = typer.Option(0.0, "--dp-min-noise-multiplier", help="Refuse updates trained with less noise."),
+    **settings,
 ) -> None:
     """Start the SuperLink, register the sites' keys, run the rounds and export the final model."""
     from leukfed.common.errors import LeukError
-    from leukfed.common.fedconfig import FedConfig
     from leukfed.server.certs import CertsLayout
     from leukfed.common.fab import write_app_dir, write_run_config
     from leukfed.server.superlink import SuperLink
 
-    state = state.expanduser().resolve()
-    fed = FedConfig(model=model, class_names=classes, image_size=image_size, pretrained=pretrained, rounds=rounds,
-                    strategy=strategy, local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size,
-                    lr=lr, proximal_mu=proximal_mu, server_lr=server_lr, min_sites=min_sites,
-                    round_timeout=round_timeout, transfer_dtype=transfer_dtype, seed=seed, state_dir=str(state),
-                    resume=resume, eval_data=str(eval_data.resolve()) if eval_data else "",
-                    evaluate_every=evaluate_every, evaluate_with_train=not evaluate_separately,
-                    secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold, dp_noise_multiplier=dp_noise, dp_max_grad_norm=dp_max_grad_norm,
-                    dp_delta=dp_delta, dp_min_noise_multiplier=dp_min_noise)
+    fed = run_settings(settings)
+    state, resume, rounds = Path(fed.state_dir), fed.resume, fed.rounds
     _check_state(state, resume, fed)
     if insecure:
         err_console.print("WARNING: --insecure: no TLS and no site authentication; updates travel in clear text "
@@ -145,7 +108,7 @@ def serve(
                 _say(f"registered site {name} (node {node_id})")
         app_dir = write_app_dir(state / "app")
         run_id = link.submit(app_dir, write_run_config(state / "run_config.toml", fed))
-        _say(f"run {run_id} submitted: {rounds} rounds of {strategy}, waiting for {min_sites} sites")
+        _say(f"run {run_id} submitted: {rounds} rounds of {fed.strategy}, waiting for {fed.min_sites} sites")
         status = _follow(link, run_id, state, rounds)
         if status != "finished:completed":
             details = str(link.run_info(run_id).get("status-details", "")).strip()
@@ -158,4 +121,21 @@ def serve(
         link.terminate()
 
 
+def run_settings(settings: dict) -> "FedConfig":
+    """The run's FedConfig from the options; a model or image size no site could build is refused here,
+    before the SuperLink starts or any site is waited for."""
+    from leukfed.common.fedconfig import FedConfig
+    from leukfed.models import resolve_data_config
+
+    values = dict(settings)
+    values["state_dir"] = str(Path(values["state_dir"]).expanduser().resolve())
+    if values.get("eval_data"):
+        values["eval_data"] = str(Path(values["eval_data"]).expanduser().resolve())
+    fed = FedConfig(**values)
+    resolve_data_config(fed.model, fed.image_size or None)  # LeukError: unknown model, impossible size
+    return fed
+
+
+# Every coordinator setting of FedConfig is an option, with the schema's default and help.
+app.command()(with_options(serve, cli_parameters(FedConfig, "coordinator")))
 main = run_app(app)

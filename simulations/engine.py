@@ -65,8 +65,9 @@ def _start_superlink(work_dir: Path, env: dict[str, str], http_port: int, contro
 
 
 def run_simulation(fed: FedConfig, resources: SimulationResources, work_dir: Path,
-                   on_line: Callable[[str], None] | None = None) -> None:
-    """Submit one federated run to a private simulation SuperLink and wait for it to finish."""
+                   on_line: Callable[[str], None] | None = None, *, sites: dict[str, str] | None = None) -> None:
+    """Submit one federated run to a private simulation SuperLink and wait for it to finish. `sites`:
+    the simulation ClientApp's own settings (partition and site policy files), declared in its bundle."""
     work_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = work_dir / "flwr-home"
     http_port, control_port = free_port(), free_port()
@@ -75,7 +76,7 @@ def run_simulation(fed: FedConfig, resources: SimulationResources, work_dir: Pat
                                  "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
                                  "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
     _write_config(flwr_home, resources)
-    app_dir = write_app_dir(work_dir / "app")
+    app_dir = write_app_dir(work_dir / "app", clientapp="leukfed.simulations.client_app:app", extra_config=sites)
     run_config = write_run_config(work_dir / "run_config.toml", fed)
     superlink = _start_superlink(work_dir, env, http_port, control_port)
     try:

@@ -62,8 +62,13 @@ def read_history(state: Path) -> list[dict]:
 class LoopbackFederation:
     """`leuk certs init`, one `leuk-server` and one `leuk-client` per site, all in `root`."""
 
-    def __init__(self, root: Path, sites: list[str], *, model: str = "tinycnn", image_size: int = 16) -> None:
+    # The test hospitals' policy (leuk-client options): they join runs of 2 sites on tiny data.
+    SITE_POLICY = ("--min-sites", "2", "--min-metric-examples", "1")
+
+    def __init__(self, root: Path, sites: list[str], *, model: str = "tinycnn", image_size: int = 16,
+                 site_policy: tuple[str, ...] = SITE_POLICY) -> None:
         self.root, self.sites, self.port, self.procs = root, sites, free_port(), []
+        self.site_policy = site_policy
         self.model, self.image_size = model, image_size
         self.certs, self.state = root / "certs", root / "state"
         subprocess.run([*cli("cli"), "certs", "init", "--out", str(self.certs), "--server-name", "localhost",
@@ -72,6 +77,7 @@ class LoopbackFederation:
     def server(self, *args: str, log: str = "server.log") -> subprocess.Popen:
         proc = spawn([*cli("server.cli"), "--certs", str(self.certs), "--model", self.model,
                       "--image-size", str(self.image_size), "--state", str(self.state), "--host", "127.0.0.1",
+                      "--min-metric-examples", "1",
                       "--port", str(self.port), *args], self.root / log)
         self.procs.append(proc)
         return proc
@@ -88,7 +94,7 @@ class LoopbackFederation:
         self.approve(site)
         proc = spawn([*cli("client.cli"), "--server", f"127.0.0.1:{self.port}", "--site", site, "--data", str(data),
                       "--certs", str(certs or self.certs / "sites" / site), "--state", str(self.root / f"site-{site}"),
-                      *args], self.root / f"client-{site}.log")
+                      *self.site_policy, *args], self.root / f"client-{site}.log")
         self.procs.append(proc)
         return proc
 

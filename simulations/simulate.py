@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -14,58 +13,15 @@ from leukfed.common.atomic import atomic_write_json
 from leukfed.common.data import Manifest, scan_dataset
 from leukfed.common.dataset import build_dataset, make_loader
 from leukfed.common.errors import LeukError
-from leukfed.common.faults import parse_faults
-from leukfed.common.fedconfig import STRATEGIES, FedConfig
+from leukfed.common.fedconfig import FedConfig
 from leukfed.common.partition import partition_samples
 from leukfed.common.splits import Split, load_split, make_split, save_split
 from leukfed.common.train import (evaluate, make_loss, make_optimizer, prepare_model, seed_everything,
                                   select_hardware, train_epoch)
+from leukfed.simulations.config import SimulateConfig
+from leukfed.simulations.faults import parse_faults
 
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class SimulateConfig:
-    """Everything one `leuk simulate` comparison depends on."""
-
-    out: str
-    data: str = ""                      # empty: a generated smear-like dataset (no download)
-    sites: int = 3
-    partition: str = "iid"
-    model: str = "tinycnn"
-    strategies: tuple[str, ...] = ("fedavg",)
-    rounds: int = 5
-    local_epochs: int = 1
-    image_size: int = 0
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    augment: str = "flip"
-    pretrained: str = "auto"
-    seed: int = 0
-    split: str = ""
-    baselines: bool = True
-    cpus_per_site: float = 1.0
-    gpus_per_site: float = 0.0
-    synthetic_per_class: int = 60
-    faults: str = ""                    # e.g. "0:signflip,2:nan": misbehaving virtual sites
-    evaluate_every: int = 1             # sites score the global model every N rounds (and after the last)
-    transfer_dtype: str = "float32"     # float16 / bfloat16 halve the bytes of every update
-    secure_aggregation: bool = False
-    dp_noise_multiplier: float = 0.0    # > 0: the virtual sites train with DP-SGD
-    dp_max_grad_norm: float = 1.0
-
-    def __post_init__(self) -> None:
-        unknown = [s for s in self.strategies if s not in STRATEGIES]
-        if unknown:
-            raise LeukError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
-        if self.sites < 2:
-            raise LeukError("a simulation needs at least 2 sites")
-        if self.rounds < 1 or self.local_epochs < 1:
-            raise LeukError("rounds and local epochs must be >= 1")
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -157,7 +113,7 @@ def train_baseline(cfg: SimulateConfig, prep: Prepared, paths: list[str], epochs
     model = prepare_model(model, hardware)
     dataset = build_dataset(prep.manifest, paths, model.leuk_info.data_config, train=True, augment=cfg.augment)
     loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=seed)
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     loss_fn = make_loss("ce", len(class_names))
     history = []
     for epoch in range(1, epochs + 1):
@@ -167,15 +123,26 @@ def train_baseline(cfg: SimulateConfig, prep: Prepared, paths: list[str], epochs
 
 
 def fed_config(cfg: SimulateConfig, prep: Prepared, out: Path, strategy: str) -> FedConfig:
+    """The federated run: every run setting the simulation shares with leuk-server, and the study's own."""
+    run_names = {f.name for f in fields(FedConfig)}
+    shared = {f.name: getattr(cfg, f.name) for f in fields(SimulateConfig) if f.name in run_names}
     return FedConfig(
-        model=cfg.model, class_names=",".join(prep.manifest.class_names), image_size=cfg.image_size,
-        pretrained=cfg.pretrained, rounds=cfg.rounds, strategy=strategy, local_epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer, augment=cfg.augment,
-        min_sites=cfg.sites, seed=cfg.seed, state_dir=str((out / f"federated-{strategy}").resolve()),
-        eval_data=str(prep.root.resolve()), eval_split=str((out / "split.json").resolve()),
-        partition_file=str((out / "partition.json").resolve()), round_timeout=3600.0,
-        evaluate_every=cfg.evaluate_every, transfer_dtype=cfg.transfer_dtype, secure_aggregation=cfg.secure_aggregation,
-        dp_noise_multiplier=cfg.dp_noise_multiplier, dp_max_grad_norm=cfg.dp_max_grad_norm)
+        **shared, class_names=",".join(prep.manifest.class_names), strategy=strategy, min_sites=cfg.sites,
+        state_dir=str((out / f"federated-{strategy}").resolve()), eval_data=str(prep.root.resolve()),
+        eval_split=str((out / "split.json").resolve()), round_timeout=3600.0,
+        min_metric_examples=1)  # virtual sites: every score of the study is released
+
+
+def simulation_sites(out: Path) -> dict[str, str]:
+    """The simulation ClientApp's settings: which images each virtual site holds, and the virtual sites'
+    policy (they take part in any run the study makes, even of 2 sites)."""
+    from leukfed.client.policy import SitePolicy
+    from leukfed.common.atomic import atomic_write_text
+    from leukfed.simulations.client_app import PARTITION_KEY, POLICY_KEY
+
+    policy = out / "site-policy.toml"
+    atomic_write_text(policy, SitePolicy(min_sites=1, min_metric_examples=0).to_toml())
+    return {PARTITION_KEY: str((out / "partition.json").resolve()), POLICY_KEY: str(policy.resolve())}
 
 
 def run_federated(cfg: SimulateConfig, prep: Prepared, out: Path, strategy: str, log: Log):
@@ -185,7 +152,8 @@ def run_federated(cfg: SimulateConfig, prep: Prepared, out: Path, strategy: str,
 
     fed = fed_config(cfg, prep, out, strategy)
     resources = SimulationResources(cfg.sites, cfg.cpus_per_site, cfg.gpus_per_site)
-    run_simulation(fed, resources, out / f"flower-{strategy}", on_line=lambda line: log(f"  [{strategy}] {line}"))
+    run_simulation(fed, resources, out / f"flower-{strategy}", on_line=lambda line: log(f"  [{strategy}] {line}"),
+                   sites=simulation_sites(out))
     model, _ = load_run(fed.state_dir)
     history = read_history(Path(fed.state_dir))
     passes = sum(site["train"].get("examples_processed", 0) for row in history for site in row["sites"].values())

@@ -1,0 +1,64 @@
+"""The settings of one `leuk simulate` comparison (light: no torch, so the CLI can build its options)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from leukfed.common.errors import LeukError
+from leukfed.common.fedconfig import STRATEGIES, FedConfig
+from leukfed.common.settings import inherit, setting
+
+
+def _run(name: str):
+    """A run setting `leuk simulate` shares with leuk-server: FedConfig's default and help."""
+    return inherit(FedConfig, name)
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """Everything one `leuk simulate` comparison depends on: the simulation's own settings, and the run
+    settings it shares with leuk-server, declared in FedConfig (`_run`) so their defaults cannot drift."""
+
+    out: str = setting("leuk-simulation", "Output folder (re-running resumes finished methods).", "simulation")
+    data: str = setting("", "Dataset folder (default: a generated smear-like dataset, no download).", "simulation")
+    sites: int = setting(3, "Number of virtual hospitals.", "simulation")
+    partition: str = setting("iid", "iid, dirichlet:ALPHA, patient or quantity:W1,W2,...", "simulation")
+    model: str = _run("model")
+    strategies: tuple[str, ...] = setting(("fedavg",), "One or more, comma-separated: fedavg, fedprox, fedadam, "
+                                          "fedyogi, fedmedian, fedtrimmedavg, krum.", "simulation", cli=False)
+    rounds: int = _run("rounds")
+    local_epochs: int = _run("local_epochs")
+    image_size: int = _run("image_size")
+    batch_size: int = _run("batch_size")
+    lr: float = _run("lr")
+    optimizer: str = _run("optimizer")
+    weight_decay: float = _run("weight_decay")
+    augment: str = _run("augment")
+    pretrained: str = _run("pretrained")
+    seed: int = _run("seed")
+    split: str = setting("", "Split JSON (default: make one).", "simulation")
+    baselines: bool = setting(True, "Also train centralized and local-only.", "simulation")
+    cpus_per_site: float = setting(1.0, "CPU share of each virtual site.", "simulation")
+    gpus_per_site: float = setting(0.0, "GPU share of each virtual site.", "simulation")
+    synthetic_per_class: int = setting(60, "Images per class of the generated dataset.", "simulation")
+    faults: str = setting("", "Misbehaving sites for robustness studies, e.g. 0:signflip,2:nan (kinds: nan, "
+                          "signflip[:SCALE], noise[:SIGMA], labelflip).", "simulation", flag="--faulty")
+    evaluate_every: int = _run("evaluate_every")
+    transfer_dtype: str = _run("transfer_dtype")
+    secure_aggregation: bool = _run("secure_aggregation")
+    dp_noise_multiplier: float = _run("dp_noise_multiplier")
+    dp_max_grad_norm: float = _run("dp_max_grad_norm")
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown:
+            raise LeukError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+        if self.sites < 2:
+            raise LeukError("a simulation needs at least 2 sites")
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise LeukError("rounds and local epochs must be >= 1")
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
