@@ -74,7 +74,13 @@ def refuse_unfit_arrays(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-app = AuditedClientApp(mods=[refuse_unfit_arrays, packed_arrays_mod])
+def site_policy_mod(msg: Message, context: Context, call_next) -> Message:
+    """The site's policy, checked first for every task: before any array is read or data touched."""
+    check_task(context)
+    return call_next(msg, context)
+
+
+app = AuditedClientApp(mods=[site_policy_mod, refuse_unfit_arrays, packed_arrays_mod])
 
 
 def _settings(context: Context, msg: Message | None = None) -> tuple[FedConfig, SiteConfig]:
@@ -101,7 +107,6 @@ def _reply(msg: Message, fed: FedConfig, *, num_examples: int,
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    check_task(context)  # the site's policy, before any data is touched
     refuse_plain_training(msg, context)  # node config secure-aggregation="required": never in the clear
     started = time.perf_counter()
     fed, site = _settings(context, msg)
@@ -132,13 +137,11 @@ def score_first(fed: FedConfig, site: SiteConfig, data, state, model) -> dict[st
 @app.train("secagg")
 def train_secagg(msg: Message, context: Context) -> Message:
     """A secure-aggregation round: only a masked update leaves the site."""
-    check_task(context)
     return secure_train(msg, context, train)  # the task's audit entry records the masked reply that left
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    check_task(context)
     started = time.perf_counter()
     fed, site = _settings(context, msg)
     data = load_site_data(fed, site)
@@ -150,7 +153,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """The site's class list (no counts, no names of files or patients)."""
-    check_task(context)
     fed, site = _settings(context)
     classes = site_class_names(fed, site)
     return Message(content=RecordDict({"info": ConfigRecord({"class-names": list(classes)})}),

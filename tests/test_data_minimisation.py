@@ -15,6 +15,7 @@ from leukfed.client.records import PACKED_KEY, encode_state, record_digest, unpa
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.models import create_model
+from conftest import lenient_policy
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def deliver(message_type: str, site_data: Path, tmp_path: Path, *, config: dict 
                           "config": ConfigRecord({"server-round": 1, **(config or {})})})
     context = Context(run_id=11, node_id=22, state=RecordDict(), run_config=fed.to_run_config(),
                       node_config={"data-path": str(site_data), "site-name": "h1",
-                                   "audit-log": str(tmp_path / "audit.jsonl")})
+                                   "audit-log": str(tmp_path / "audit.jsonl"), **lenient_policy()})
     reply = app(Message(content, dst_node_id=22, message_type=message_type), context)
     assert not reply.has_error(), reply.error
     return reply, {k: v.detach().numpy() for k, v in model.state_dict().items()}

@@ -15,6 +15,7 @@ from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.site import build_site_model
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.server.server_app import initial_model
+from conftest import lenient_policy
 
 FED = FedConfig(model="tinycnn", image_size=16, batch_size=8, class_names="Benign,Early,Pre,Pro",
                 dp_noise_multiplier=1.0, min_metric_examples=1)
@@ -32,7 +33,8 @@ def deliver(site_data: Path, tmp_path: Path, server_round: int, fed: FedConfig =
                           "config": ConfigRecord({"server-round": server_round})})
     context = Context(run_id=11, node_id=22, state=RecordDict(), run_config=fed.to_run_config(),
                       node_config={"data-path": str(site_data), "site-name": "h1", "device": "cpu",
-                                   "audit-log": str(tmp_path / "audit.jsonl"), **node})
+                                   "audit-log": str(tmp_path / "audit.jsonl"),
+                                   **lenient_policy(), **node})
     return app(Message(content, dst_node_id=22, message_type="train"), context)
 
 

@@ -224,7 +224,7 @@ def test_only_leukfeds_own_bundle_passes(site: dict[str, Path], tmp_path: Path) 
     weaker["tool"]["flwr"]["app"]["config"]["dp-budget"] = 1e9
     with pytest.raises(LeukError) as refused:
         verify_fab(bundle_with(tmp_path, "weaker", project=weaker), approvals)
-    assert "min-metric-examples = 1 instead of 5" in str(refused.value) and "added keys: dp-budget" in str(refused.value)
+    assert "min-metric-examples = 1 instead of 10" in str(refused.value) and "added keys: dp-budget" in str(refused.value)
 
     older = app_project()
     older["project"]["dependencies"] = ["leukfed==0.0.1"]

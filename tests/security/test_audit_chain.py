@@ -17,6 +17,7 @@ from leukfed.client.records import encode_state, record_digest, unpack_record
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.server.server_app import initial_model
+from conftest import lenient_policy
 
 CLASSES = "AML,APL"
 
@@ -28,7 +29,8 @@ def deliver(message_type: str, node: dict, fed: FedConfig, server_round: int = 1
     if message_type != "query":
         content["arrays"] = encode_state(initial_model(fed, 2).state_dict())  # the server's model
         content["config"] = ConfigRecord({"server-round": server_round})
-    context = Context(run_id=11, node_id=22, state=RecordDict(), run_config=fed.to_run_config(), node_config=node)
+    context = Context(run_id=11, node_id=22, state=RecordDict(), run_config=fed.to_run_config(),
+                      node_config={**lenient_policy(), **node})
     return app(Message(content, dst_node_id=22, message_type=message_type), context)
 
 

@@ -14,6 +14,7 @@ from leukfed.client.records import encode_state
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.models import create_model
+from conftest import lenient_policy
 
 PATIENT_FILE = "Patient_SMITH_JOHN_1970-01-01.jpg"
 SECRETS = ("SMITH", "JOHN", "1970-01-01", "Patient_")
@@ -29,15 +30,16 @@ def site(tmp_path_factory) -> Path:
     return data
 
 
-def deliver(message_type: str, data: Path, log: Path, fed: FedConfig = FED) -> Message:
+def deliver(message_type: str, data: Path, log: Path, fed: FedConfig = FED, run_config: dict | None = None) -> Message:
     """One message through the real ClientApp (what Flower's runtime calls) and the reply it returns."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 11, 22, 1
     content = RecordDict()
     if message_type != "query":
         content["arrays"] = encode_state(create_model("tinycnn", 2, image_size=16).state_dict())
         content["config"] = ConfigRecord({"server-round": 1})
-    context = Context(run_id=11, node_id=22, state=RecordDict(), run_config=fed.to_run_config(),
-                      node_config={"data-path": str(data), "site-name": "h1", "audit-log": str(log), "device": "cpu"})
+    context = Context(run_id=11, node_id=22, state=RecordDict(), run_config=run_config or fed.to_run_config(),
+                      node_config={"data-path": str(data), "site-name": "h1", "audit-log": str(log), "device": "cpu",
+                                   **lenient_policy()})
     return app(Message(content, dst_node_id=22, message_type=message_type), context)  # never raises
 
 
@@ -67,12 +69,14 @@ def test_a_corrupt_patient_image_is_named_only_in_the_site_log(site: Path, tmp_p
     assert all(e["ref"] in e["reason_sent"] for e in entries)    # the coordinator's line points to this entry
 
 
-def test_a_missing_partition_file_path_is_not_sent(site: Path, tmp_path: Path, capfd) -> None:
+def test_a_partition_file_in_the_run_config_is_refused_unread(site: Path, tmp_path: Path) -> None:
     missing = tmp_path / "site-secrets" / "Patient_DOE_JANE_records.json"
-    fed = FedConfig(model="tinycnn", image_size=16, class_names="AML,APL", partition_file=str(missing))
-    reply = deliver("train", site, tmp_path / "audit.jsonl", fed)
-    assert_nothing_leaks(reply, str(missing), "site-secrets", "DOE_JANE", "FileNotFoundError")
-    assert str(missing) in capfd.readouterr().err
+    run_config = {**FED.to_run_config(), "partition-file": str(missing)}  # a coordinator probing the disk
+    reply = deliver("train", site, tmp_path / "audit.jsonl", run_config=run_config)
+    assert reply.has_error() and "unknown run setting 'partition-file'" in reply.error.reason  # refused unread
+    for secret in (str(missing), "site-secrets", "DOE_JANE", "FileNotFoundError"):
+        assert secret.encode() not in wire_bytes(reply), secret
+    assert not missing.parent.exists()
 
 
 def test_a_query_on_unreadable_data_sends_no_path(tmp_path: Path, capfd) -> None:

@@ -16,6 +16,7 @@ from leukfed.client.records import encode_state, npy_header_for, pack_record
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.common.fedconfig import FedConfig
 from leukfed.models import create_model
+from conftest import lenient_policy
 
 FED = FedConfig(model="tinycnn", image_size=16, class_names="AML,APL", min_metric_examples=1)
 HUGE = (200_000, 100_000)   # 80 GB of float32 if anything believed the header
@@ -43,7 +44,8 @@ def deliver(site: Path, arrays: ArrayRecord, tmp_path: Path, message_type: str =
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 11, 22, 1
     context = Context(run_id=11, node_id=22, state=RecordDict(), run_config=FED.to_run_config(),
                       node_config={"data-path": str(site), "site-name": "h1", "device": "cpu",
-                                   "audit-log": str(tmp_path / "audit.jsonl"), **node})
+                                   "audit-log": str(tmp_path / "audit.jsonl"),
+                                   **lenient_policy(), **node})
     message = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
                       dst_node_id=22, message_type=message_type)
     app(Message(RecordDict(), dst_node_id=22, message_type="query"), context)  # warm: imports, model layout

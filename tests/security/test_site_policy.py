@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,6 @@ from flwr.supercore.task_identity import TaskIdentity
 from leukfed.client.client_app import app
 from leukfed.client.policy import SitePolicy
 from leukfed.client.records import encode_state
-from leukfed.common.errors import SiteRefusal
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.site import build_site_model
 from leukfed.common.synthetic import make_synthetic_dataset
@@ -49,9 +49,18 @@ def run(**changes) -> dict:
     return FedConfig(**{**COMPLIANT, **changes}).to_run_config()
 
 
+def refusal(reply: Message, pattern: str = "") -> str:
+    """The refusal the site sent back (the ClientApp answers every task, a refusal as an error reply)."""
+    assert reply.has_error(), "the task was not refused"
+    assert re.search(pattern, reply.error.reason), reply.error.reason
+    return reply.error.reason
+
+
 def assert_untouched(tmp_path: Path) -> None:
-    """No task ran: nothing in the audit log, no image decoded into the cache."""
-    assert not (tmp_path / "audit.jsonl").exists() or "train" not in (tmp_path / "audit.jsonl").read_text()
+    """No task ran: the audit log holds only refusals, no image was decoded into the cache."""
+    log = tmp_path / "audit.jsonl"
+    entries = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    assert all(entry["outcome"] == "refused" for entry in entries), entries
     assert not any((tmp_path / "cache").iterdir())
 
 
@@ -68,24 +77,22 @@ def assert_untouched(tmp_path: Path) -> None:
 ], ids=["min-sites-1", "min-sites-2", "min-metric-examples-0", "larger-delta", "epochs", "batch", "model",
         "image-size", "unknown-key"])
 def test_a_run_breaking_the_default_policy_is_refused_before_training(site_data, tmp_path, run_config, rule) -> None:
-    with pytest.raises(SiteRefusal, match="site h1 refused run 11 by its policy: .*" + rule.replace("(", r"\(")):
-        deliver(site_data, tmp_path, run_config, **{"dp-budget": 8.0})
+    refusal(deliver(site_data, tmp_path, run_config, **{"dp-budget": 8.0}),
+            "site h1 refused run 11 by its policy: .*" + rule.replace("(", r"\("))
     assert_untouched(tmp_path)
     for task in ("evaluate", "query"):  # every task, not only training
-        with pytest.raises(SiteRefusal):
-            deliver(site_data, tmp_path, run_config, message_type=task)
+        refusal(deliver(site_data, tmp_path, run_config, message_type=task), "refused run 11 by its policy")
     assert_untouched(tmp_path)
 
 
 def test_the_site_policy_file_refuses_less_noise_and_other_models(site_data, tmp_path) -> None:
     strict = SitePolicy(dp_min_noise_multiplier=2.0, models="resnet18")
-    with pytest.raises(SiteRefusal, match="dp-noise-multiplier 1 is below this site's minimum of 2") as refused:
-        deliver(site_data, tmp_path, run(dp_noise_multiplier=1.0), policy=strict)
-    assert "model 'tinycnn' is not among this site's models (resnet18)" in str(refused.value)
-    with pytest.raises(SiteRefusal, match="dp-noise-multiplier 0 is below"):  # no DP at all
-        deliver(site_data, tmp_path, run(), policy=strict)
-    with pytest.raises(SiteRefusal, match="cannot read the site policy"):  # fail closed
-        deliver(site_data, tmp_path, run(), **{"site-policy": str(tmp_path / "missing.toml")})
+    reason = refusal(deliver(site_data, tmp_path, run(dp_noise_multiplier=1.0), policy=strict),
+                     "dp-noise-multiplier 1 is below this site's minimum of 2")
+    assert "model 'tinycnn' is not among this site's models (resnet18)" in reason
+    refusal(deliver(site_data, tmp_path, run(), policy=strict), "dp-noise-multiplier 0 is below")  # no DP at all
+    refusal(deliver(site_data, tmp_path, run(), **{"site-policy": str(tmp_path / "missing.toml")}),
+            "cannot read the site policy")  # fail closed
     assert_untouched(tmp_path)
 
 
