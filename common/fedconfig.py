@@ -59,6 +59,9 @@ class FedConfig:
     dp_max_grad_norm: float = 1.0      # DP-SGD per-example clipping bound
     dp_delta: float = 1e-5             # epsilons are reported at this delta (keep it below 1/site size)
     dp_min_noise_multiplier: float = 0.0  # server policy: refuse updates that report less noise
+    sites: str = ""                    # coordinator only: "name=node_id,..." of the sites leuk-server registered; "" in simulation
+    max_examples_per_site: int = 1_000_000  # refuse an update whose num-examples is not in [1, this] (0: no upper bound)
+    max_update_norm: float = 1e4       # refuse an update farther than this from the global model (L2; 0: no bound)
 
     def __post_init__(self) -> None:
         problems = []
@@ -105,7 +108,7 @@ class FedConfig:
 
     def training_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with its checkpoint."""
-        ignore = {"rounds", "round_timeout", "resume", "state_dir", "min_sites"}
+        ignore = {"rounds", "round_timeout", "resume", "state_dir", "min_sites", "sites"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignore}
 
 

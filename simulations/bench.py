@@ -705,7 +705,9 @@ def aggregation_cmd(
     from leukfed.client.records import encode_state, widen
     from leukfed.common.fedconfig import FedConfig
     from leukfed.models import create_model
-    from leukfed.server.strategies import FusedMean, RoundLog, make_strategy
+    from leukfed.server.fused_mean import FusedMean
+    from leukfed.server.round_log import RoundLog
+    from leukfed.server.strategies import make_strategy
 
     params = dict(model=model, num_classes=num_classes, updates=updates, transfer_dtype=transfer_dtype,
                   repeats=repeats, materialised=materialised)
@@ -799,13 +801,14 @@ def aggregation_cmd(
 
 
 def _fused_breakdown(replies: list, reference: dict) -> dict[str, float]:
-    """Where the production path's time goes: the steps of ReplyGuard._aggregate_train_fused, each the
+    """Where the production path's time goes: the steps of GuardedStrategy._aggregate_train_fused, each the
     best of 3 rounds (so that the shared machine's noise does not dominate a single step)."""
     import numpy as np
     from flwr.app import ArrayRecord
     from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-    from leukfed.server.strategies import FusedMean, _Update, _reply_weight
+    from leukfed.server.fused_mean import FusedMean, _Update
+    from leukfed.server.reply_checks import reply_weight as _reply_weight
 
     def best(fn: Callable[[], object], n: int = 3) -> float:
         return min(_timed(fn) for _ in range(n))
