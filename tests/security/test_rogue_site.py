@@ -130,6 +130,13 @@ class Federation(LoopbackFederation):
         assert data.get("success"), out.stdout + out.stderr
         return data
 
+    def serverapp_log(self) -> str:
+        """What the ServerApp printed so far (`flwr log RUN --show`)."""
+        run_id = next(ln.split()[1] for ln in self.log("server.log").splitlines() if ln.startswith("run "))
+        home = self.state / "superlink" / "flwr-home"
+        return subprocess.run([flower_executable("flwr"), "log", run_id, "leukfed", "--show"], cwd=home,
+                              env=flower_env(home), capture_output=True, text=True, timeout=120).stdout
+
     def node_status(self) -> dict[int, str]:
         return {int(n["node-id"]): n["status"] for n in self.flwr("supernode", "list")["nodes"]}
 
@@ -177,7 +184,9 @@ def test_a_rogue_node_registered_behind_the_coordinators_back_never_counts(feder
     wait_for(lambda: federation.node_status().get(rogue) == "online"
              and federation.node_status().get(sites["a"]) == "online", 180, "site a and the rogue online")
     # Two nodes are online and --min-sites is 2, but only one of them is the coordinator's: the run waits.
+    wait_for(lambda: "waiting for sites" in federation.serverapp_log(), 180, "the ServerApp to wait for sites")
     time.sleep(8)
+    assert federation.serverapp_log().split("waiting for sites: ")[-1].startswith("1 of 2 connected")
     audit = federation.root / "site-a" / "audit.jsonl"
     assert not audit.exists() or '"query"' not in audit.read_text()
     assert federation.history() == [] and server.poll() is None
