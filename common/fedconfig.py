@@ -108,7 +108,8 @@ class FedConfig:
 
     def training_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with its checkpoint."""
-        ignore = {"rounds", "round_timeout", "resume", "state_dir", "min_sites", "sites"}
+        ignore = {"rounds", "round_timeout", "resume", "state_dir", "min_sites", "sites",
+                  "max_examples_per_site", "max_update_norm"}   # coordinator policy, may change on resume
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignore}
 
 
