@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from guard_harness import Hospital, InProcessGrid, initial_arrays, one_round, task_identity  # noqa: F401 (autouse)
+from poisoned_nodes import Federation
 
 # FedAvg runs the fused pass, FedMedian the materialised one: both must refuse.
 STRATEGIES = ["fedavg", "fedmedian"]
@@ -61,3 +62,29 @@ def test_the_bounds_let_honest_updates_through_and_can_be_lifted(strategy) -> No
                        min_sites=1, max_update_norm=0.0, max_examples_per_site=0)
     assert not lifted.strategy.log.rejected
     assert_same(lifted.after, Hospital(seed=8, scale=1e6).update(initial_arrays()))
+
+
+@pytest.mark.slow
+def test_a_registered_site_claiming_a_billion_examples_over_the_network_is_rejected(tmp_path) -> None:
+    """Site b holds a registered key but runs a lying ClientApp (stock flower-supernode): its honest-looking
+    update claims 1e9 examples. It is rejected every round; the global model is site a's alone."""
+    federation = Federation(tmp_path, ["a", "b"])
+    try:
+        server = federation.server("--batch-size", "16", "--rounds", "1", "--min-sites", "2",
+                                   "--round-timeout", "60")
+        federation.wait_submitted()
+        sites = federation.registered_sites()
+        federation.client("a", tmp_path / "data-a")
+        liar = federation.stock_node("b", federation.certs / "sites" / "b", scale=1.0, examples=10**9)
+        assert server.wait(timeout=600) == 0, federation.log("server.log")
+        [row] = federation.history()
+        assert (tmp_path / "b-was-asked").exists() and liar.poll() is None     # it took part, and lied
+        a, b = str(sites["a"]), str(sites["b"])
+        assert [(r["node"], r["site"]) for r in row["rejected"]] == [(sites["b"], "b"), (sites["b"], "b")]
+        assert "num-examples 1000000000 exceeds the bound 1000000" in row["rejected"][0]["reason"]
+        assert row["rejected"][1]["reason"].startswith("evaluation reply: num-examples 1000000000")
+        assert row["train"]["train_loss"] == pytest.approx(row["sites"][a]["train"]["train_loss"])
+        assert row["evaluate"]["eval_accuracy"] == pytest.approx(row["sites"][a]["evaluate"]["eval_accuracy"])
+        assert b not in row["sites"] or not row["sites"][b]["evaluate"]
+    finally:
+        federation.close()
