@@ -62,7 +62,12 @@ class FedConfig:
     dp_max_grad_norm: float = setting(1.0, "DP-SGD per-example clipping bound.")
     dp_delta: float = setting(1e-5, "Delta at which sites report epsilon (each site refuses one above its own).")
     dp_min_noise_multiplier: float = setting(0.0, "Refuse updates trained with less noise.")
-    # Other branches add here: sites, max_update_norm, max_examples_per_site (coordinator).
+    sites: str = setting("", "Coordinator only: name=node_id,... of the sites leuk-server registered (set by "
+                         "leuk-server itself; empty in simulation): other nodes' replies are ignored.", cli=False)
+    max_examples_per_site: int = setting(1_000_000, "Refuse an update whose example count is not in [1, this] "
+                                         "(0: no upper bound).")
+    max_update_norm: float = setting(1e4, "Refuse an update farther than this from the global model (L2 over all "
+                                     "float tensors; 0: no bound).")
 
     def __post_init__(self) -> None:
         problems = []
@@ -112,7 +117,8 @@ class FedConfig:
 
     def training_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with its checkpoint."""
-        ignore = {"rounds", "round_timeout", "resume", "state_dir", "min_sites"}
+        ignore = {"rounds", "round_timeout", "resume", "state_dir", "min_sites", "sites",
+                  "max_examples_per_site", "max_update_norm"}   # coordinator policy, may change on resume
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignore}
 
 

@@ -1,6 +1,7 @@
 """`leuk-server`: the coordinator's SuperLink plus one federated run, checkpointed every round."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ def serve(
     from leukfed.common.errors import LeukError
     from leukfed.server.certs import CertsLayout
     from leukfed.common.fab import write_app_dir, write_run_config
+    from leukfed.server.registered_sites import RegisteredSites
     from leukfed.server.superlink import SuperLink
 
     fed = run_settings(settings)
@@ -106,6 +108,8 @@ def serve(
             registered = link.register_sites({name: files.public_key for name, files in layout.sites().items()})
             for name, node_id in registered.items():
                 _say(f"registered site {name} (node {node_id})")
+            # The ServerApp sends to, waits for and accepts replies from these nodes only.
+            fed = dataclasses.replace(fed, sites=RegisteredSites.format(registered))
         app_dir = write_app_dir(state / "app")
         run_id = link.submit(app_dir, write_run_config(state / "run_config.toml", fed))
         _say(f"run {run_id} submitted: {rounds} rounds of {fed.strategy}, waiting for {fed.min_sites} sites")

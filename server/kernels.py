@@ -1,8 +1,11 @@
-"""The compiled inner loop of the fused FedAvg pass (numba, optional): each update is read once."""
+"""The inner loop of the fused FedAvg pass: compiled with numba when installed, on one thread."""
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from typing import Callable
+
+import numpy as np
 
 
 @functools.cache
@@ -31,3 +34,24 @@ def fused_step() -> Callable | None:
         return sq
 
     return step
+
+
+def torch_from_numpy(array: np.ndarray):
+    import torch   # imported on first use: the server starts without paying for torch here
+    return torch.from_numpy(array)
+
+
+@contextmanager
+def one_thread():
+    """Memory-bound work: one thread reaches DRAM speed, and never waits at an OpenMP barrier for a
+    core another process holds."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)

@@ -17,6 +17,7 @@ from leukfed.common.fedconfig import FedConfig
 from leukfed.common.privacy import round_privacy
 from leukfed.common.train import seed_everything
 from leukfed.server.grids import PromptGrid
+from leukfed.server.registered_sites import RegisteredSites
 from leukfed.server.state import Resumed, export_final, load_resumed, save_round
 from leukfed.server.strategies import make_strategy, restore_strategy_state, strategy_state
 
@@ -129,10 +130,10 @@ def round_row(round_: int, strategy, server_metrics: dict | None,
         "round": round_,
         "sites_sampled": len(log_.sites_sampled),
         "sites_replied": len(log_.train),
-        "sites": {str(n): {"train": log_.train.get(n, {}), "evaluate": log_.evaluate.get(n, {})}
-                  for n in sorted(set(log_.train) | set(log_.evaluate))},
+        "sites": {str(n): site_row(strategy.sites, n, log_) for n in sorted(set(log_.train) | set(log_.evaluate))},
         "failures": log_.failures,
         "rejected": log_.rejected,
+        "ignored": log_.ignored,
         "train": log_.aggregated_train,
         "evaluate": log_.aggregated_evaluate,
         "server_evaluate": server_metrics or {},
@@ -148,6 +149,11 @@ def round_row(round_: int, strategy, server_metrics: dict | None,
         "server_evaluate_seconds": server_eval_seconds,
         "time": time.time(),
     }
+
+
+def site_row(sites: RegisteredSites, node: int, log_) -> dict:
+    row = {"train": log_.train.get(node, {}), "evaluate": log_.evaluate.get(node, {})}
+    return {"name": sites.name(node), **row} if sites.name(node) else row
 
 
 def attach_evaluation(history: list[dict], log_, current_round: int) -> dict | None:
@@ -174,11 +180,17 @@ def print_round(row: dict, total_rounds: int) -> None:
         f" train loss {row['train'].get('train_loss', float('nan')):.4f}{acc_text},"
         f" {row['round_seconds']:.1f}s" + (f", {len(row['failures'])} failures" if row["failures"] else "")
         + (f", {len(row['rejected'])} updates rejected" if row["rejected"] else ""))
+    for entry in row["rejected"]:
+        who = f"site {entry['site']} (node {entry['node']})" if entry.get("site") else f"node {entry['node']}"
+        log(f"  {who}: update rejected: {entry['reason']}")
+    for entry in row.get("ignored", []):
+        log(f"  {entry['reason']} ({entry['phase']})")
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     fed = FedConfig.from_run_config(context.run_config)
+    grid = RegisteredSites.parse(fed.sites).grid(grid)   # only the coordinator's sites exist for this run
     state_dir = Path(fed.state_dir or "leuk-server-state")
     state_dir.mkdir(parents=True, exist_ok=True)
     resumed: Resumed | None = load_resumed(state_dir, fed) if fed.resume else None

@@ -16,7 +16,10 @@ from leukfed.client.records import (PACKED_KEY, NpyError, decode_arrays, encode_
                                     pack_record, record_digest, unpack_record)
 from leukfed.common.fedconfig import FedConfig
 from leukfed.server.grids import _unpacked
-from leukfed.server.strategies import FusedMean, RoundLog, _plain_weighted_mean, make_strategy
+from leukfed.server.fused_mean import FusedMean
+from leukfed.server.guard import _plain_weighted_mean
+from leukfed.server.round_log import RoundLog
+from leukfed.server.strategies import make_strategy
 
 DTYPES = ["float32", "float16", "bfloat16"]
 # The compiled loop (numba, installed with the test extra) and the numpy/torch loop that runs without it.

@@ -13,7 +13,7 @@ import torch
 
 from leukfed.common.errors import LeukError
 from leukfed.simulations.faults import corrupt_update, flip_labels, parse_faults
-from leukfed.server.strategies import reply_problem, update_norm
+from leukfed.server.reply_checks import reply_problem, update_norm
 
 REFERENCE = {"w": np.ones((3, 2), dtype=np.float32), "n": np.array(5, dtype=np.int64)}
 

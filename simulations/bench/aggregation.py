@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -91,7 +90,8 @@ def guarded_timer(replies, reference: dict, held: dict, *, fused: bool, numba: b
     """Timer of one `aggregate_train` of a guarded FedAvg; the strategy is built (and run once) without
     numba when `numba` is False. Each result stays in `held` until the next exists, as in Flower's loop."""
     from leukfed.common.fedconfig import FedConfig
-    from leukfed.server.strategies import RoundLog, make_strategy
+    from leukfed.server.round_log import RoundLog
+    from leukfed.server.strategies import make_strategy
 
     def run() -> float:
         fresh = [copy_reply(m) for m in replies]   # the materialised path replaces content["arrays"]
@@ -151,7 +151,7 @@ def aggregation_cmd(
                                            "FedTrimmedAvg, Krum, FedAdam and FedYogi use; slow)."),
     out: Path = out_option(),
 ) -> dict:
-    """Aggregate N updates: Flower's aggregate_arrayrecords and our ReplyGuard+FedAvg vs a numpy sum."""
+    """Aggregate N updates: Flower's aggregate_arrayrecords and our GuardedStrategy+FedAvg vs a numpy sum."""
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     from leukfed.client.records import encode_state
@@ -212,20 +212,6 @@ def aggregation_cmd(
     return report("aggregation", params, result, rows, out)
 
 
-@dataclass(eq=False)
-class FusedUpdate:
-    """One reply as `FusedMean` reads it: the fields of the guard's own update record."""
-
-    msg: object
-    node: int
-    weight: float
-    flat: dict = field(default_factory=dict)
-    mode: dict = field(default_factory=dict)
-    problem: str | None = None
-    factor: float = 0.0
-    sq: float = 0.0
-
-
 def fused_breakdown(replies: list, reference: dict) -> dict[str, float]:
     """The steps of the guard's fused aggregation, each the best of 3 rounds (so that the shared
     machine's noise does not dominate a single step), and for scale a copy of the global model."""
@@ -233,7 +219,7 @@ def fused_breakdown(replies: list, reference: dict) -> dict[str, float]:
     from flwr.app import Array, ArrayRecord
     from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-    from leukfed.server.strategies import FusedMean
+    from leukfed.server.fused_mean import FusedMean, FusedUpdate
 
     def best(fn: Callable[[], object], n: int = 3) -> float:
         return min(timed(fn) for _ in range(n))
