@@ -147,5 +147,8 @@ def join(
 from leukfed.client.approval import approve_command  # noqa: E402  (light: no torch, no flwr)
 
 app.command("approve")(approve_command)
+from leukfed.common.site_keys import keygen_command  # noqa: E402  (light: cryptography only)
+
+app.command("keygen")(keygen_command)
 
 main = run_app(app)
