@@ -19,7 +19,7 @@ from leukfed.common.errors import LeukError
 RUN_FORMAT = "leukfed-run/1"
 MODEL_FILE, MODEL_JSON, METRICS_JSON, HISTORY_JSON, CHECKPOINT = (
     "model.safetensors", "model.json", "metrics.json", "history.json", "checkpoint.safetensors")
-LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle, written before leukfed 0.2: never read
+LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle, written by earlier versions: never opened
 
 
 def state_dict_bytes(model: nn.Module) -> bytes:

@@ -1,4 +1,4 @@
-"""Federation PKI: a private CA, the SuperLink TLS certificate and per-site SuperNode auth keys."""
+"""Federation PKI: a private CA, the SuperLink TLS certificate, the registered site public keys."""
 
 from __future__ import annotations
 

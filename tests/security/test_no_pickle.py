@@ -253,3 +253,15 @@ def test_federated_moments_of_the_wrong_shape_are_refused(tmp_path: Path) -> Non
     result = run([*SERVER, "--state", str(tmp_path), "--resume", "--model", "tinycnn", "--rounds", "4",
                   "--strategy", "fedadam", "--insecure", "--port", "1"])
     assert_one_line_error(result, "fc.bias")
+
+
+def test_a_crafted_pretrained_weights_file_runs_nothing(tmp_path: Path) -> None:
+    """`--weights FILE.pt` goes through torch.load(weights_only=True): the payload is refused, not run."""
+    from leukfed.models.weights import read_state_dict
+
+    marker = tmp_path / "pwned"
+    weights = tmp_path / "weights.pt"
+    torch.save({"model": TouchOnLoad(marker)}, weights)
+    with pytest.raises(LeukError, match="cannot read weights file"):
+        read_state_dict(weights)
+    assert not marker.exists()
