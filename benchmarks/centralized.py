@@ -78,7 +78,7 @@ def run(experiment: Experiment, data_root: Path) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_split(make_split(manifest, seed=experiment.config.seed, **experiment.split), split_file)
     start = time.time()
-    resume = (out / "checkpoint.pt").exists()
+    resume = (out / "checkpoint.safetensors").exists()
     metrics = train_centralized(data_dir, out, experiment.config, split_file=split_file, resume=resume,
                                 manifest=manifest)
     description = json.loads((out / "model.json").read_text())

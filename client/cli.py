@@ -182,6 +182,9 @@ app.callback(invoke_without_command=True)(with_options(join, _policy_options()))
 from leukfed.client.approval import approve_command  # noqa: E402  (light: no torch, no flwr)
 
 app.command("approve")(approve_command)
+from leukfed.common.site_keys import keygen_command  # noqa: E402  (light: cryptography only)
+
+app.command("keygen")(keygen_command)
 
 audit_app = typer.Typer(help="The site's audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -41,6 +42,40 @@ def _atomic_write(path: str | Path, write: Callable[[BinaryIO], object], mode: i
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_create_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
+    """Create `path` with `data` only if it does not exist (FileExistsError otherwise), atomically: a
+    temporary file is written and fsynced, then hard-linked to `path`, so that a full disk or a crash
+    never leaves a short file under the final name."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        _link_new(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Hard-link `tmp` to `path`, failing if `path` exists; where links are unsupported (some network
+    or FUSE file systems), check then rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+        os.replace(tmp, path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

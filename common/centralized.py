@@ -17,7 +17,8 @@ from leukfed.common.data import Manifest, scan_dataset
 from leukfed.common.dataset import build_dataset, make_loader
 from leukfed.common.errors import LeukError
 from leukfed.common.runs import (CHECKPOINT, HISTORY_JSON, config_difference, export_model,
-                                 load_checkpoint, model_description, save_checkpoint)
+                                 load_checkpoint, model_description, refuse_legacy_checkpoint,
+                                 save_checkpoint)
 from leukfed.common.splits import Split, load_split, make_split, save_split
 from leukfed.common.train import (class_weights_from_counts, evaluate, make_loss, make_optimizer,
                                   prepare_model, seed_everything, select_hardware, train_epoch)
@@ -110,6 +111,7 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfi
     callbacks = callbacks or Callbacks()
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / CHECKPOINT
+    refuse_legacy_checkpoint(out_dir)
     if checkpoint_path.exists() and not resume:
         raise LeukError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,15 +141,11 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfi
     start_epoch = 1
     if resume and checkpoint_path.exists():
         ckpt = load_checkpoint(checkpoint_path)
-        differences = config_difference(ckpt["config"], cfg.to_dict(), ignore=RESUMABLE)
+        differences = config_difference(_part(ckpt, "config", dict, checkpoint_path), cfg.to_dict(),
+                                        ignore=RESUMABLE)
         if differences:
             raise LeukError("cannot resume with a different config: " + "; ".join(differences))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        history, best = ckpt["history"], ckpt["best"]
-        start_epoch = ckpt["epoch"] + 1
-        torch.set_rng_state(ckpt["rng"])
-        train_loader.generator.set_state(ckpt["loader_rng"])
+        history, best, start_epoch = _restore(ckpt, checkpoint_path, model, optimizer, train_loader)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         if cfg.patience and epoch - best["epoch"] > cfg.patience and best["state"] is not None:
@@ -183,6 +181,56 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfi
     export_model(out_dir, model, description, metrics)
     write_plots(out_dir, history, metrics)
     return metrics
+
+
+def _part(ckpt: dict, key: str, kind: type, path: Path):
+    value = ckpt.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise LeukError(f"checkpoint {path} is malformed: {key!r} is missing or not a {kind.__name__}")
+    return value
+
+
+def _restore(ckpt: dict, path: Path, model, optimizer, train_loader) -> tuple[list[dict], dict, int]:
+    """Put model, optimizer and random state back as the checkpoint left them; (history, best, next epoch)."""
+    history, best, epoch = _part(ckpt, "history", list, path), _part(ckpt, "best", dict, path), _part(ckpt, "epoch", int, path)
+    state = _part(ckpt, "optimizer", dict, path)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        model.load_state_dict(_part(ckpt, "model", dict, path))
+        if best.get("state") is not None:
+            _check_same_shapes(best["state"], model.state_dict())
+        _check_optimizer_state(state, params)
+        optimizer.load_state_dict(state)
+        torch.set_rng_state(ckpt["rng"])
+        train_loader.generator.set_state(ckpt["loader_rng"])
+        float(best["val_loss"]), int(best["epoch"])  # used as numbers by the epoch loop
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise LeukError(f"checkpoint {path} does not fit this run: {str(exc).strip().splitlines()[0][:300]}") from None
+    return history, best, epoch + 1
+
+
+def _check_optimizer_state(state: dict, params: list) -> None:
+    """Every saved per-parameter tensor has the parameter's shape (or is a scalar, like Adam's step)."""
+    groups, per_param = state["param_groups"], state["state"]
+    ids = [i for group in groups for i in group["params"]]
+    if len(ids) != len(params):
+        raise ValueError(f"the optimizer state has {len(ids)} parameters, the model {len(params)}")
+    shapes = {i: tuple(p.shape) for i, p in zip(ids, params)}
+    for index, values in per_param.items():
+        if index not in shapes or not isinstance(values, dict):
+            raise ValueError(f"optimizer state for unknown parameter {index!r}")
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() and tuple(value.shape) != shapes[index]:
+                raise ValueError(f"optimizer state {name} of parameter {index} has shape "
+                                 f"{tuple(value.shape)}, the parameter {shapes[index]}")
+
+
+def _check_same_shapes(state: dict, reference: dict) -> None:
+    if not isinstance(state, dict) or state.keys() != reference.keys():
+        raise ValueError("the best model's tensors differ from the model's")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.shape != reference[key].shape:
+            raise ValueError(f"the best model's {key} does not have the model's shape")
 
 
 def write_plots(out_dir: Path, history: list[dict], metrics: dict, *, x_label: str = "epoch") -> None:

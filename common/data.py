@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import os
 import re
 import statistics
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
+from leukfed.common.data_files import MAX_IMAGE_PIXELS, entry_problem, open_regular, shown
 from leukfed.common.errors import LeukError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
@@ -37,6 +39,7 @@ _HASH_BUFFER = 1 << 20
 _WORKERS = min(8, 2 * (os.cpu_count() or 1))
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class _Discovery:
     non_image_files: list[str] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "path (reason)": special files, symlinks out, bad names
 
 
 # ---------------------------------------------------------------- scanning
@@ -113,6 +117,9 @@ def scan_dataset(root: str | Path) -> Manifest:
     """Detect the layout of `root`, list its images with labels and hashes; LeukError if unusable."""
     root = _check_root(root)
     found = _discover(root, strict=True)
+    if found.skipped:
+        _log.warning("skipped %d entries of %s that cannot be read safely: %s", len(found.skipped), root,
+                     _examples(found.skipped))
     shas = _parallel_map(lambda f: _sha256_file(root / f.path), found.images)
     return _build_manifest(root, found, shas)
 
@@ -160,7 +167,7 @@ def _discover(root: Path, *, strict: bool) -> _Discovery:
 def _discover_classes(root: Path, found: _Discovery) -> None:
     """`<class>/<image>`: the top folder is the label (images in sub-folders count too)."""
     _note_root_files(root, found)
-    for class_dir in _visible_dirs(root):
+    for class_dir in _visible_dirs(root, found):
         before = len(found.images)
         for rel in _walk_files(root, class_dir, found):
             found.images.append(_Found(rel, class_dir.name, None))
@@ -177,7 +184,7 @@ def _discover_patients(root: Path, found: _Discovery) -> None:
     lookup = {k.casefold(): k for k in table}
     _note_root_files(root, found, skip={table_path.name})
     seen: set[str] = set()
-    for patient_dir in _visible_dirs(root):
+    for patient_dir in _visible_dirs(root, found):
         patient = patient_dir.name
         rels = list(_walk_files(root, patient_dir, found))
         if not rels:
@@ -205,7 +212,7 @@ def _discover_cnmc(root: Path, found: _Discovery) -> None:
     present: set[str] = set()
     unnamed: list[str] = []
     mismatched: list[str] = []
-    for top in _visible_dirs(root):
+    for top in _visible_dirs(root, found):
         class_dirs = _cnmc_class_dirs(top) if _CNMC_FOLD.match(top.name) else []
         if not class_dirs:
             found.problems.append(f"folder '{top.name}' is not a C-NMC fold (fold_*/all|hem) and was ignored")
@@ -248,11 +255,18 @@ def _cnmc_class_dirs(fold: Path) -> list[Path]:
     return [d for d in _visible_dirs(fold) if d.name.lower() in _CNMC_CLASSES]
 
 
-def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(
-        (p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir()),
-        key=lambda p: p.name,
-    )
+def _visible_dirs(folder: Path, found: _Discovery | None = None) -> list[Path]:
+    """Sub-folders not hidden; those with non-UTF-8 names or leading out of `folder` are skipped."""
+    kept = []
+    for p in sorted(folder.iterdir(), key=lambda p: p.name):
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        problem = entry_problem(p, folder)
+        if problem is None:
+            kept.append(p)
+        elif found is not None:
+            found.skipped.append(f"{shown(p.name)}/ ({problem})")
+    return kept
 
 
 def _walk_files(root: Path, folder: Path, found: _Discovery) -> Iterator[str]:
@@ -263,6 +277,10 @@ def _walk_files(root: Path, folder: Path, found: _Discovery) -> Iterator[str]:
             if name.startswith("."):
                 continue
             rel = Path(dirpath, name).relative_to(root).as_posix()
+            problem = entry_problem(Path(dirpath, name), root)
+            if problem is not None:
+                found.skipped.append(f"{shown(rel)} ({problem})")
+                continue
             if is_image_file(name):
                 yield rel
             else:
@@ -274,7 +292,11 @@ def _note_root_files(root: Path, found: _Discovery, skip: Iterable[str] = ()) ->
     skipped = set(skip)
     stray_images = []
     for p in sorted(root.iterdir()):
-        if p.name.startswith(".") or p.name in skipped or not p.is_file():
+        if p.name.startswith(".") or p.name in skipped or p.is_dir():
+            continue
+        problem = entry_problem(p, root)
+        if problem is not None:
+            found.skipped.append(f"{shown(p.name)} ({problem})")
             continue
         if p.stem.lower() in _ROOT_DOC_STEMS:
             continue
@@ -306,11 +328,11 @@ def _build_manifest(root: Path, found: _Discovery, shas: list[str]) -> Manifest:
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             while chunk := fh.read(_HASH_BUFFER):
                 h.update(chunk)
     except OSError as exc:
-        raise LeukError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise LeukError(f"cannot read {shown(str(path))}: {exc.strerror or exc}") from None
     return h.hexdigest()
 
 
@@ -326,9 +348,12 @@ def _parallel_map(fn: Callable[[_T], _R], items: list[_T]) -> list[_R]:
 
 
 def _find_patient_table(root: Path) -> Path | None:
-    names = {p.name.lower(): p for p in root.iterdir() if p.is_file()}
+    names = {p.name.lower(): p for p in root.iterdir() if not p.is_dir()}
     for name in PATIENT_TABLE_NAMES:
         if name in names:
+            problem = entry_problem(names[name], root)
+            if problem is not None:
+                raise LeukError(f"cannot use patients table {names[name]}: {problem}")
             return names[name]
     return None
 
@@ -387,19 +412,28 @@ def _pick_column(header: list[str], candidates: tuple[str, ...], what: str, path
 # ---------------------------------------------------------------- images
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image fully and return it as 8-bit RGB; LeukError naming the file if it cannot."""
+def load_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image fully and return it as 8-bit RGB; LeukError naming the file if it cannot, or if
+    its header declares more than `max_pixels` pixels (checked before decoding)."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with open_regular(path) as fh, Image.open(fh) as im:
+            check_pixels(im, max_pixels)
             im.load()
             return to_rgb(im)
     except FileNotFoundError:
-        raise LeukError(f"image not found: {path}") from None
+        raise LeukError(f"image not found: {shown(str(path))}") from None
     except LeukError as exc:
-        raise LeukError(f"cannot read image {path}: {exc}") from None
+        raise LeukError(f"cannot read image {shown(str(path))}: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise LeukError(f"cannot read image {path}: {_reason(exc)}") from None
+        raise LeukError(f"cannot read image {shown(str(path))}: {_reason(exc)}") from None
+
+
+def check_pixels(im: Image.Image, max_pixels: int) -> None:
+    """LeukError when an opened (not yet decoded) image declares more than `max_pixels` pixels."""
+    if im.width * im.height > max_pixels:
+        raise LeukError(f"{im.width}x{im.height} pixels is over the limit of {max_pixels:,} "
+                        "(header checked before decoding)")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -443,6 +477,10 @@ def _deep_to_rgb(im: Image.Image) -> Image.Image:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, Image.DecompressionBombError):
+        return "the header declares more pixels than Pillow's decompression-bomb limit"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
 
@@ -458,7 +496,7 @@ class _FileInfo:
     error: str | None
 
 
-def check_dataset(root: str | Path, *, verify_images: bool = True) -> dict[str, Any]:
+def check_dataset(root: str | Path, *, verify_images: bool = True, max_pixels: int = MAX_IMAGE_PIXELS) -> dict[str, Any]:
     """The report of `leuk data check`: counts, patients, sizes, unreadable files, duplicates, problems.
 
     Corrupt images are listed, not raised; only an unusable root (missing, no images, broken
@@ -466,7 +504,7 @@ def check_dataset(root: str | Path, *, verify_images: bool = True) -> dict[str, 
     """
     root = _check_root(root)
     found = _discover(root, strict=False)
-    infos = _parallel_map(lambda f: _inspect_file(root / f.path, verify_images), found.images)
+    infos = _parallel_map(lambda f: _inspect_file(root / f.path, verify_images, max_pixels), found.images)
     report = _base_report(root, found, infos)
     report["images_verified"] = verify_images
     report.update(_patient_report(found))
@@ -476,16 +514,18 @@ def check_dataset(root: str | Path, *, verify_images: bool = True) -> dict[str, 
     return report
 
 
-def _inspect_file(path: Path, decode: bool) -> _FileInfo:
+def _inspect_file(path: Path, decode: bool, max_pixels: int) -> _FileInfo:
     """Hash a file and read its size and mode (decoding it fully when `decode`)."""
     try:
-        data = path.read_bytes()
+        with open_regular(path) as fh:
+            data = fh.read()
     except OSError as exc:
         return _FileInfo(None, None, None, exc.strerror or str(exc))
     sha = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as im:
             size, mode = f"{im.width}x{im.height}", im.mode
+            check_pixels(im, max_pixels)
             if decode:
                 im.load()
                 to_rgb(im)
@@ -511,6 +551,7 @@ def _base_report(root: Path, found: _Discovery, infos: list[_FileInfo]) -> dict[
         "unreadable": [path for path, _ in unreadable],
         "unreadable_reasons": dict(unreadable),
         "non_image_files": sorted(found.non_image_files),
+        "skipped": sorted(found.skipped),
     }
 
 
@@ -553,6 +594,9 @@ def _problems(found: _Discovery, report: dict[str, Any]) -> list[str]:
             f"{len(report['unreadable'])} images cannot be decoded (corrupt or truncated): "
             + _examples(report["unreadable"])
         )
+    if report["skipped"]:
+        problems.append(f"{len(report['skipped'])} entries were skipped (not regular files, symlinks leading out "
+                        f"of the folder or names that are not UTF-8): {_examples(report['skipped'])}")
     if report["non_image_files"]:
         skipped = report["non_image_files"]
         problems.append(f"{len(skipped)} non-image files were skipped: {_examples(skipped)}")
@@ -598,6 +642,7 @@ def format_check_report(report: dict[str, Any]) -> str:
         f"duplicates  {report['duplicate_groups']} groups ({report.get('duplicate_files', 0)} files)",
         f"unreadable  {len(report['unreadable'])}",
         f"non-images  {len(report['non_image_files'])}",
+        f"skipped     {len(report.get('skipped', []))}",
     ]
     for path in report["unreadable"][:20]:
         lines.append(f"  unreadable: {path} ({report.get('unreadable_reasons', {}).get(path, '')})")

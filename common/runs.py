@@ -1,7 +1,6 @@
 """Run directories: exported models, checkpoints and their metadata, all written atomically."""
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -14,11 +13,13 @@ from torch import nn
 
 from leukfed import __version__
 from leukfed.common.atomic import atomic_write_bytes, atomic_write_json
+from leukfed.common.checkpoint import load_checkpoint, save_checkpoint  # noqa: F401  (re-exported)
 from leukfed.common.errors import LeukError
 
 RUN_FORMAT = "leukfed-run/1"
 MODEL_FILE, MODEL_JSON, METRICS_JSON, HISTORY_JSON, CHECKPOINT = (
-    "model.safetensors", "model.json", "metrics.json", "history.json", "checkpoint.pt")
+    "model.safetensors", "model.json", "metrics.json", "history.json", "checkpoint.safetensors")
+LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle, written by earlier versions: never opened
 
 
 def state_dict_bytes(model: nn.Module) -> bytes:
@@ -102,20 +103,11 @@ def check_classes(run_classes, data_classes, *, what: str = "the data") -> None:
         raise LeukError(f"classes differ: the model has {list(run_classes)}, {what} has {list(data_classes)}")
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save a checkpoint dict (model, optimizer, epoch or round, config, metrics) atomically."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise LeukError(f"no checkpoint to resume from: {path}") from None
-    except Exception as exc:
-        raise LeukError(f"checkpoint {path} is unreadable: {exc}") from None
+def refuse_legacy_checkpoint(folder: Path) -> None:
+    """LeukError when `folder` holds only a pickled checkpoint.pt: it is never opened (unpickling runs code)."""
+    if (folder / LEGACY_CHECKPOINT).exists() and not (folder / CHECKPOINT).exists():
+        raise LeukError(f"{folder / LEGACY_CHECKPOINT} is in the old pickle checkpoint format, which leukfed no "
+                        f"longer reads (the format changed to {CHECKPOINT}); start a new run in another folder")
 
 
 def config_difference(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -1,16 +1,16 @@
-"""Federation PKI: a private CA, the SuperLink TLS certificate and per-site SuperNode auth keys."""
+"""Federation PKI: a private CA, the SuperLink TLS certificate, the registered site public keys."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
-import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Optional, TypeVar
 
 import typer
 from cryptography import x509
@@ -18,25 +18,28 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from leukfed.common.atomic import atomic_write_bytes, atomic_write_text
 from leukfed.common.errors import LeukError
+from leukfed.common.site_keys import (create_file, fingerprint, generate_site_key,
+                                      public_key_line, read_site_public_key, same_key,
+                                      validate_site_name)  # noqa: F401  (validate_site_name: re-exported)
 
 CA_DAYS = 3650
 SERVER_DAYS = 825
 # Backdate validity so a coordinator or hospital whose clock runs a little behind still accepts the certs.
 CLOCK_SKEW = dt.timedelta(days=1)
 ALWAYS_SANS = ("127.0.0.1", "localhost")  # the SuperLink dials itself on 127.0.0.1
-SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 DNS_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class SiteFiles:
-    """The folder handed to one hospital, plus its public key kept by the coordinator."""
+    """One site's folder at the coordinator: its public key (and, in demo mode only, its private key)."""
 
     name: str
     dir: Path
-    private_key: Path  # secret, hospital only
+    private_key: Path  # secret, hospital only: exists here only for keys made with --sites (demo)
     public_key: Path  # registered with the SuperLink
     ca_cert: Path
 
@@ -58,6 +61,11 @@ class CertsLayout:
         r = Path(root).expanduser().resolve()
         return cls(r, r / "ca.crt", r / "ca.key", r / "server.pem", r / "server.key", r / "README.txt")
 
+    @property
+    def bundle(self) -> Path:
+        """What every hospital gets: ca.crt and peers/<name>.pub (the site keys it pins)."""
+        return self.root / "hospital-bundle"
+
     def site(self, name: str) -> SiteFiles:
         """Paths of one site's folder (files may not exist yet)."""
         d = self.root / "sites" / name
@@ -77,15 +85,6 @@ class CertsLayout:
         for p in (self.ca_cert, self.server_cert, self.server_key):
             if not p.is_file():
                 raise LeukError(f"missing {p}: create the certificates first with `leuk certs init --out {self.root}`")
-
-
-def validate_site_name(name: str) -> str:
-    """Return `name` if it is a valid site name (letters, digits, - and _), else raise LeukError."""
-    if not SITE_NAME_RE.match(name):
-        raise LeukError(
-            f"invalid site name {name!r}: use 1-63 letters, digits, '-' or '_', starting with a letter or digit"
-        )
-    return name
 
 
 def parse_server_names(names: list[str]) -> tuple[list[str], list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
@@ -115,9 +114,14 @@ def certificate_fingerprint(cert_bytes: bytes) -> str:
     return hashlib.sha256(cert_bytes).hexdigest()
 
 
-def init_certs(out_dir: str | Path, server_names: list[str], sites: list[str]) -> CertsLayout:
-    """Create the CA, the SuperLink certificate and one auth key pair per site; never overwrites."""
+def init_certs(out_dir: str | Path, server_names: list[str], sites: list[str] = ()) -> CertsLayout:
+    """Create the CA and the SuperLink certificate; never overwrites, all or nothing.
+
+    `sites` is the DEMO mode: it also makes those sites' key pairs here, at the coordinator. A real
+    hospital makes its own (`leuk-client keygen`) and the coordinator registers the public half
+    (`add_site(..., public_key=...)`)."""
     layout = CertsLayout.at(out_dir)
+    sites = list(sites)
     for name in sites:
         validate_site_name(name)
     if len(set(sites)) != len(sites):
@@ -127,34 +131,50 @@ def init_certs(out_dir: str | Path, server_names: list[str], sites: list[str]) -
     targets += [f for s in sites for f in (layout.site(s).private_key, layout.site(s).public_key)]
     _refuse_existing(targets)
 
-    _make_private_dir(layout.root)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = _ca_certificate(ca_key)
     server_key = ec.generate_private_key(ec.SECP384R1())
     primary = next((s.strip() for n in server_names for s in n.split(",") if s.strip()), "localhost")
     server_cert = _server_certificate(server_key, ca_key, ca_cert, primary, dns, ips)
-
-    _write_new(layout.ca_key, _pkcs8_pem(ca_key), secret=True)
-    _write_new(layout.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_new(layout.server_key, _pkcs8_pem(server_key), secret=True)
-    _write_new(layout.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
-    for name in sites:
-        _create_site(layout, name)
-    _write_readme(layout)
+    with _all_or_nothing(layout.root):
+        create_file(layout.ca_key, _pkcs8_pem(ca_key), secret=True)
+        create_file(layout.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+        create_file(layout.server_key, _pkcs8_pem(server_key), secret=True)
+        create_file(layout.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
+        for name in sites:
+            _create_demo_site(layout, name)
+        _publish(layout)
     return layout
 
 
-def add_site(out_dir: str | Path, name: str) -> SiteFiles:
-    """Create one more site's key pair (and CA copy) in an existing certificate folder."""
+def add_site(out_dir: str | Path, name: str, public_key: str | Path | None = None) -> SiteFiles:
+    """Register one more hospital by the public key it made itself (`leuk-client keygen`); without
+    `public_key`, DEMO mode: make its key pair here."""
     layout = CertsLayout.at(out_dir)
     validate_site_name(name)
     if not layout.ca_cert.is_file():
         raise LeukError(f"{layout.ca_cert} not found: run `leuk certs init --out {layout.root}` first")
     site = layout.site(name)
     _refuse_existing([site.private_key, site.public_key])
-    _create_site(layout, name)
-    _write_readme(layout)
+    key = read_site_public_key(public_key) if public_key is not None else None
+    if key is not None:
+        for other in layout.sites().values():
+            if same_key(key, read_site_public_key(other.public_key)):
+                raise LeukError(f"this public key is already registered as site {other.name!r}: "
+                                "every site needs a key pair of its own")
+    with _all_or_nothing(layout.root):
+        if key is None:
+            _create_demo_site(layout, name)
+        else:
+            site.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+            create_file(site.public_key, public_key_line(key, name))
+        _publish(layout)
     return site
+
+
+def site_fingerprint(site: SiteFiles) -> str:
+    """The fingerprint of a registered site's public key, to compare with the hospital's by phone."""
+    return fingerprint(read_site_public_key(site.public_key))
 
 
 def server_certificate_names(cert_path: str | Path) -> list[str]:
@@ -238,18 +258,54 @@ def _pkcs8_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _create_site(layout: CertsLayout, name: str) -> None:
+def _create_demo_site(layout: CertsLayout, name: str) -> None:
+    """DEMO ONLY: the site's key pair made at the coordinator, in a folder to hand to that site."""
     site = layout.site(name)
     _make_private_dir(site.dir)
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write_new(site.private_key, private, secret=True)
-    _write_new(site.public_key, public + f" leukfed-site-{name}\n".encode())
+    generate_site_key(site.dir, name)
     if not site.ca_cert.exists():
-        _write_new(site.ca_cert, layout.ca_cert.read_bytes())
+        create_file(site.ca_cert, layout.ca_cert.read_bytes())
+
+
+def _publish(layout: CertsLayout) -> None:
+    """Refresh the hospital bundle (ca.crt, peers/<name>.pub for every site) and the README; demo site
+    folders get the same peers/ folder."""
+    sites = layout.sites()
+    folders = [layout.bundle] + [s.dir for s in sites.values() if s.private_key.exists()]
+    for folder in folders:
+        peers = folder / "peers"
+        peers.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if folder == layout.bundle:
+            atomic_write_bytes(folder / "ca.crt", layout.ca_cert.read_bytes())
+        for name, site in sites.items():
+            atomic_write_bytes(peers / f"{name}.pub", site.public_key.read_bytes())
+        for stale in peers.glob("*.pub"):
+            if stale.stem not in sites:
+                stale.unlink()
+    _write_readme(layout)
+
+
+@contextlib.contextmanager
+def _all_or_nothing(root: Path) -> Iterator[None]:
+    """On any failure (a full disk ...), delete every file and folder created under `root` inside the
+    block, so that a rerun starts clean; OSError becomes a one-line LeukError."""
+    existed = root.exists()
+    _make_private_dir(root)
+    before = set(root.rglob("*"))
+    try:
+        yield
+    except BaseException as exc:
+        created = sorted(set(root.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True)
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+        if not existed:
+            with contextlib.suppress(OSError):
+                root.rmdir()
+        if isinstance(exc, OSError):
+            raise LeukError(f"cannot write in {root}: {exc.strerror or exc}; nothing was kept, "
+                            "run the command again once fixed") from None
+        raise
 
 
 def _refuse_existing(paths: list[Path]) -> None:
@@ -262,17 +318,6 @@ def _make_private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-def _write_new(path: Path, data: bytes, *, secret: bool = False) -> None:
-    """Create `path` exclusively (O_EXCL), 0600 for secrets and 0644 otherwise."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
-    except FileExistsError:
-        raise LeukError(f"{path} already exists: refusing to overwrite keys or certificates") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600 if secret else 0o644)  # the umask may have narrowed 0644; 0600 stays exact
-
-
 def _write_readme(layout: CertsLayout) -> None:
     names = server_certificate_names(layout.server_cert) if layout.server_cert.is_file() else []
     fp = certificate_fingerprint(layout.ca_cert.read_bytes())
@@ -281,10 +326,12 @@ def _write_readme(layout: CertsLayout) -> None:
         ("ca.key", "nowhere online: keep offline (only needed to issue a new server cert)", "SECRET"),
         ("server.pem", "coordinator (leuk-server)", "public"),
         ("server.key", "coordinator (leuk-server)", "SECRET"),
+        ("hospital-bundle/", "every hospital: ca.crt + peers/ (all site public keys, pinned)", "public"),
     ]
-    for name in layout.site_names():
-        rows.append((f"sites/{name}/  (whole folder)", f"hospital {name!r} (leuk-client)", "contains a secret"))
-        rows.append((f"sites/{name}/site.key", f"hospital {name!r} only; delete here after copying", "SECRET"))
+    for name, site in layout.sites().items():
+        if site.private_key.exists():
+            rows.append((f"sites/{name}/  (DEMO, whole folder)", f"hospital {name!r} (leuk-client)", "contains a secret"))
+            rows.append((f"sites/{name}/site.key", "DEMO ONLY: made here, not at the site", "SECRET"))
         rows.append((f"sites/{name}/site.pub", "coordinator (registered with the server)", "public"))
     width = max(len(r[0]) for r in rows)
     header = f"  {'file'.ljust(width)}  machine  [secrecy]"
@@ -298,21 +345,31 @@ CA certificate SHA-256 fingerprint: {fp}
 {header}
 {table}
 
-Every hospital gets exactly its own folder sites/<name>/ (site.key, site.pub, ca.crt).
-Private keys (*.key) are created with permissions 0600: copy them with scp/sftp or a USB key,
-never by e-mail, and keep them 0600 on the target machine.
-A hospital must compare the CA fingerprint above with the one the coordinator tells it by phone.
-Add a hospital later with `leuk certs add-site --out {layout.root} NAME`.
-Nothing here is ever overwritten: to replace a file, move the old one away first.
+Site keys are born at the site. Each hospital runs, on its own machine:
+    leuk-client keygen --out SITE_FOLDER --site NAME
+which writes SITE_FOLDER/site.key (secret, 0600, never leaves that machine) and site.pub, and prints
+the public key's fingerprint. The hospital sends only site.pub; the coordinator registers it with
+    leuk certs add-site --out {layout.root} NAME --public-key site.pub
+which prints the fingerprint again: compare the two by phone. The coordinator then sends every
+hospital the contents of hospital-bundle/ (ca.crt and peers/), copied into SITE_FOLDER next to site.key;
+send peers/ again to everyone whenever a site is added. A hospital compares the CA fingerprint above with
+the one the coordinator tells it by phone, then starts `leuk-client --certs SITE_FOLDER --site NAME ...`.
+
+DEMO ONLY: `leuk certs init --sites a,b` and `leuk certs add-site NAME` without --public-key make
+the sites' private keys here, at the coordinator, in sites/<name>/ (for tests and trials on one
+machine). Never use such keys for real patient data.
+Private keys (*.key) are created with permissions 0600. Nothing here is ever overwritten: to replace a
+file, move the old one away first.
 """
-    tmp = layout.readme.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, layout.readme)
+    atomic_write_text(layout.readme, text)
 
 
 # ---------------------------------------------------------------- CLI (`leuk certs ...`)
 
-certs_app = typer.Typer(help="Create the federation's CA, server certificate and hospital keys.", no_args_is_help=True)
+certs_app = typer.Typer(help="Create the federation's CA and server certificate; register hospitals' public keys.",
+                        no_args_is_help=True)
+DEMO_WARNING = ("DEMO ONLY: site private keys were made here, at the coordinator ({}); real hospitals make "
+                "their own with `leuk-client keygen` and send only site.pub (`leuk certs add-site NAME --public-key`)")
 
 
 @certs_app.command("init")
@@ -322,16 +379,19 @@ def init_command(
         list[str],
         typer.Option("--server-name", help="DNS name(s)/IP(s) hospitals dial, comma separated; repeatable."),
     ],
-    sites: Annotated[str, typer.Option("--sites", help="Hospital site names, comma separated (h1,h2,h3).")] = "",
+    sites: Annotated[str, typer.Option("--sites", help="DEMO ONLY: also make these sites' key pairs here "
+                                       "(comma separated). Real sites: `leuk-client keygen` + `add-site --public-key`.")] = "",
 ) -> None:
-    """Create a CA, the coordinator's TLS certificate and one key pair per hospital."""
+    """Create a CA and the coordinator's TLS certificate (and, for demos, site key pairs)."""
     site_list = [s.strip() for s in sites.split(",") if s.strip()]
     layout = _run_cli(lambda: init_certs(out, server_name, site_list))
     typer.echo(f"created certificates in {layout.root}")
     typer.echo(f"server certificate valid for: {', '.join(server_certificate_names(layout.server_cert))}")
     typer.echo(f"CA fingerprint (sha256): {certificate_fingerprint(layout.ca_cert.read_bytes())}")
-    for name in site_list:
-        typer.echo(f"site {name}: give {layout.site(name).dir} to that hospital")
+    if site_list:
+        typer.echo(DEMO_WARNING.format(", ".join(site_list)), err=True)
+        for name in site_list:
+            typer.echo(f"demo site {name}: {layout.site(name).dir}")
     typer.echo(f"see {layout.readme} for which file goes where")
 
 
@@ -339,10 +399,18 @@ def init_command(
 def add_site_command(
     name: Annotated[str, typer.Argument(help="New hospital site name.")],
     out: Annotated[Path, typer.Option("--out", help="The certificate folder made by `leuk certs init`.")],
+    public_key: Annotated[Optional[Path], typer.Option("--public-key", help="The site.pub the hospital made with "
+                                                       "`leuk-client keygen` (without it: DEMO key pair made here).")] = None,
 ) -> None:
-    """Create a key pair for one more hospital."""
-    site = _run_cli(lambda: add_site(out, name))
-    typer.echo(f"created {site.dir}: give this folder to hospital {name}; the coordinator registers {site.public_key}")
+    """Register one more hospital by its public key."""
+    site = _run_cli(lambda: add_site(out, name, public_key))
+    if public_key is None:
+        typer.echo(DEMO_WARNING.format(name), err=True)
+        typer.echo(f"demo site {name}: {site.dir}")
+    else:
+        typer.echo(f"registered site {name}: {site.public_key}")
+    typer.echo(f"public key fingerprint: {site_fingerprint(site)} (compare it with the hospital's by phone)")
+    typer.echo(f"send {CertsLayout.at(out).bundle} (ca.crt, peers/) to every hospital")
 
 
 def _run_cli(fn: Callable[[], T]) -> T:

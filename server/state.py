@@ -12,9 +12,10 @@ from leukfed.common.atomic import atomic_write_json
 from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.runs import (CHECKPOINT, HISTORY_JSON, config_difference, export_model,
-                                 load_checkpoint, model_description, save_checkpoint)
+                                 load_checkpoint, model_description, refuse_legacy_checkpoint,
+                                 save_checkpoint)
 
-FEDERATED_CHECKPOINT_KIND = "leukfed-federated-checkpoint/1"
+FEDERATED_CHECKPOINT_KIND = "leukfed-federated-checkpoint/2"
 
 
 @dataclass
@@ -29,12 +30,14 @@ class Resumed:
 
 
 def checkpoint_path(state_dir: Path) -> Path:
+    """The state dir's checkpoint; LeukError when it holds only the old pickled checkpoint.pt."""
+    refuse_legacy_checkpoint(state_dir)
     return state_dir / CHECKPOINT
 
 
 def resume_difference(state_dir: Path, fed: FedConfig) -> list[str]:
     """Settings that differ between the saved checkpoint and this run (empty: safe to resume)."""
-    return _difference(load_checkpoint(checkpoint_path(state_dir)), fed)
+    return _difference(_read(state_dir), fed)
 
 
 def _difference(ckpt: dict, fed: FedConfig) -> list[str]:
@@ -45,13 +48,11 @@ def _difference(ckpt: dict, fed: FedConfig) -> list[str]:
 
 
 def load_resumed(state_dir: Path, fed: FedConfig) -> Resumed:
-    ckpt = load_checkpoint(checkpoint_path(state_dir))
-    if ckpt.get("kind") != FEDERATED_CHECKPOINT_KIND:
-        raise LeukError(f"{checkpoint_path(state_dir)} is not a federated checkpoint")
+    ckpt = _read(state_dir)
     differences = _difference(ckpt, fed)
     if differences:
         raise LeukError("cannot resume: the config differs from the checkpoint's: " + "; ".join(differences))
-    return Resumed(ckpt["round"], ckpt["model"], ckpt.get("strategy_state", {}), ckpt["history"],
+    return Resumed(ckpt["round"], ckpt["model"], ckpt["strategy_state"], ckpt["history"],
                    tuple(ckpt["class_names"]))
 
 
@@ -64,6 +65,38 @@ def save_round(state_dir: Path, *, round_: int, state: dict[str, np.ndarray], st
         "strategy_state": strategy_state, "settings": fed.training_settings(), "config": fed.to_run_config(),
         "class_names": list(class_names), "history": history, "metrics": history[-1] if history else {}})
     atomic_write_json(state_dir / HISTORY_JSON, history)
+
+
+def _read(state_dir: Path) -> dict:
+    """The checkpoint, its parts checked for type and the strategy's arrays for the model's shapes."""
+    path = checkpoint_path(state_dir)
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != FEDERATED_CHECKPOINT_KIND:
+        raise LeukError(f"{path} is not a federated checkpoint")
+    expected = {"round": int, "model": dict, "strategy_state": dict, "settings": dict, "history": list,
+                "class_names": list}
+    for key, kind in expected.items():
+        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
+            raise LeukError(f"checkpoint {path} is malformed: {key!r} is missing or not a {kind.__name__}")
+    model = ckpt["model"]
+    if not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise LeukError(f"checkpoint {path} is malformed: the model holds a value that is not a tensor")
+    if not all(isinstance(c, str) for c in ckpt["class_names"]):
+        raise LeukError(f"checkpoint {path} is malformed: a class name is not a string")
+    _check_strategy_arrays(ckpt["strategy_state"], {k: tuple(v.shape) for k, v in model.items()}, path)
+    return ckpt
+
+
+def _check_strategy_arrays(value, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Arrays the strategy keeps per model tensor (FedAdam's moments) must have that tensor's shape."""
+    if not isinstance(value, dict):
+        return
+    for key, item in value.items():
+        if key in shapes and isinstance(item, np.ndarray) and item.shape != shapes[key]:
+            raise LeukError(f"checkpoint {path} is malformed: strategy state for {key} has shape "
+                            f"{item.shape}, the model {shapes[key]}")
+        if isinstance(item, dict):
+            _check_strategy_arrays(item, shapes, path)
 
 
 def export_final(state_dir: Path, model, class_names, fed: FedConfig, metrics: dict, history: list[dict]) -> None:

@@ -13,10 +13,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from leukfed.common.errors import LeukError
+from leukfed.common.site_keys import generate_site_key
 from leukfed.server.certs import (
     CertsLayout,
     add_site,
     certificate_fingerprint,
+    site_fingerprint,
     certs_app,
     init_certs,
     validate_site_name,
@@ -70,9 +72,11 @@ def test_private_keys_are_0600_and_loadable(layout: CertsLayout) -> None:
 def test_site_folder_is_self_contained(layout: CertsLayout) -> None:
     site = layout.site("h1")
     assert site.ca_cert.read_bytes() == layout.ca_cert.read_bytes()
-    assert sorted(p.name for p in site.dir.iterdir()) == ["ca.crt", "site.key", "site.pub"]
+    assert sorted(p.name for p in site.dir.iterdir()) == ["ca.crt", "peers", "site.key", "site.pub"]
+    assert sorted(p.name for p in (site.dir / "peers").iterdir()) == ["h1.pub", "site_2.pub"]
+    assert (site.dir / "peers" / "site_2.pub").read_bytes() == layout.site("site_2").public_key.read_bytes()
     readme = layout.readme.read_text()
-    assert "ca.key" in readme and "SECRET" in readme and "sites/h1/" in readme
+    assert "ca.key" in readme and "SECRET" in readme and "sites/h1/" in readme and "DEMO" in readme
 
 
 def test_never_overwrites(layout: CertsLayout) -> None:
@@ -134,3 +138,39 @@ def test_cli_init_and_add_site(tmp_path: Path) -> None:
     assert res.exit_code == 0 and (out / "sites/h3/site.pub").is_file()
     res = runner.invoke(certs_app, ["add-site", "--out", str(out), "h3"])
     assert res.exit_code == 2 and "already exists" in res.output
+    assert "DEMO ONLY" in runner.invoke(certs_app, ["add-site", "--out", str(out), "h4"]).output
+
+
+def test_site_made_key_registered_by_public_key(tmp_path: Path) -> None:
+    lay = init_certs(tmp_path / "c", ["coord"])
+    made = generate_site_key(tmp_path / "at-the-site", "h1")
+    assert stat.S_IMODE(made.private_key.stat().st_mode) == 0o600
+    site = add_site(lay.root, "h1", made.public_key)
+    assert not site.private_key.exists() and sorted(p.name for p in site.dir.iterdir()) == ["site.pub"]
+    assert site_fingerprint(site) == made.fingerprint
+    assert lay.site_names() == ["h1"]
+    assert (lay.bundle / "ca.crt").read_bytes() == lay.ca_cert.read_bytes()
+    assert (lay.bundle / "peers" / "h1.pub").read_bytes() == site.public_key.read_bytes()
+    assert "leuk-client keygen" in lay.readme.read_text()
+    with pytest.raises(LeukError, match="already exists"):
+        add_site(lay.root, "h1", made.public_key)
+    with pytest.raises(LeukError, match="already registered as site 'h1'"):
+        add_site(lay.root, "h2", made.public_key)
+    with pytest.raises(LeukError, match="already exists"):
+        generate_site_key(tmp_path / "at-the-site")  # a site key is never overwritten
+
+
+def test_cli_keygen_then_add_site_print_the_same_fingerprint(tmp_path: Path) -> None:
+    from leukfed.client.cli import app as client_app
+
+    runner = CliRunner()
+    out = tmp_path / "c"
+    assert runner.invoke(certs_app, ["init", "--out", str(out), "--server-name", "coord"]).exit_code == 0
+    made = runner.invoke(client_app, ["keygen", "--out", str(tmp_path / "h1"), "--site", "h1"])
+    assert made.exit_code == 0, made.output
+    added = runner.invoke(certs_app, ["add-site", "--out", str(out), "h1", "--public-key", str(tmp_path / "h1" / "site.pub")])
+    assert added.exit_code == 0, added.output
+    fingerprints = [line.split()[3] for r in (made, added) for line in r.output.splitlines()
+                    if line.startswith("public key fingerprint")]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1] and fingerprints[0].startswith("SHA256:")
+    assert "DEMO" not in added.output

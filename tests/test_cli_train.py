@@ -48,7 +48,7 @@ def trained_run(smear_data: Path, tmp_path_factory) -> Path:
 
 
 def test_train_writes_a_complete_run_directory(trained_run: Path) -> None:
-    for name in ("model.safetensors", "model.json", "metrics.json", "history.json", "checkpoint.pt",
+    for name in ("model.safetensors", "model.json", "metrics.json", "history.json", "checkpoint.safetensors",
                  "curves.png", "confusion_matrix.png", "split.json"):
         assert (trained_run / name).stat().st_size > 0, name
     description = json.loads((trained_run / "model.json").read_text())

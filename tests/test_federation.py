@@ -63,7 +63,7 @@ def test_three_sites_with_one_killed_mid_run_still_complete(federation_factory) 
     rows = history(state)
     assert [row["round"] for row in rows] == [1, 2, 3]
     assert rows[-1]["sites_replied"] == 2 and not rows[-1]["rejected"]
-    for name in ("model.safetensors", "model.json", "metrics.json", "checkpoint.pt"):
+    for name in ("model.safetensors", "model.json", "metrics.json", "checkpoint.safetensors"):
         assert (state / name).exists(), name
     assert "round 3/3" in fed.log("server.log")
     evaluated = subprocess.run([*cli("cli"), "evaluate", "--model", str(state), "--data", str(fed.root / "data-a"),
