@@ -24,7 +24,8 @@ def _site_files(certs: Path, site: str):
         key, ca = folder / "site.key", folder / "ca.crt"
         if key.exists() and ca.exists():
             return ca, key
-    raise LeukError(f"no site.key and ca.crt for site {site!r} in {certs} (from `leuk certs init --sites {site}`)")
+    raise LeukError(f"no site.key and ca.crt for site {site!r} in {certs} (`leuk-client keygen --out DIR` makes site.key; "
+                    "ca.crt and peers/ come from the coordinator's hospital-bundle/)")
 
 
 def _check_data(data: Path) -> tuple[str, ...]:
@@ -107,7 +108,7 @@ def join(
     ctx: typer.Context,
     server: Optional[str] = typer.Option(None, "--server", help="The coordinator's HOST:PORT."),
     data: Optional[Path] = typer.Option(None, "--data", help="This hospital's image folder (never leaves the site)."),
-    site: Optional[str] = typer.Option(None, "--site", help="This site's name (as in `leuk certs init --sites`)."),
+    site: Optional[str] = typer.Option(None, "--site", help="This site's name (as registered with `leuk certs add-site`)."),
     certs: Optional[Path] = typer.Option(None, "--certs", help="This site's folder from `leuk certs init` (site.key, ca.crt)."),
     device: str = typer.Option("auto", "--device", help="auto (GPU when present), cpu, cuda or cuda:N."),
     state: Optional[Path] = typer.Option(None, "--state", help="Site state folder: audit log, node logs (default ~/.leukfed/SITE)."),

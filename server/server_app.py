@@ -199,7 +199,11 @@ def main(grid: Grid, context: Context) -> None:
     seed_everything(fed.seed)  # the initial global model is the same for the same seed
     model = initial_model(fed, len(class_names))
     if resumed:
-        model.load_state_dict(resumed.state)
+        try:
+            model.load_state_dict(resumed.state)
+        except (RuntimeError, KeyError, TypeError) as err:
+            raise LeukError(f"the checkpoint in {state_dir} does not fit {fed.model}: "
+                            f"{str(err).splitlines()[0][:200]}") from None
     start_round = resumed.round + 1 if resumed else 1
     history = resumed.history if resumed else []
     if start_round > fed.rounds:
