@@ -391,7 +391,7 @@ def prepared_flwr_clientapp(check):
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as runtime
 
-    from leukfed.server.flower_env import LOCAL_PULL_BACKOFF_S, prompt_object_pulls
+    from leukfed.common.flower.patches import LOCAL_PULL_BACKOFF_S, prompt_object_pulls
 
     real_install = runtime.install_from_fab
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, Message
 
-from leukfed.client.records import record_digest
+from leukfed.common.flower.wire import record_digest
 from leukfed.common.fedconfig import SiteConfig
 
 

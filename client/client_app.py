@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from leukfed.client.audit import append_audit
-from leukfed.client.records import decode_state, encode_state, packed_arrays_mod
+from leukfed.common.flower.wire import decode_state, encode_state, packed_arrays_mod
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.privacy import BudgetSpent
 from leukfed.server.secagg import refuse_plain_training, secure_train

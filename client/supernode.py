@@ -10,18 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from leukfed.client import supernode_process
 from leukfed.common.errors import LeukError
-from leukfed.server.flower_env import (
-    ConfigValue,
-    claim_pidfile,
-    flower_env,
-    free_port,
-    kill_process_group,
-    strip_ansi,
-    toml_pairs,
-    write_pidfile,
-)
+from leukfed.common.flower import supernode_process
+from leukfed.common.flower.env import ConfigValue, flower_env, free_port, toml_pairs
+from leukfed.common.flower.processes import claim_pidfile, kill_process_group, spawn_logged, strip_ansi
 
 JOINED_RE = re.compile(r"SuperNode ID: (\d+)")
 EXIT_CODE_RE = re.compile(r"Exit Code: (\d+)\n(.*)")
@@ -113,7 +105,7 @@ class SuperNode:
 
     def command(self, port: int) -> list[str]:
         """The flower-supernode command line (never with runtime dependency installation), through
-        client/supernode_process.py (shorter waits)."""
+        common/flower/supernode_process.py (shorter waits)."""
         cmd = [*supernode_process.command(), "--superlink", self.superlink]
         cmd += ["--insecure"] if self.insecure else ["--root-certificates", str(self.ca)]
         if self.private_key is not None:
@@ -142,27 +134,15 @@ class SuperNode:
         port = self.runtime_port or free_port()
         cmd = self.command(port)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
-            log.write(f"\n=== leukfed {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=flower_env(self.flwr_home, self.env),
-                cwd=self.state_dir,
-                start_new_session=True,  # own group: stop() also reaches SuperExec/ClientApp children
-            )
-            if self.fork_tasks:  # exits with the node (it watches the node's pid)
-                self.executor = subprocess.Popen(
-                    self.executor_command(port, self.proc.pid), stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, env=flower_env(self.flwr_home, self.env), cwd=self.state_dir,
-                    start_new_session=True)
+        env = flower_env(self.flwr_home, self.env)
+        # own group: stop() also reaches SuperExec/ClientApp children
+        self.proc = spawn_logged(cmd, self.log_path, env, self.state_dir, self.pid_path)
+        if self.fork_tasks:  # exits with the node (it watches the node's pid)
+            self.executor = spawn_logged(self.executor_command(port, self.proc.pid), self.log_path, env,
+                                         self.state_dir)
         self._started_at = time.monotonic()
         self._stop_requested = False
         self._node_id = None
-        write_pidfile(self.pid_path, self.proc.pid)
         return self
 
     def _clear_stale(self) -> None:

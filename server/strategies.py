@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import (FedAdam, FedAvg, FedMedian, FedProx, FedTri
                                      Krum)
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
-from leukfed.client.records import BF16_SUFFIX, NpyError, decode_arrays, npy_header, npy_header_for
+from leukfed.common.flower.wire import BF16_SUFFIX, NpyError, decode_arrays, npy_header, npy_header_for
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.privacy import noise_problem
 from leukfed.server.kernels import fused_step

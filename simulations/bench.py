@@ -658,8 +658,8 @@ def _timed(fn: Callable[[], object]) -> float:
 # --------------------------------------------------------------------------------------------
 
 def array_view(array):
-    """Zero-copy numpy view of a Flower Array (now `leukfed.client.records.array_view`, which the server uses)."""
-    from leukfed.client.records import array_view as view
+    """Zero-copy numpy view of a Flower Array (now `leukfed.common.flower.wire.array_view`, which the server uses)."""
+    from leukfed.common.flower.wire import array_view as view
 
     return view(array)
 
@@ -669,7 +669,7 @@ def make_replies(state: dict, updates: int, transfer_dtype: str = "float32", bas
     import torch
     from flwr.app import Message, Metadata, MetricRecord, RecordDict
 
-    from leukfed.client.records import encode_state
+    from leukfed.common.flower.wire import encode_state
 
     replies = []
     for i in range(updates):
@@ -702,7 +702,7 @@ def aggregation_cmd(
     import numpy as np
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from leukfed.client.records import encode_state, widen
+    from leukfed.common.flower.wire import encode_state, widen
     from leukfed.common.fedconfig import FedConfig
     from leukfed.models import create_model
     from leukfed.server.strategies import FusedMean, RoundLog, make_strategy
@@ -888,7 +888,7 @@ def transfer_bytes_cmd(
     wire: packed into one Array (pack_record), with the Flower objects each message hop moves."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    from leukfed.client.records import decode_state, encode_state, pack_record
+    from leukfed.common.flower.wire import decode_state, encode_state, pack_record
     from leukfed.models import create_model
 
     params = dict(models=models, num_classes=num_classes, dtypes=dtypes)

@@ -20,7 +20,7 @@ from leukfed.client.preflight import check_server
 from leukfed.client.supernode import SuperNode
 from leukfed.common.errors import LeukError
 from leukfed.server.certs import CertsLayout, certificate_fingerprint, init_certs
-from leukfed.server.flower_env import free_port, toml_pairs, write_flwr_config
+from leukfed.common.flower.env import free_port, toml_pairs, write_flwr_config
 from leukfed.server.superlink import CONNECTION, SuperLink
 
 ECHO_APP = Path(__file__).parent / "fixtures" / "echo_app"
@@ -152,9 +152,9 @@ def test_two_sites_join_and_echo_run_completes(link: SuperLink, pki: CertsLayout
     assert "echo finished: 2 rounds, 2 sites" in logs and "sites=['h1', 'h2']" in logs
     assert link.online_node_ids() >= set(ids.values())
     # Status polls ask in this process (no `flwr` process each time) and see what the CLI prints.
-    in_process = link._run_record_in_process(run_id)
+    in_process = link.cli.run_record(CONNECTION, run_id)
     assert in_process is not None and in_process["status"] == status
-    by_cli = link._flwr("ls", "--run-id", str(run_id), CONNECTION)["runs"][0]
+    by_cli = link.cli.json("ls", "--run-id", str(run_id), CONNECTION)["runs"][0]
     assert {k: v for k, v in in_process.items() if k != "elapsed"} == {k: v for k, v in by_cli.items() if k != "elapsed"}
 
 
@@ -276,7 +276,7 @@ def _wait_for(cond: Callable[[], bool], timeout: float, events: object) -> None:
 
 def test_supernode_runs_flowers_node_loop_with_shorter_waits() -> None:
     """The node notices messages within POLL_S instead of Flower's 3 s (patched in its own process)."""
-    code = ("import time; from leukfed.client.supernode_process import shorter_waits; shorter_waits(); "
+    code = ("import time; from leukfed.common.flower.patches import apply_patches; apply_patches('supernode'); "
             "from flwr.supernode import start_client_internal as node; t = time.monotonic(); node.time.sleep(3); "
             "poll = time.monotonic() - t; t = time.monotonic(); node.time.sleep(0.5); "
             "print(poll, time.monotonic() - t, node.pull_objects.keywords['initial_backoff'])")
@@ -284,7 +284,7 @@ def test_supernode_runs_flowers_node_loop_with_shorter_waits() -> None:
     poll, local_wait, backoff = (float(x) for x in out.split())
     assert poll < 1.5 and local_wait < 0.4 and backoff == 0.1
     node = SuperNode("127.0.0.1:1", state_dir=Path("unused"), ca=None, private_key=None, insecure=True)
-    assert node.command(9999)[:3] == [sys.executable, "-m", "leukfed.client.supernode_process"]
+    assert node.command(9999)[:3] == [sys.executable, "-m", "leukfed.common.flower.supernode_process"]
 
 
 def test_clientapp_task_pulls_the_message_arrays_promptly() -> None:
