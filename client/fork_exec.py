@@ -111,9 +111,14 @@ def _run_task(approvals: str, args: list[str]) -> None:
     code = 1
     try:
         from leukfed.client.approval import guarded_clientapp_main
+        from leukfed.common.errors import LeukError
         from leukfed.common.flower.patches import apply_patches
 
-        apply_patches("clientapp")
+        try:
+            apply_patches("clientapp")
+        except LeukError as err:
+            print(f"error: {err}", flush=True)
+            raise SystemExit(2) from None
         sys.argv = ["flwr-clientapp", *args, "--parent-pid", str(os.getppid())]
         guarded_clientapp_main(approvals)
         code = 0

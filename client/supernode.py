@@ -13,6 +13,7 @@ from typing import Self
 from leukfed.common.errors import LeukError
 from leukfed.common.flower import supernode_process
 from leukfed.common.flower.env import ConfigValue, flower_env, free_port, toml_pairs
+from leukfed.common.flower.patches import check_flower_version
 from leukfed.common.flower.processes import claim_pidfile, kill_process_group, spawn_logged, strip_ansi
 
 JOINED_RE = re.compile(r"SuperNode ID: (\d+)")
@@ -129,6 +130,7 @@ class SuperNode:
         """Start the node process (returns at once; see wait_joined)."""
         if self.running():
             raise LeukError("this SuperNode is already running")
+        check_flower_version()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._clear_stale()
         port = self.runtime_port or free_port()
@@ -238,7 +240,7 @@ class SuperNode:
         text = self.attempt_log()
         if self._stop_requested:
             return NodeExit(returncode, "stopped", "the SuperNode was stopped")
-        if fatal := self._fatal_reason(text):
+        if fatal := self._fatal_reason(text, returncode):
             return NodeExit(returncode, "fatal", fatal)
         if "[code: 2004]" in text or "Failed to activate SuperNode" in text:
             return self._refused(returncode)
@@ -246,7 +248,7 @@ class SuperNode:
             return NodeExit(0, "graceful", "the SuperNode left the federation (stopped by a signal or by the server)")
         return NodeExit(returncode, "crashed", f"the SuperNode died (exit code {returncode}); see {self.log_path}")
 
-    def _fatal_reason(self, text: str) -> str | None:
+    def _fatal_reason(self, text: str, returncode: int) -> str | None:
         low = text.lower()
         if "certificate verify failed" in low:
             return self._certificate_reason(low)
@@ -257,7 +259,7 @@ class SuperNode:
                 "the federation server requires site authentication but this node has no site key "
                 "(code 2001): pass this site's site.key"
             )
-        m = EXIT_CODE_RE.search(text)
+        m = _node_exit_block(text, returncode)
         if m and m.group(1) != "305":  # 305 = connection error: the causes above, or 2004 below
             return f"the SuperNode stopped with Flower exit code {m.group(1)}: {m.group(2).strip()}"
         return None
@@ -347,6 +349,22 @@ class SuperNode:
     @property
     def pid(self) -> int | None:
         return None if self.proc is None else self.proc.pid
+
+
+def _node_exit_block(text: str, returncode: int) -> re.Match[str] | None:
+    """The last `Exit Code: N` block Flower's flwr_exit wrote for the node itself, if any. ClientApp tasks
+    share this log, and a failed task writes the same block (codes 250-299, 607, 608, 800-899): that one
+    must not make the site give up when the node later exits for another reason (e.g. the coordinator
+    restarted). An error exit always ends the process with status 1, so a status-0 exit has none."""
+    if returncode == 0:
+        return None
+    own = [m for m in EXIT_CODE_RE.finditer(text) if not _task_exit_code(int(m.group(1)))]
+    return own[-1] if own else None
+
+
+def _task_exit_code(code: int) -> bool:
+    """Flower's exit codes of ClientApp task processes (flwr.supercore.exit.ExitCode)."""
+    return 250 <= code < 300 or code in (607, 608) or 800 <= code < 900
 
 
 def _sleep_unless(delay: float, should_stop: Callable[[], bool] | None) -> bool:

@@ -24,6 +24,7 @@ from leukfed.common.errors import LeukError
 from leukfed.common.flower import superlink_process
 from leukfed.common.flower.cli import FlwrCli, FlwrCliError, registered_node_id
 from leukfed.common.flower.control_plane import ALLOW_ENV, PUBLIC_ENV
+from leukfed.common.flower.patches import check_flower_version
 from leukfed.common.flower.env import (
     ConfigValue,
     flower_env,
@@ -96,6 +97,7 @@ class SuperLink:
         """
         if self.proc is not None:
             raise LeukError("this SuperLink is already started")
+        check_flower_version()
         self.state_dir = Path(state_dir).expanduser().resolve()
         self.host, self.port = host, port
         self.admin_port = admin_port or free_port("127.0.0.1")

@@ -16,6 +16,7 @@ from leukfed.common.fedconfig import FedConfig
 from leukfed.common.flower import superlink_process
 from leukfed.common.flower.cli import FlwrCli
 from leukfed.common.flower.env import flower_env, free_port
+from leukfed.common.flower.patches import check_flower_version
 from leukfed.common.flower.processes import kill_process_group, log_tail, strip_ansi
 from leukfed.server.flwr_app import write_app_dir, write_run_config
 
@@ -68,6 +69,7 @@ def _start_superlink(work_dir: Path, env: dict[str, str], http_port: int, contro
 def run_simulation(fed: FedConfig, resources: SimulationResources, work_dir: Path,
                    on_line: Callable[[str], None] | None = None) -> None:
     """Submit one federated run to a private simulation SuperLink and wait for it to finish."""
+    check_flower_version()
     work_dir = Path(work_dir).resolve()  # the `flwr` CLI runs from FLWR_HOME
     work_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = work_dir / "flwr-home"

@@ -61,15 +61,36 @@ def test_a_missing_target_is_loud() -> None:
         install("no-such-row", lambda original: original)
 
 
-def test_unlisted_flower_version_is_refused_in_one_line() -> None:
-    code = ("import importlib.metadata as m; m.version = lambda name: '9.9.9'; "
-            "from leukfed.common.flower.superlink_process import main; main()")
-    refused = _run(code)
+FAKE_VERSION = "import importlib.metadata as m; m.version = lambda name: '9.9.9'; "
+
+
+@pytest.mark.parametrize("entry", [
+    "from leukfed.common.flower.superlink_process import main; main()",
+    "from leukfed.common.flower.supernode_process import main; main()",
+    "from leukfed.client.fork_exec import main; main(['--runtime-api-address', '127.0.0.1:1', '--approvals', 'a', "
+    "'--launcher', 'l', '--parent-pid', '1'])",
+])
+def test_unlisted_flower_version_is_refused_in_one_line(entry: str) -> None:
+    refused = _run(FAKE_VERSION + entry)
     assert refused.returncode == 1 and refused.stderr.strip().count("\n") == 0, refused.stderr
     assert refused.stderr.startswith("error: Flower 9.9.9 is not a version leukfed was checked on")
-    forced = _run(code.replace("main()", "from leukfed.common.flower.patches import apply_patches; "
-                                          "print(apply_patches('supernode'))"), {patches.UNTESTED_ENV: "1"})
+
+
+def test_untested_flower_runs_when_asked() -> None:
+    code = FAKE_VERSION + "from leukfed.common.flower.patches import apply_patches; print(apply_patches('supernode'))"
+    forced = _run(code, {patches.UNTESTED_ENV: "1"})
     assert forced.returncode == 0 and forced.stdout.strip() == "9.9.9", forced.stderr
+
+
+def test_library_entry_points_refuse_an_unlisted_flower(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from leukfed.client.supernode import SuperNode
+    from leukfed.server.superlink import SuperLink
+
+    monkeypatch.setattr(patches, "version", lambda name: "9.9.9")
+    with pytest.raises(LeukError, match="^Flower 9.9.9 is not a version leukfed was checked on"):
+        SuperLink().start(tmp_path / "link", insecure=True, supernode_auth=False)
+    with pytest.raises(LeukError, match="^Flower 9.9.9 is not a version leukfed was checked on"):
+        SuperNode("127.0.0.1:1", state_dir=tmp_path / "node", ca=None, private_key=None, insecure=True).start()
 
 
 def test_superlink_rows_reach_the_replacements(tmp_path) -> None:

@@ -267,6 +267,53 @@ n.start(); n.wait_joined(60); print(n.pid, flush=True)
         node.stop()
 
 
+@pytest.mark.slow
+def test_site_rejoins_a_restarted_coordinator_after_a_failed_task(root: Path, pki: CertsLayout) -> None:
+    """A failed ClientApp task writes Flower's `Exit Code: 800` block into the node's log; when the coordinator
+    then restarts (state in memory: the node gets 401 and exits), the site must rejoin, not give up."""
+    port = free_port()
+    certs = (pki.ca_cert, pki.server_cert, pki.server_key)
+    first = SuperLink().start(root / "restart-server", port=port, certs=certs)
+    events: list[tuple[str, str]] = []
+    stop = threading.Event()
+    outcome: list[object] = []
+    node = _node(root, first, "h1-restart", pki.site("h1").private_key, pki.ca_cert)
+    try:
+        first.register_site(pki.site("h1").public_key, "h1")
+        thread = threading.Thread(target=lambda: outcome.append(_supervise(node, events, stop)), daemon=True)
+        thread.start()
+        _wait_for(lambda: sum(k == "joined" for k, _ in events) == 1, 60, events)
+        # A task process shares the node's log: here is the real block Flower's flwr_exit writes for a failed task.
+        task = ("from flwr.supercore.exit import ExitCode, flwr_exit; "
+                "flwr_exit(ExitCode.TASK_PROC_EXCEPTION, 'ClientApp raised an exception', emit_telemetry=False)")
+        with node.log_path.open("ab") as log:
+            failed = subprocess.run([sys.executable, "-c", task], stdout=log, stderr=subprocess.STDOUT, timeout=60)
+        assert failed.returncode == 1 and "Exit Code: 800" in node.attempt_log()
+        first.terminate(timeout=20)                                   # the coordinator restarts ...
+        second = SuperLink().start(root / "restart-server", port=port, certs=certs)
+        try:
+            second.register_site(pki.site("h1").public_key, "h1")     # ... and registers its sites again
+            _wait_for(lambda: sum(k == "joined" for k, _ in events) == 2 or outcome, 150, events)
+            assert not outcome, outcome                               # supervise did not give up
+            assert any(k == "restarting" for k, _ in events), events
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+            second.terminate(timeout=10)
+    finally:
+        stop.set()
+        node.stop()
+        first.terminate(timeout=5)
+    assert len(outcome) == 1 and getattr(outcome[0], "kind", None) == "stopped", outcome
+
+
+def _supervise(node: SuperNode, events: list[tuple[str, str]], stop: threading.Event) -> object:
+    try:
+        return node.supervise(backoff_s=(0.5,), on_event=lambda k, m: events.append((k, m)), should_stop=stop.is_set)
+    except Exception as err:  # noqa: BLE001 - reported by the assertions
+        return err
+
+
 def _wait_for(cond: Callable[[], bool], timeout: float, events: object) -> None:
     end = time.monotonic() + timeout
     while not cond():

@@ -40,7 +40,7 @@ def flower_executable(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if found is None:
-        raise LeukError(f"cannot find the Flower program {name!r}: is flwr==1.41 installed in this environment?")
+        raise LeukError(f"cannot find the Flower program {name!r}: is flwr (1.41 or 1.42) installed in this environment?")
     return found
 
 
