@@ -77,6 +77,7 @@ class SuperNode:
         self._started_at = 0.0
         self._stop_requested = False
         self._unclean_at = 0.0  # when a node with this key last died without deactivating
+        self._joined_seen_at = 0.0  # when this object last saw its node joined
         self._node_id: int | None = None
         self._marker_read = False
         for p in (self.ca, self.private_key):
@@ -180,6 +181,7 @@ class SuperNode:
         code = self.proc.poll()
         if code is None:
             if self.node_id() is not None:
+                self._joined_seen_at = time.time()
                 self.alive_path.touch()  # "last seen alive while joined", for the next leuk-client
             return None
         kill_process_group(self.proc, 0)  # reap SuperExec/ClientApp leftovers of a dead node
@@ -285,6 +287,15 @@ class SuperNode:
                 returncode,
                 "refused",
                 "the federation server still counts this site as online after an unclean stop (code 2004)",
+            )
+        if time.time() - self._joined_seen_at < REFUSED_WINDOW_S:
+            # Accepted moments ago: a restarted coordinator registers its sites again only once its
+            # SuperLink answers, so the node may ask first.
+            return NodeExit(
+                returncode,
+                "refused",
+                "the federation server does not know this site yet (a restarted coordinator registers its "
+                "sites again; code 2004)",
             )
         return NodeExit(
             returncode,

@@ -307,6 +307,26 @@ def test_site_rejoins_a_restarted_coordinator_after_a_failed_task(root: Path, pk
     assert len(outcome) == 1 and getattr(outcome[0], "kind", None) == "stopped", outcome
 
 
+def test_a_failed_tasks_exit_block_is_not_the_nodes(tmp_path: Path) -> None:
+    """Tasks share the node's log: Flower's exit block of a failed task (800) must not read as the node's
+    own fatal exit; the node's own block (303: auth without TLS) still does."""
+    node = SuperNode("127.0.0.1:1", state_dir=tmp_path, ca=None, private_key=None, insecure=True)
+    node.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def flower_exit(code: str) -> None:
+        script = (f"from flwr.supercore.exit import ExitCode, flwr_exit; "
+                  f"flwr_exit(ExitCode.{code}, 'real Flower exit block', emit_telemetry=False)")
+        with node.log_path.open("ab") as log:
+            subprocess.run([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT, timeout=60)
+
+    flower_exit("TASK_PROC_EXCEPTION")
+    assert "Exit Code: 800" in node.attempt_log()
+    assert node.classify(1).kind == "crashed" and node.classify(0).kind == "graceful"
+    flower_exit("SUPERNODE_STARTED_WITHOUT_TLS_BUT_NODE_AUTH_ENABLED")
+    fatal = node.classify(1)
+    assert fatal.kind == "fatal" and "exit code 303" in fatal.message
+
+
 def _supervise(node: SuperNode, events: list[tuple[str, str]], stop: threading.Event) -> object:
     try:
         return node.supervise(backoff_s=(0.5,), on_event=lambda k, m: events.append((k, m)), should_stop=stop.is_set)
