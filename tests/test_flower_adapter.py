@@ -216,3 +216,14 @@ def test_entry_points_apply_the_table() -> None:
                           (grids.PromptGrid.__init__, "serverapp")]:
         assert f'apply_patches("{process}")' in inspect.getsource(func), func
     assert {row.process for row in PROCESS_ROWS} == {"superlink", "supernode", "superexec", "clientapp", "serverapp"}
+
+
+def test_flowers_helpers_come_from_this_environment(tmp_path) -> None:
+    """The SuperLink starts flower-superexec through PATH; another Flower release found first refuses to pair."""
+    from pathlib import Path
+
+    from leukfed.common.flower.env import flower_env
+
+    path = flower_env(tmp_path)["PATH"].split(os.pathsep)
+    assert path[0] == str(Path(sys.executable).parent)
+    assert flower_env(tmp_path, {"PATH": "/site/bin"})["PATH"] == "/site/bin"   # a caller's own PATH wins

@@ -25,10 +25,14 @@ OFFLINE_ENV = {
 ConfigValue = bool | int | float | str
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """os.environ plus a private FLWR_HOME and every switch that keeps Flower offline."""
+    """os.environ plus a private FLWR_HOME, this Python's scripts first on PATH, and every switch that keeps
+    Flower offline; `extra` last (a caller's own PATH wins)."""
     env = dict(os.environ)
     env.update(OFFLINE_ENV)
     env["FLWR_HOME"] = str(Path(flwr_home).resolve())
+    # Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) through PATH: take them
+    # from this Python environment, not from another Flower release found first (it refuses a mixed pair).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]).rstrip(os.pathsep)
     env.update(extra or {})
     return env
 
