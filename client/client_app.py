@@ -10,7 +10,7 @@ from flwr.common.constant import ErrorCode
 
 from leukfed.client.audit import append_entry, task_entry
 from leukfed.client.policy import check_task
-from leukfed.client.records import decode_state, encode_state, packed_arrays_mod
+from leukfed.common.flower.wire import decode_state, encode_state, packed_arrays_mod
 from leukfed.client.site_errors import (ReceivedArraysRefused, error_code, is_refusal, local_detail,
                                         log_failure, new_ref, public_reason, site_log)
 from leukfed.client.wire_checks import check_received, expected_layout, max_model_bytes

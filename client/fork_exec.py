@@ -111,7 +111,14 @@ def _run_task(approvals: str, args: list[str]) -> None:
     code = 1
     try:
         from leukfed.client.approval import guarded_clientapp_main
+        from leukfed.common.errors import LeukError
+        from leukfed.common.flower.patches import apply_patches
 
+        try:
+            apply_patches("clientapp")
+        except LeukError as err:
+            print(f"error: {err}", flush=True)
+            raise SystemExit(2) from None
         sys.argv = ["flwr-clientapp", *args, "--parent-pid", str(os.getppid())]
         guarded_clientapp_main(approvals)
         code = 0
@@ -132,11 +139,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", TASK_POLL_INTERVAL_S)
 
+    from leukfed.common.errors import LeukError
+    from leukfed.common.flower.patches import apply_patches, install
+
+    try:
+        apply_patches("superexec")
+    except LeukError as err:
+        sys.exit(f"error: {err}")
     from flwr.supercore.superexec import run_superexec as superexec
 
     executor = ForkingExecutor(args.runtime_api_address, args.approvals, args.launcher)
     # Flower picks the executor by type inside run_superexec; ours replaces the subprocess one.
-    superexec.get_executor = lambda *_, **__: executor
+    install("forking-executor", lambda _flower_get_executor: lambda *_, **__: executor)
     sys.argv[0] = "leuk-superexec"
     superexec.run_superexec(runtime_api_address=args.runtime_api_address, insecure=True,
                             parent_pid=args.parent_pid, runtime_dependency_install=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 from cryptography import x509
 
 from leukfed.common.errors import LeukError
-from leukfed.server.flower_env import http_get
+from leukfed.common.flower.env import http_get
 
 # X509_V_ERR_* codes from OpenSSL's verify step
 _EXPIRED, _NOT_YET_VALID, _HOST_MISMATCH, _IP_MISMATCH = 10, 9, 62, 64

@@ -10,18 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from leukfed.client import supernode_process
 from leukfed.common.errors import LeukError
-from leukfed.server.flower_env import (
-    ConfigValue,
-    claim_pidfile,
-    flower_env,
-    free_port,
-    kill_process_group,
-    strip_ansi,
-    toml_pairs,
-    write_pidfile,
-)
+from leukfed.common.flower import supernode_process
+from leukfed.common.flower.env import ConfigValue, flower_env, free_port, toml_pairs
+from leukfed.common.flower.patches import check_flower_version
+from leukfed.common.flower.processes import claim_pidfile, kill_process_group, spawn_logged, strip_ansi
 
 JOINED_RE = re.compile(r"SuperNode ID: (\d+)")
 EXIT_CODE_RE = re.compile(r"Exit Code: (\d+)\n(.*)")
@@ -84,6 +77,7 @@ class SuperNode:
         self._started_at = 0.0
         self._stop_requested = False
         self._unclean_at = 0.0  # when a node with this key last died without deactivating
+        self._joined_seen_at = 0.0  # when this object last saw its node joined
         self._node_id: int | None = None
         self._marker_read = False
         for p in (self.ca, self.private_key):
@@ -113,7 +107,7 @@ class SuperNode:
 
     def command(self, port: int) -> list[str]:
         """The flower-supernode command line (never with runtime dependency installation), through
-        client/supernode_process.py (shorter waits)."""
+        common/flower/supernode_process.py (shorter waits)."""
         cmd = [*supernode_process.command(), "--superlink", self.superlink]
         cmd += ["--insecure"] if self.insecure else ["--root-certificates", str(self.ca)]
         if self.private_key is not None:
@@ -137,32 +131,21 @@ class SuperNode:
         """Start the node process (returns at once; see wait_joined)."""
         if self.running():
             raise LeukError("this SuperNode is already running")
+        check_flower_version()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._clear_stale()
         port = self.runtime_port or free_port()
         cmd = self.command(port)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
-            log.write(f"\n=== leukfed {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=flower_env(self.flwr_home, self.env),
-                cwd=self.state_dir,
-                start_new_session=True,  # own group: stop() also reaches SuperExec/ClientApp children
-            )
-            if self.fork_tasks:  # exits with the node (it watches the node's pid)
-                self.executor = subprocess.Popen(
-                    self.executor_command(port, self.proc.pid), stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, env=flower_env(self.flwr_home, self.env), cwd=self.state_dir,
-                    start_new_session=True)
+        env = flower_env(self.flwr_home, self.env)
+        # own group: stop() also reaches SuperExec/ClientApp children
+        self.proc = spawn_logged(cmd, self.log_path, env, self.state_dir, self.pid_path)
+        if self.fork_tasks:  # exits with the node (it watches the node's pid)
+            self.executor = spawn_logged(self.executor_command(port, self.proc.pid), self.log_path, env,
+                                         self.state_dir)
         self._started_at = time.monotonic()
         self._stop_requested = False
         self._node_id = None
-        write_pidfile(self.pid_path, self.proc.pid)
         return self
 
     def _clear_stale(self) -> None:
@@ -198,6 +181,7 @@ class SuperNode:
         code = self.proc.poll()
         if code is None:
             if self.node_id() is not None:
+                self._joined_seen_at = time.time()
                 self.alive_path.touch()  # "last seen alive while joined", for the next leuk-client
             return None
         kill_process_group(self.proc, 0)  # reap SuperExec/ClientApp leftovers of a dead node
@@ -258,7 +242,7 @@ class SuperNode:
         text = self.attempt_log()
         if self._stop_requested:
             return NodeExit(returncode, "stopped", "the SuperNode was stopped")
-        if fatal := self._fatal_reason(text):
+        if fatal := self._fatal_reason(text, returncode):
             return NodeExit(returncode, "fatal", fatal)
         if "[code: 2004]" in text or "Failed to activate SuperNode" in text:
             return self._refused(returncode)
@@ -266,7 +250,7 @@ class SuperNode:
             return NodeExit(0, "graceful", "the SuperNode left the federation (stopped by a signal or by the server)")
         return NodeExit(returncode, "crashed", f"the SuperNode died (exit code {returncode}); see {self.log_path}")
 
-    def _fatal_reason(self, text: str) -> str | None:
+    def _fatal_reason(self, text: str, returncode: int) -> str | None:
         low = text.lower()
         if "certificate verify failed" in low:
             return self._certificate_reason(low)
@@ -277,7 +261,7 @@ class SuperNode:
                 "the federation server requires site authentication but this node has no site key "
                 "(code 2001): pass this site's site.key"
             )
-        m = EXIT_CODE_RE.search(text)
+        m = _node_exit_block(text, returncode)
         if m and m.group(1) != "305":  # 305 = connection error: the causes above, or 2004 below
             return f"the SuperNode stopped with Flower exit code {m.group(1)}: {m.group(2).strip()}"
         return None
@@ -303,6 +287,15 @@ class SuperNode:
                 returncode,
                 "refused",
                 "the federation server still counts this site as online after an unclean stop (code 2004)",
+            )
+        if time.time() - self._joined_seen_at < REFUSED_WINDOW_S:
+            # Accepted moments ago: a restarted coordinator registers its sites again only once its
+            # SuperLink answers, so the node may ask first.
+            return NodeExit(
+                returncode,
+                "refused",
+                "the federation server does not know this site yet (a restarted coordinator registers its "
+                "sites again; code 2004)",
             )
         return NodeExit(
             returncode,
@@ -367,6 +360,22 @@ class SuperNode:
     @property
     def pid(self) -> int | None:
         return None if self.proc is None else self.proc.pid
+
+
+def _node_exit_block(text: str, returncode: int) -> re.Match[str] | None:
+    """The last `Exit Code: N` block Flower's flwr_exit wrote for the node itself, if any. ClientApp tasks
+    share this log, and a failed task writes the same block (codes 250-299, 607, 608, 800-899): that one
+    must not make the site give up when the node later exits for another reason (e.g. the coordinator
+    restarted). An error exit always ends the process with status 1, so a status-0 exit has none."""
+    if returncode == 0:
+        return None
+    own = [m for m in EXIT_CODE_RE.finditer(text) if not _task_exit_code(int(m.group(1)))]
+    return own[-1] if own else None
+
+
+def _task_exit_code(code: int) -> bool:
+    """Flower's exit codes of ClientApp task processes (flwr.supercore.exit.ExitCode)."""
+    return 250 <= code < 300 or code in (607, 608) or 800 <= code < 900
 
 
 def _sleep_unless(delay: float, should_stop: Callable[[], bool] | None) -> bool:

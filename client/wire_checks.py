@@ -9,7 +9,7 @@ from typing import Iterator, Mapping
 import numpy as np
 from flwr.app import ArrayRecord
 
-from leukfed.client.records import BF16_SUFFIX, PACKED_KEY, NpyError, npy_header
+from leukfed.common.flower.wire import BF16_SUFFIX, PACKED_KEY, NpyError, npy_header
 from leukfed.client.site_errors import ReceivedArraysRefused
 
 Layout = Mapping[str, tuple[tuple[int, ...], str]]   # state-dict key -> (shape, dtype name)

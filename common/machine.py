@@ -2,6 +2,7 @@
 benchmark result."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -24,9 +25,8 @@ def machine_info() -> dict:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     try:
-        import flwr
-        flwr_version = flwr.__version__ if hasattr(flwr, "__version__") else "unknown"
-    except ImportError:
+        flwr_version = importlib.metadata.version("flwr")  # no flwr import outside common/flower/
+    except importlib.metadata.PackageNotFoundError:
         flwr_version = None
     return {
         "cpu": cpu_model(),

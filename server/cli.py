@@ -77,6 +77,10 @@ def serve(
     certs: Optional[Path] = typer.Option(None, "--certs", help="Folder from `leuk certs init` (CA, server certificate and key, site public keys)."),
     host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on."),
     port: int = typer.Option(DEFAULT_PORT, "--port", help="The one port sites connect to."),
+    admin_port: Optional[int] = typer.Option(None, "--admin-port", help="Loopback port of the SuperLink's control "
+                                             "plane (default: a free one); sites never reach it."),
+    admin_allow: str = typer.Option("", "--admin-allow", help="IP[,IP]: clients that may also use the control "
+                                    "plane on --host/--port (default: none)."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS and no site authentication (testing only)."),
     **settings,
 ) -> None:
@@ -101,7 +105,8 @@ def serve(
         layout.require_server_files()
     link = SuperLink()
     link.start(state / "superlink", host=host, port=port, insecure=insecure, supernode_auth=not insecure,
-               certs=None if layout is None else (layout.ca_cert, layout.server_cert, layout.server_key))
+               certs=None if layout is None else (layout.ca_cert, layout.server_cert, layout.server_key),
+               admin_port=admin_port, admin_allow=[ip.strip() for ip in admin_allow.split(",") if ip.strip()])
     try:
         _say(f"SuperLink listening on {host}:{port} ({'insecure' if insecure else 'TLS, registered sites only'})")
         if layout is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
-from leukfed.client.records import BF16_SUFFIX, NpyError, npy_header, npy_header_for, widen_bf16_bits
+from leukfed.common.flower.wire import BF16_SUFFIX, NpyError, npy_header, npy_header_for, widen_bf16_bits
 from leukfed.server.kernels import fused_step, one_thread, torch_from_numpy
 
 FUSED_CHUNK = 1 << 17   # float32 elements per chunk (512 KiB): every update's chunk meets the global

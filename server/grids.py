@@ -7,8 +7,8 @@ from typing import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from leukfed.client.records import NpyError, pack_message, unpack_message
-from leukfed.server.flower_env import LOCAL_PULL_BACKOFF_S, prompt_object_pulls
+from leukfed.common.flower.wire import NpyError, pack_message, unpack_message
+from leukfed.common.flower.patches import apply_patches
 
 # Flower's deployment grid sleeps 3 s between pulls: on average 1.5 s of idle time per phase, twice a
 # round. Pulling asks the local SuperLink for ready replies (no site traffic), so polling often is cheap.
@@ -47,24 +47,14 @@ class DelegatingGrid(Grid):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
-def _prompt_object_pulls() -> None:
-    """A reply becomes visible at the SuperLink before the site has finished uploading its arrays:
-    pull them promptly (ServerApp process only; the SuperLink is on this machine)."""
-    try:
-        from flwr.superlink.grid import http_grid
-    except ImportError:  # another Flower layout: keep its defaults
-        return
-    prompt_object_pulls(http_grid, "pull_objects", LOCAL_PULL_BACKOFF_S)
-
-
 class PromptGrid(DelegatingGrid):
     """Send and wait like Flower's grid (same timeout semantics), but notice replies within 0.2 s; the
-    arrays of each message travel packed into one Array (client/records.py, PACKED_KEY)."""
+    arrays of each message travel packed into one Array (common/flower/wire.py, PACKED_KEY)."""
 
     def __init__(self, grid: Grid, pull_interval: float = PULL_INTERVAL_S) -> None:
         super().__init__(grid)
         self.pull_interval = pull_interval
-        _prompt_object_pulls()
+        apply_patches("serverapp")  # the ServerApp process: refuse an unchecked Flower, pull replies promptly
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         packed: dict = {}  # one packed copy of a model sent to every site

@@ -13,7 +13,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from leukfed.client.records import decode_arrays
+from leukfed.common.flower.wire import decode_arrays
 from leukfed.common.privacy import noise_problem
 from leukfed.server.fused_mean import FusedMean, FusedUpdate
 from leukfed.server.registered_sites import RegisteredSites

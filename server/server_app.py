@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from leukfed.client.records import encode_state
+from leukfed.common.flower.wire import encode_state
 from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.privacy import round_privacy

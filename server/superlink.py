@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
-import io
+import ipaddress
 import http.client
 import json
 import os
-import re
-import sqlite3
 import ssl
 import subprocess
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Self
 
@@ -24,32 +21,32 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from leukfed.common.errors import LeukError
-from leukfed.server import superlink_process
-from leukfed.server.flower_env import (
-    OFFLINE_ENV,
+from leukfed.common.flower import superlink_process
+from leukfed.common.flower.cli import FlwrCli, FlwrCliError, registered_node_id
+from leukfed.common.flower.control_plane import ALLOW_ENV, PUBLIC_ENV
+from leukfed.common.flower.patches import check_flower_version
+from leukfed.common.flower.env import (
     ConfigValue,
-    claim_pidfile,
     flower_env,
-    flower_executable,
+    free_port,
     http_get,
-    kill_process_group,
-    log_tail,
     port_in_use,
-    strip_ansi,
     toml_pairs,
     write_flwr_config,
-    write_pidfile,
+)
+from leukfed.common.flower.processes import (
+    claim_pidfile,
+    kill_process_group,
+    log_tail,
+    spawn_logged,
+    strip_ansi,
 )
 
 DEFAULT_PORT = 9092
 CONNECTION = "leukfed"
 FINISHED = "finished:"
-CLI_TIMEOUT_S = 120.0
 TlsFiles = tuple[Path, Path, Path]  # (ca.crt, server.pem, server.key)
-
-
-class FlwrCliError(LeukError):
-    """A `flwr` command failed; the message is Flower's own error line."""
+__all__ = ["SuperLink", "FlwrCliError", "check_server_certs", "public_key_digest", "DEFAULT_PORT", "CONNECTION"]
 
 
 class SuperLink:
@@ -63,6 +60,7 @@ class SuperLink:
         self.state_dir = Path()
         self.host = "127.0.0.1"
         self.port = DEFAULT_PORT
+        self.admin_port = 0
         self.ca: Path | None = None
         self.database_path = Path()
         self._started_at = 0.0
@@ -80,6 +78,8 @@ class SuperLink:
         supernode_auth: bool = True,
         database: str | Path | None = None,
         health_timeout: float = 60.0,
+        admin_port: int | None = None,
+        admin_allow: Iterable[str] = (),
     ) -> SuperLink:
         """Start the SuperLink on host:port and return once GET /health answers (or raise LeukError).
 
@@ -89,11 +89,19 @@ class SuperLink:
         whenever it starts a SuperLink (their SuperNodes restart and rejoin), while training resumes
         from leuk-server's own checkpoints. With a `database` file, registrations and Flower's run
         history outlive a SuperLink restart; the model objects stay in memory either way.
+
+        Sites connect to host:port, where only Flower's Fleet API and /health answer (the control plane,
+        Control and Runtime APIs, is refused there: common/flower/control_plane.py). Flower itself and
+        this object's `flwr` CLI use the loopback admin port (`admin_port`, default a free one);
+        `admin_allow` lists client IPs that may still use the control plane on host:port.
         """
         if self.proc is not None:
             raise LeukError("this SuperLink is already started")
+        check_flower_version()
         self.state_dir = Path(state_dir).expanduser().resolve()
         self.host, self.port = host, port
+        self.admin_port = admin_port or free_port("127.0.0.1")
+        admin_allow = [_ip(address) for address in admin_allow]
         args = self._tls_args(certs, insecure, supernode_auth)
         db = Path(database).expanduser().resolve() if database else None
         self.database_path = db or Path()
@@ -106,10 +114,15 @@ class SuperLink:
         claim_pidfile(self.pid_path, superlink_process.MODULE, f"a SuperLink for {self.state_dir}")
         if port_in_use(host, port):
             raise LeukError(f"port {port} on {host} is already in use (another leuk-server?): choose another --port")
+        if port_in_use("127.0.0.1", self.admin_port) or self.admin_port == port:
+            raise LeukError(f"admin port {self.admin_port} on 127.0.0.1 is already in use: choose another --admin-port")
         write_flwr_config(self.flwr_home, {CONNECTION: self._connection()})
         cmd = [*superlink_process.command(), *args, *(["--database", str(db)] if db is not None else [])]
-        cmd += ["--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
-        self._spawn(cmd)
+        cmd += ["--host", "127.0.0.1", "--port", str(self.admin_port), "--disable-runtime-dependency-installation"]
+        public = {PUBLIC_ENV: f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                  ALLOW_ENV: ",".join(admin_allow)}
+        self.proc = spawn_logged(cmd, self.log_path, flower_env(self.flwr_home, public), self.state_dir, self.pid_path)
+        self._started_at = time.monotonic()
         try:
             self.wait_healthy(health_timeout)
         except BaseException:
@@ -130,23 +143,6 @@ class SuperLink:
         args = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
         return [*args, "--enable-supernode-auth"] if supernode_auth else args
 
-    def _spawn(self, cmd: list[str]) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            log.write(f"\n=== leukfed: {' '.join(cmd)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=flower_env(self.flwr_home),
-                cwd=self.state_dir,
-                start_new_session=True,  # own process group: terminate() also reaches ServerApp children
-            )
-        self._started_at = time.monotonic()
-        write_pidfile(self.pid_path, self.proc.pid)
-
     def wait_healthy(self, timeout: float = 60.0) -> float:
         """Poll GET /health until it answers 200; return seconds since start. Raise LeukError on death/timeout."""
         deadline = time.monotonic() + timeout
@@ -159,9 +155,10 @@ class SuperLink:
             time.sleep(0.2)
 
     def healthy(self) -> bool:
-        """True if GET /health on the SuperLink answers 200 (TLS verified against the CA)."""
+        """True if GET /health answers 200 on the admin and the public socket (TLS verified against the CA)."""
         try:
-            return http_get(self.local_host, self.port, "/health", self._ssl_context(), timeout=2.0)[0] == 200
+            return all(http_get(host, port, "/health", self._ssl_context(), timeout=2.0)[0] == 200
+                       for host, port in (("127.0.0.1", self.admin_port), (self.local_host, self.port)))
         except (OSError, http.client.HTTPException):
             return False
 
@@ -210,12 +207,12 @@ class SuperLink:
 
     def _register(self, pub: Path, name: str) -> int:
         try:
-            return int(str(self._flwr("supernode", "register", str(pub), CONNECTION, "--name", name)["node-id"]))
+            return int(str(self.cli.json("supernode", "register", str(pub), CONNECTION, "--name", name)["node-id"]))
         except FlwrCliError as err:
             if "code: 23" not in str(err) and "already in use" not in str(err):
                 raise
         # "public key already in use": registered earlier, but this state dir lost track of it.
-        node_id = _node_id_from_database(self.database_path, pub)
+        node_id = registered_node_id(self.database_path, pub)
         if node_id is None:
             raise LeukError(f"{pub} is already registered with this SuperLink, but its node id is unknown here")
         return node_id
@@ -237,11 +234,11 @@ class SuperLink:
 
     def unregister_site(self, node_id: int) -> None:
         """Unregister a node (its key can never be registered again; a live node stops within ~6 s)."""
-        self._flwr("supernode", "unregister", str(node_id), CONNECTION)
+        self.cli.json("supernode", "unregister", str(node_id), CONNECTION)
 
     def list_nodes(self) -> list[dict[str, object]]:
         """`flwr supernode list`: dicts with node-id, status (registered|online|offline|unregistered), ..."""
-        return list(self._flwr("supernode", "list", CONNECTION).get("nodes", []))
+        return list(self.cli.json("supernode", "list", CONNECTION).get("nodes", []))
 
     def online_node_ids(self) -> set[int]:
         """Node ids the SuperLink currently counts as online."""
@@ -265,46 +262,17 @@ class SuperLink:
         elif run_config:
             _check_declared(app, run_config)
             args += ["--run-config", toml_pairs(run_config)]
-        return int(self._flwr(*args)["run-id"])
+        return int(self.cli.json(*args)["run-id"])
 
     def run_info(self, run_id: int) -> dict[str, object]:
         """The `flwr ls --run-id` record: status, status-details, timestamps, compute time."""
-        record = self._run_record_in_process(run_id)
+        record = self.cli.run_record(CONNECTION, run_id)
         if record is not None:
             return record
-        runs = self._flwr("ls", "--run-id", str(run_id), CONNECTION).get("runs", [])
+        runs = self.cli.json("ls", "--run-id", str(run_id), CONNECTION).get("runs", [])
         if not runs:
             raise LeukError(f"run {run_id} is unknown to this SuperLink")
         return dict(runs[0])
-
-    def _run_record_in_process(self, run_id: int) -> dict[str, object] | None:
-        """What `flwr ls --run-id` prints, asked with the CLI's own functions in this process: ~20 ms
-        instead of a `flwr` process (~2 s of CPU, taken from the sites' training every status poll).
-        None on any failure, so the CLI itself runs and reports it with Flower's error message."""
-        try:
-            from flwr.cli.flower_config import read_superlink_connection
-            from flwr.cli.ls import _display_one_run, _to_json
-            from flwr.cli.utils import init_http_client_from_connection
-        except ImportError:  # another Flower layout
-            return None
-        env = {**OFFLINE_ENV, "FLWR_HOME": str(self.flwr_home.resolve())}
-        saved = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
-        client = None
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # the CLI's "Using SuperLink ..." lines
-                client = init_http_client_from_connection(read_superlink_connection(CONNECTION))
-                return dict(json.loads(_to_json(_display_one_run(client, run_id)))["runs"][0])
-        except (Exception, SystemExit):  # the CLI's error handler may exit; it answers below instead
-            return None
-        finally:
-            if client is not None:
-                client.close()
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
     def status(self, run_id: int) -> str:
         """pending | starting | running | finished:completed | finished:failed | finished:stopped."""
@@ -332,20 +300,25 @@ class SuperLink:
 
     def logs(self, run_id: int) -> str:
         """The ServerApp's output of a run (`flwr log --show`), without colour codes."""
-        proc = self._flwr_raw("log", str(run_id), CONNECTION, "--show")
+        proc = self.cli.raw("log", str(run_id), CONNECTION, "--show")
         lines = strip_ansi(proc.stdout).splitlines()
         keep = [ln for ln in lines if not ln.startswith("Using SuperLink:") and "Printing logstream" not in ln]
         return "\n".join(keep).strip() + "\n"
 
     def stop_run(self, run_id: int) -> None:
         """`flwr stop`: the run ends as finished:stopped within a few seconds."""
-        self._flwr("stop", str(run_id), CONNECTION)
+        self.cli.json("stop", str(run_id), CONNECTION)
 
     # ------------------------------------------------------------------ paths and plumbing
 
     @property
     def flwr_home(self) -> Path:
         return self.state_dir / "flwr-home"
+
+    @property
+    def cli(self) -> FlwrCli:
+        """The `flwr` CLI connected (as CONNECTION) to the admin address."""
+        return FlwrCli(self.flwr_home)
 
     @property
     def log_path(self) -> Path:
@@ -366,12 +339,18 @@ class SuperLink:
 
     @property
     def address(self) -> str:
+        """Where sites on this machine reach the SuperLink (Fleet only)."""
         return f"{self.local_host}:{self.port}"
+
+    @property
+    def admin_address(self) -> str:
+        """The loopback address with the whole API (Control, Runtime): Flower's own launcher and the CLI."""
+        return f"127.0.0.1:{self.admin_port}"
 
     def _connection(self) -> dict[str, object]:
         if self.ca is None:
-            return {"address": self.address, "insecure": True}
-        return {"address": self.address, "root-certificates": str(self.ca)}
+            return {"address": self.admin_address, "insecure": True}
+        return {"address": self.admin_address, "root-certificates": str(self.ca)}
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         return None if self.ca is None else ssl.create_default_context(cafile=str(self.ca))
@@ -385,29 +364,11 @@ class SuperLink:
             reason = _death_reason(tail, self.port)
             raise LeukError(f"{reason} (exit code {code}); last lines of {self.log_path}:\n" + "\n".join(tail[-8:]))
 
-    def _flwr_raw(self, *args: str) -> subprocess.CompletedProcess[str]:
-        try:
-            return subprocess.run(
-                [flower_executable("flwr"), *args],
-                check=False,
-                capture_output=True,
-                text=True,
-                env=flower_env(self.flwr_home),
-                cwd=self.flwr_home,  # keep `flwr` away from any pyproject.toml in the caller's folder
-                timeout=CLI_TIMEOUT_S,
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            raise LeukError(f"`flwr {args[0]}` did not answer within {CLI_TIMEOUT_S:.0f} s") from None
-
-    def _flwr(self, *args: str) -> dict[str, object]:
-        """Run `flwr ... --format json`; return the JSON or raise FlwrCliError with Flower's message."""
-        proc = self._flwr_raw(*args, "--format", "json")
-        data = _parse_json(proc.stdout)
-        # `--format json` reports failures as success=false with exit status 0.
-        if data is None or not data.get("success", False):
-            raise FlwrCliError(f"`flwr {' '.join(args[:2])}` failed: {_cli_error(data, proc)}")
-        return data
+def _ip(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address.strip()))
+    except ValueError:
+        raise LeukError(f"--admin-allow: {address!r} is not an IP address") from None
 
 
 def _check_declared(app: Path, run_config: Mapping[str, ConfigValue]) -> None:
@@ -477,19 +438,6 @@ def _refuse_unregistered(pub: Path, node_id: int, status: str) -> None:
         )
 
 
-def _node_id_from_database(db: Path, pub: Path) -> int | None:
-    """Best effort: look the key up in the SuperLink's SQLite state (internal schema of flwr 1.41)."""
-    try:
-        pem = serialization.load_ssh_public_key(pub.read_bytes()).public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-            row = con.execute("SELECT node_id FROM node WHERE public_key = ?", (pem,)).fetchone()
-    except (sqlite3.Error, ValueError, OSError):
-        return None
-    return None if row is None else int(row[0]) % (1 << 64)
-
-
 def _last_attempt(text: str) -> list[str]:
     """Log lines written since our last `=== leukfed:` header (the current process)."""
     lines = text.splitlines()
@@ -506,24 +454,3 @@ def _death_reason(lines: list[str], port: int) -> str:
     if "unable to open database" in text or "sqlite" in text:
         return "the SuperLink could not open its database"
     return "the SuperLink exited early"
-
-
-def _parse_json(stdout: str) -> dict[str, object] | None:
-    start = stdout.find("{")
-    if start < 0:
-        return None
-    try:
-        data = json.loads(stdout[start:])
-    except json.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _cli_error(data: dict[str, object] | None, proc: subprocess.CompletedProcess[str]) -> str:
-    if data and data.get("error-message"):
-        text = str(data["error-message"])
-    else:
-        text = strip_ansi(proc.stderr or proc.stdout)
-    lines = [ln.strip(" │╭╮╰╯─") for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("Using SuperLink") and not re.fullmatch(r"Error", ln)]
-    return " ".join(lines)[:500] or f"exit status {proc.returncode}"

@@ -13,10 +13,12 @@ import tomli_w
 from leukfed.common.atomic import atomic_write_text
 from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig
-from leukfed.server.flower_env import (flower_env, flower_executable, free_port, kill_process_group,
-                                       log_tail, strip_ansi)
-from leukfed.server import superlink_process
 from leukfed.common.fab import write_app_dir, write_run_config
+from leukfed.common.flower import superlink_process
+from leukfed.common.flower.cli import FlwrCli
+from leukfed.common.flower.env import flower_env, free_port
+from leukfed.common.flower.patches import check_flower_version
+from leukfed.common.flower.processes import kill_process_group, log_tail, strip_ansi
 
 CONNECTION = "leuk-sim"
 
@@ -68,6 +70,8 @@ def run_simulation(fed: FedConfig, resources: SimulationResources, work_dir: Pat
                    on_line: Callable[[str], None] | None = None, *, sites: dict[str, str] | None = None) -> None:
     """Submit one federated run to a private simulation SuperLink and wait for it to finish. `sites`:
     the simulation ClientApp's own settings (partition and site policy files), declared in its bundle."""
+    check_flower_version()
+    work_dir = Path(work_dir).resolve()  # the `flwr` CLI runs from FLWR_HOME
     work_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = work_dir / "flwr-home"
     http_port, control_port = free_port(), free_port()
@@ -79,20 +83,16 @@ def run_simulation(fed: FedConfig, resources: SimulationResources, work_dir: Pat
     app_dir = write_app_dir(work_dir / "app", clientapp="leukfed.simulations.client_app:app", extra_config=sites)
     run_config = write_run_config(work_dir / "run_config.toml", fed)
     superlink = _start_superlink(work_dir, env, http_port, control_port)
+    cli = FlwrCli(flwr_home, env)
     try:
-        run_id = _submit(app_dir, run_config, env)
-        _stream_until_done(run_id, env, on_line)
+        run_id = _submit(app_dir, run_config, cli)
+        _stream_until_done(run_id, cli, on_line)
     finally:
         kill_process_group(superlink, 10)
 
 
-def _flwr(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([flower_executable("flwr"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _submit(app_dir: Path, run_config: Path, env: dict[str, str]) -> int:
-    result = _flwr(["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"], env)
+def _submit(app_dir: Path, run_config: Path, cli: FlwrCli) -> int:
+    result = cli.raw("run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json")
     try:
         payload = json.loads(result.stdout)
         return int(payload["run-id"])
@@ -101,8 +101,8 @@ def _submit(app_dir: Path, run_config: Path, env: dict[str, str]) -> int:
         raise LeukError(f"flwr run failed: {message[-1] if message else 'no output'}") from None
 
 
-def _run_status(run_id: int, env: dict[str, str]) -> tuple[str, str]:
-    result = _flwr(["ls", "--run-id", str(run_id), CONNECTION, "--format", "json"], env)
+def _run_status(run_id: int, cli: FlwrCli) -> tuple[str, str]:
+    result = cli.raw("ls", "--run-id", str(run_id), CONNECTION, "--format", "json")
     try:
         run = json.loads(result.stdout)["runs"][0]
         return run["status"], run.get("status-details", "")
@@ -110,11 +110,9 @@ def _run_status(run_id: int, env: dict[str, str]) -> tuple[str, str]:
         return "unknown", strip_ansi(result.stdout + result.stderr)[-300:]
 
 
-def _stream_until_done(run_id: int, env: dict[str, str], on_line: Callable[[str], None] | None) -> None:
+def _stream_until_done(run_id: int, cli: FlwrCli, on_line: Callable[[str], None] | None) -> None:
     """Follow the ServerApp's log (our `[leukfed]` lines) until Flower reports the run finished."""
-    stream = subprocess.Popen([flower_executable("flwr"), "log", str(run_id), CONNECTION, "--stream"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    stream = cli.stream("log", str(run_id), CONNECTION, "--stream")
     try:
         for line in stream.stdout:  # type: ignore[union-attr]
             line = strip_ansi(line.rstrip("\n"))
@@ -124,10 +122,10 @@ def _stream_until_done(run_id: int, env: dict[str, str], on_line: Callable[[str]
                 break
     finally:
         kill_process_group(stream, 2)
-    status, details = _run_status(run_id, env)
+    status, details = _run_status(run_id, cli)
     while status.startswith(("pending", "starting", "running")):
         time.sleep(1)
-        status, details = _run_status(run_id, env)
+        status, details = _run_status(run_id, cli)
     if status != "finished:completed":
         raise LeukError(f"the federated run ended {status}: {details.strip()[-500:] or 'see the logs'}")
 

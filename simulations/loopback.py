@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from leukfed.server.flower_env import descendants, free_port
+from leukfed.common.flower.env import free_port
+from leukfed.common.flower.processes import descendants
 
 ENV = {**os.environ, "LEUK_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -228,14 +228,8 @@ def test_install_from_fab_patch_sits_on_flowers_call_site(monkeypatch: pytest.Mo
 @pytest.mark.slow
 def test_guarded_supernodes_run_only_approved_bundles(tmp_path: Path) -> None:
     """One run, three sites: only the one whose approved code and bundle match answers."""
-    from leukfed.server.flower_env import (
-        flower_env,
-        flower_executable,
-        free_port,
-        kill_process_group,
-        strip_ansi,
-        write_flwr_config,
-    )
+    from leukfed.common.flower.env import flower_env, flower_executable, free_port, write_flwr_config
+    from leukfed.common.flower.processes import kill_process_group, strip_ansi
 
     root = copy_package(tmp_path / "site-packages")   # the sites' "installed" leukfed, stable during the test
     port = free_port()

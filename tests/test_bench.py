@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from leukfed.client.records import array_view
+from leukfed.common.flower.wire import array_view
 from leukfed.simulations.bench import bench_app
 from leukfed.simulations.bench.flops import gpu_peak_tflops
 from leukfed.simulations.bench.measure import PERF_LOG, ModelSpec

@@ -11,7 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from leukfed.client.client_app import app
 from leukfed.client.audit import verify_chain
-from leukfed.client.records import PACKED_KEY, encode_state, record_digest, unpack_record
+from leukfed.common.flower.wire import PACKED_KEY, encode_state, record_digest, unpack_record
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.models import create_model

@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from leukfed.client.client_app import app
-from leukfed.client.records import encode_state
+from leukfed.common.flower.wire import encode_state
 from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.site import build_site_model

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from leukfed.common.synthetic import make_synthetic_dataset
-from leukfed.server.flower_env import free_port
+from leukfed.common.flower.env import free_port
 from leukfed.simulations.loopback import ENV, LoopbackFederation, cli, read_history, spawn, stop, wait_for
 
 pytestmark = pytest.mark.slow

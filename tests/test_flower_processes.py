@@ -20,7 +20,7 @@ from leukfed.client.preflight import check_server
 from leukfed.client.supernode import SuperNode
 from leukfed.common.errors import LeukError
 from leukfed.server.certs import CertsLayout, certificate_fingerprint, init_certs
-from leukfed.server.flower_env import free_port, toml_pairs, write_flwr_config
+from leukfed.common.flower.env import free_port, toml_pairs, write_flwr_config
 from leukfed.server.superlink import CONNECTION, SuperLink
 
 ECHO_APP = Path(__file__).parent / "fixtures" / "echo_app"
@@ -152,9 +152,9 @@ def test_two_sites_join_and_echo_run_completes(link: SuperLink, pki: CertsLayout
     assert "echo finished: 2 rounds, 2 sites" in logs and "sites=['h1', 'h2']" in logs
     assert link.online_node_ids() >= set(ids.values())
     # Status polls ask in this process (no `flwr` process each time) and see what the CLI prints.
-    in_process = link._run_record_in_process(run_id)
+    in_process = link.cli.run_record(CONNECTION, run_id)
     assert in_process is not None and in_process["status"] == status
-    by_cli = link._flwr("ls", "--run-id", str(run_id), CONNECTION)["runs"][0]
+    by_cli = link.cli.json("ls", "--run-id", str(run_id), CONNECTION)["runs"][0]
     assert {k: v for k, v in in_process.items() if k != "elapsed"} == {k: v for k, v in by_cli.items() if k != "elapsed"}
 
 
@@ -267,6 +267,73 @@ n.start(); n.wait_joined(60); print(n.pid, flush=True)
         node.stop()
 
 
+@pytest.mark.slow
+def test_site_rejoins_a_restarted_coordinator_after_a_failed_task(root: Path, pki: CertsLayout) -> None:
+    """A failed ClientApp task writes Flower's `Exit Code: 800` block into the node's log; when the coordinator
+    then restarts (state in memory: the node gets 401 and exits), the site must rejoin, not give up."""
+    port = free_port()
+    certs = (pki.ca_cert, pki.server_cert, pki.server_key)
+    first = SuperLink().start(root / "restart-server", port=port, certs=certs)
+    events: list[tuple[str, str]] = []
+    stop = threading.Event()
+    outcome: list[object] = []
+    node = _node(root, first, "h1-restart", pki.site("h1").private_key, pki.ca_cert)
+    try:
+        first.register_site(pki.site("h1").public_key, "h1")
+        thread = threading.Thread(target=lambda: outcome.append(_supervise(node, events, stop)), daemon=True)
+        thread.start()
+        _wait_for(lambda: sum(k == "joined" for k, _ in events) == 1, 60, events)
+        # A task process shares the node's log: here is the real block Flower's flwr_exit writes for a failed task.
+        task = ("from flwr.supercore.exit import ExitCode, flwr_exit; "
+                "flwr_exit(ExitCode.TASK_PROC_EXCEPTION, 'ClientApp raised an exception', emit_telemetry=False)")
+        with node.log_path.open("ab") as log:
+            failed = subprocess.run([sys.executable, "-c", task], stdout=log, stderr=subprocess.STDOUT, timeout=60)
+        assert failed.returncode == 1 and "Exit Code: 800" in node.attempt_log()
+        first.terminate(timeout=20)                                   # the coordinator restarts ...
+        second = SuperLink().start(root / "restart-server", port=port, certs=certs)
+        try:
+            second.register_site(pki.site("h1").public_key, "h1")     # ... and registers its sites again
+            _wait_for(lambda: sum(k == "joined" for k, _ in events) == 2 or outcome, 150, events)
+            assert not outcome, outcome                               # supervise did not give up
+            assert any(k == "restarting" for k, _ in events), events
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+            second.terminate(timeout=10)
+    finally:
+        stop.set()
+        node.stop()
+        first.terminate(timeout=5)
+    assert len(outcome) == 1 and getattr(outcome[0], "kind", None) == "stopped", outcome
+
+
+def test_a_failed_tasks_exit_block_is_not_the_nodes(tmp_path: Path) -> None:
+    """Tasks share the node's log: Flower's exit block of a failed task (800) must not read as the node's
+    own fatal exit; the node's own block (303: auth without TLS) still does."""
+    node = SuperNode("127.0.0.1:1", state_dir=tmp_path, ca=None, private_key=None, insecure=True)
+    node.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def flower_exit(code: str) -> None:
+        script = (f"from flwr.supercore.exit import ExitCode, flwr_exit; "
+                  f"flwr_exit(ExitCode.{code}, 'real Flower exit block', emit_telemetry=False)")
+        with node.log_path.open("ab") as log:
+            subprocess.run([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT, timeout=60)
+
+    flower_exit("TASK_PROC_EXCEPTION")
+    assert "Exit Code: 800" in node.attempt_log()
+    assert node.classify(1).kind == "crashed" and node.classify(0).kind == "graceful"
+    flower_exit("SUPERNODE_STARTED_WITHOUT_TLS_BUT_NODE_AUTH_ENABLED")
+    fatal = node.classify(1)
+    assert fatal.kind == "fatal" and "exit code 303" in fatal.message
+
+
+def _supervise(node: SuperNode, events: list[tuple[str, str]], stop: threading.Event) -> object:
+    try:
+        return node.supervise(backoff_s=(0.5,), on_event=lambda k, m: events.append((k, m)), should_stop=stop.is_set)
+    except Exception as err:  # noqa: BLE001 - reported by the assertions
+        return err
+
+
 def _wait_for(cond: Callable[[], bool], timeout: float, events: object) -> None:
     end = time.monotonic() + timeout
     while not cond():
@@ -276,7 +343,7 @@ def _wait_for(cond: Callable[[], bool], timeout: float, events: object) -> None:
 
 def test_supernode_runs_flowers_node_loop_with_shorter_waits() -> None:
     """The node notices messages within POLL_S instead of Flower's 3 s (patched in its own process)."""
-    code = ("import time; from leukfed.client.supernode_process import shorter_waits; shorter_waits(); "
+    code = ("import time; from leukfed.common.flower.patches import apply_patches; apply_patches('supernode'); "
             "from flwr.supernode import start_client_internal as node; t = time.monotonic(); node.time.sleep(3); "
             "poll = time.monotonic() - t; t = time.monotonic(); node.time.sleep(0.5); "
             "print(poll, time.monotonic() - t, node.pull_objects.keywords['initial_backoff'])")
@@ -284,7 +351,7 @@ def test_supernode_runs_flowers_node_loop_with_shorter_waits() -> None:
     poll, local_wait, backoff = (float(x) for x in out.split())
     assert poll < 1.5 and local_wait < 0.4 and backoff == 0.1
     node = SuperNode("127.0.0.1:1", state_dir=Path("unused"), ca=None, private_key=None, insecure=True)
-    assert node.command(9999)[:3] == [sys.executable, "-m", "leukfed.client.supernode_process"]
+    assert node.command(9999)[:3] == [sys.executable, "-m", "leukfed.common.flower.supernode_process"]
 
 
 def test_clientapp_task_pulls_the_message_arrays_promptly() -> None:

@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord,
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from leukfed.client.records import (PACKED_KEY, NpyError, decode_arrays, encode_state, npy_header, npy_header_for,
+from leukfed.common.flower.wire import (PACKED_KEY, NpyError, decode_arrays, encode_state, npy_header, npy_header_for,
                                     pack_record, record_digest, unpack_record)
 from leukfed.common.fedconfig import FedConfig
 from leukfed.server.grids import _unpacked

@@ -32,7 +32,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
-from leukfed.client.records import record_digest
+from leukfed.common.flower.wire import record_digest
 from leukfed.client.secagg import refuse_plain_training, secure_train
 from leukfed.common import secagg as core
 from leukfed.common.errors import LeukError
@@ -452,13 +452,8 @@ def test_plain_evaluate_and_query_pass_through() -> None:
 
 def _run_fixture_app(app_dir: Path, work: Path, num_sites: int) -> tuple[str, str]:
     """Submit `app_dir` to a private simulation SuperLink; return (status, ServerApp log)."""
-    from leukfed.server.flower_env import (
-        flower_env,
-        flower_executable,
-        free_port,
-        kill_process_group,
-        strip_ansi,
-    )
+    from leukfed.common.flower.env import flower_env, flower_executable, free_port
+    from leukfed.common.flower.processes import kill_process_group, strip_ansi
 
     home = work / "flwr-home"
     home.mkdir(parents=True)

@@ -46,7 +46,7 @@ def prepared_flwr_clientapp(check: Callable[[bytes], Any]) -> Callable[[], None]
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as runtime
 
-    from leukfed.server.flower_env import LOCAL_PULL_BACKOFF_S, prompt_object_pulls
+    from leukfed.common.flower.patches import LOCAL_PULL_BACKOFF_S, prompt_object_pulls
 
     apply_install_from_fab_patch(check)
     prompt_object_pulls(runtime, "pull_and_inflate_object_from_tree", LOCAL_PULL_BACKOFF_S)

@@ -22,7 +22,7 @@ def make_replies(state: dict, updates: int, transfer_dtype: str = "float32", bas
     import torch
     from flwr.app import Message, Metadata, MetricRecord, RecordDict
 
-    from leukfed.client.records import encode_state
+    from leukfed.common.flower.wire import encode_state
 
     replies = []
     for i in range(updates):
@@ -52,7 +52,7 @@ def widened_contents(replies) -> list:
     """The replies' contents with float32 arrays (`widen`), as Flower's FedAvg must get half precision."""
     from flwr.app import RecordDict
 
-    from leukfed.client.records import widen
+    from leukfed.common.flower.wire import widen
 
     return [RecordDict({"arrays": widen(m.content["arrays"]), "metrics": m.content["metrics"]}) for m in replies]
 
@@ -122,7 +122,7 @@ def numpy_sum_timer(replies, reference: dict, transfer_dtype: str) -> Callable[[
     """The memory-bandwidth reference: the same float32 bytes as one array per update, summed in place."""
     import numpy as np
 
-    from leukfed.client.records import array_view
+    from leukfed.common.flower.wire import array_view
 
     flats = [np.concatenate([np.asarray(array_view(a), dtype=np.float32).reshape(-1)
                              for k, a in m.content["arrays"].items()
@@ -154,7 +154,7 @@ def aggregation_cmd(
     """Aggregate N updates: Flower's aggregate_arrayrecords and our GuardedStrategy+FedAvg vs a numpy sum."""
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from leukfed.client.records import encode_state
+    from leukfed.common.flower.wire import encode_state
     from leukfed.models import create_model
     from leukfed.server.kernels import fused_step
 

@@ -6,7 +6,7 @@ import threading
 import time
 from pathlib import Path
 
-from leukfed.server.flower_env import descendants
+from leukfed.common.flower.processes import descendants
 
 
 def proc_field(pid: int, file: str, field: str) -> int:

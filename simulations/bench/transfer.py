@@ -30,7 +30,7 @@ def transfer_case(name: str, state: dict, dtype: str) -> dict:
     """One model and dtype: encoded, packed and Flower-object counts, and the time of each step."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    from leukfed.client.records import decode_state, encode_state, pack_record
+    from leukfed.common.flower.wire import decode_state, encode_state, pack_record
 
     float32_bytes = ideal_bytes(state, "float32")
     t0 = time.perf_counter()

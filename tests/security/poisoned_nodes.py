@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 from leukfed.common.synthetic import make_synthetic_dataset
-from leukfed.server.flower_env import flower_env, flower_executable, free_port
+from leukfed.common.flower.env import flower_env, flower_executable, free_port
 from leukfed.simulations.loopback import ENV, LoopbackFederation, cli
 
 # A poisoned ClientApp: the same leukfed code, but every update it sends is ROGUE_SCALE x the model, its

@@ -13,7 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from leukfed.client.audit import GENESIS, append_entry, canonical_json, verify_chain
 from leukfed.client.client_app import app
-from leukfed.client.records import encode_state, record_digest, unpack_record
+from leukfed.common.flower.wire import encode_state, record_digest, unpack_record
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.server.server_app import initial_model

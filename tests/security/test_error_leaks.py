@@ -10,7 +10,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 
 from leukfed.client.client_app import app
-from leukfed.client.records import encode_state
+from leukfed.common.flower.wire import encode_state
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.models import create_model

@@ -12,7 +12,7 @@ from flwr.common.constant import SType
 from flwr.supercore.task_identity import TaskIdentity
 
 from leukfed.client.client_app import app
-from leukfed.client.records import encode_state, npy_header_for, pack_record
+from leukfed.common.flower.wire import encode_state, npy_header_for, pack_record
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.common.fedconfig import FedConfig
 from leukfed.models import create_model

@@ -151,7 +151,7 @@ def test_full_disk_during_keygen_and_add_site(tmp_path: Path, coordinator: Certs
 @pytest.mark.slow
 def test_a_key_made_at_the_site_joins_a_real_superlink(coordinator: CertsLayout, tmp_path: Path) -> None:
     from leukfed.client.supernode import SuperNode
-    from leukfed.server.flower_env import free_port
+    from leukfed.common.flower.env import free_port
     from leukfed.server.superlink import SuperLink
 
     made = generate_site_key(tmp_path / "hospital", "h1")

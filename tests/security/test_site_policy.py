@@ -11,7 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from leukfed.client.client_app import app
 from leukfed.client.policy import SitePolicy
-from leukfed.client.records import encode_state
+from leukfed.common.flower.wire import encode_state
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.site import build_site_model
 from leukfed.common.synthetic import make_synthetic_dataset

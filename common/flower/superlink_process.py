@@ -1,0 +1,29 @@
+"""`flower-superlink` with leukfed's patches: model objects in memory, the control plane closed to sites."""
+from __future__ import annotations
+
+import sys
+
+MODULE = "leukfed.common.flower.superlink_process"   # what the SuperLink's command line shows (pidfile check)
+
+
+def command() -> list[str]:
+    """The command that starts this SuperLink (arguments as for `flower-superlink`)."""
+    return [sys.executable, "-m", MODULE]
+
+
+def main() -> None:
+    from leukfed.common.errors import LeukError
+    from leukfed.common.flower.patches import apply_patches
+
+    try:
+        apply_patches("superlink")
+    except LeukError as err:
+        sys.exit(f"error: {err}")
+    from flwr.superlink.cli import flower_superlink
+
+    sys.argv[0] = "flower-superlink"
+    sys.exit(flower_superlink())
+
+
+if __name__ == "__main__":
+    main()
