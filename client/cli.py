@@ -109,7 +109,7 @@ def join(
     server: Optional[str] = typer.Option(None, "--server", help="The coordinator's HOST:PORT."),
     data: Optional[Path] = typer.Option(None, "--data", help="This hospital's image folder (never leaves the site)."),
     site: Optional[str] = typer.Option(None, "--site", help="This site's name (as registered with `leuk certs add-site`)."),
-    certs: Optional[Path] = typer.Option(None, "--certs", help="This site's folder from `leuk certs init` (site.key, ca.crt)."),
+    certs: Optional[Path] = typer.Option(None, "--certs", help="This site's key folder: site.key (from `leuk-client keygen`), ca.crt and peers/ (from the coordinator's hospital-bundle/)."),
     device: str = typer.Option("auto", "--device", help="auto (GPU when present), cpu, cuda or cuda:N."),
     state: Optional[Path] = typer.Option(None, "--state", help="Site state folder: audit log, node logs (default ~/.leukfed/SITE)."),
     insecure: bool = typer.Option(False, "--insecure", help="Connect without TLS (only to an --insecure test server)."),

@@ -62,8 +62,8 @@ class FedConfig:
     dp_max_grad_norm: float = setting(1.0, "DP-SGD per-example clipping bound.")
     dp_delta: float = setting(1e-5, "Delta at which sites report epsilon (each site refuses one above its own).")
     dp_min_noise_multiplier: float = setting(0.0, "Refuse updates trained with less noise.")
-    sites: str = setting("", "Coordinator only: name=node_id,... of the sites leuk-server registered (set by "
-                         "leuk-server itself; empty in simulation): other nodes' replies are ignored.", cli=False)
+    registered_sites: str = setting("", "Coordinator only: name=node_id,... of the sites leuk-server registered (set by "
+                                    "leuk-server itself; empty in simulation): other nodes' replies are ignored.", cli=False)
     max_examples_per_site: int = setting(1_000_000, "Refuse an update whose example count is not in [1, this] "
                                          "(0: no upper bound).")
     max_update_norm: float = setting(1e4, "Refuse an update farther than this from the global model (L2 over all "
@@ -117,7 +117,7 @@ class FedConfig:
 
     def training_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with its checkpoint."""
-        ignore = {"rounds", "round_timeout", "resume", "state_dir", "min_sites", "sites",
+        ignore = {"rounds", "round_timeout", "resume", "state_dir", "min_sites", "registered_sites",
                   "max_examples_per_site", "max_update_norm"}   # coordinator policy, may change on resume
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignore}
 

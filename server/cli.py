@@ -114,7 +114,7 @@ def serve(
             for name, node_id in registered.items():
                 _say(f"registered site {name} (node {node_id})")
             # The ServerApp sends to, waits for and accepts replies from these nodes only.
-            fed = dataclasses.replace(fed, sites=RegisteredSites.format(registered))
+            fed = dataclasses.replace(fed, registered_sites=RegisteredSites.format(registered))
         app_dir = write_app_dir(state / "app")
         run_id = link.submit(app_dir, write_run_config(state / "run_config.toml", fed))
         _say(f"run {run_id} submitted: {rounds} rounds of {fed.strategy}, waiting for {fed.min_sites} sites")

@@ -190,7 +190,7 @@ def print_round(row: dict, total_rounds: int) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     fed = FedConfig.from_run_config(context.run_config)
-    grid = RegisteredSites.parse(fed.sites).grid(grid)   # only the coordinator's sites exist for this run
+    grid = RegisteredSites.parse(fed.registered_sites).grid(grid)   # only the coordinator's sites exist for this run
     state_dir = Path(fed.state_dir or "leuk-server-state")
     state_dir.mkdir(parents=True, exist_ok=True)
     resumed: Resumed | None = load_resumed(state_dir, fed) if fed.resume else None

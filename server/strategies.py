@@ -31,7 +31,7 @@ def make_strategy(fed: FedConfig) -> GuardedStrategy:
              "fedyogi": {"eta": fed.server_lr}, "fedtrimmedavg": {"beta": fed.trim_beta},
              "krum": {"num_malicious_nodes": fed.krum_malicious}}.get(fed.strategy, {})
     strategy = BASES[fed.strategy](**common, **extra)
-    return GuardedStrategy(strategy, guard_settings(fed), RegisteredSites.parse(fed.sites))
+    return GuardedStrategy(strategy, guard_settings(fed), RegisteredSites.parse(fed.registered_sites))
 
 
 def strategy_state(strategy: GuardedStrategy) -> dict:

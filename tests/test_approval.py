@@ -116,13 +116,13 @@ def test_summary_shows_version_files_digest_and_diff(package: Path, tmp_path: Pa
     assert "no previous approval" in first and "client/client_app.py" in first
     approve(approvals, "Dr. D", root=package)
     assert "unchanged since the last approval" in show_code_summary(approvals, root=package)
-    target = package / "server" / "strategies.py"
+    target = package / "server" / "guard.py"
     target.write_text(target.read_text().replace("norm_outlier_factor: float = 10.0",
                                                  "norm_outlier_factor: float = 1e9"))
     (package / "client" / "extra.py").write_text("SECRET_ENDPOINT = 'http://example.invalid'\n")
     summary = show_code_summary(approvals, root=package)
     assert "last approval:" in summary and "Dr. D" in summary
-    assert "changed: server/strategies.py" in summary and "added: client/extra.py" in summary
+    assert "changed: server/guard.py" in summary and "added: client/extra.py" in summary
     assert "-    norm_outlier_factor: float = 10.0" in summary and "+    norm_outlier_factor: float = 1e9" in summary
     assert "+SECRET_ENDPOINT" in summary
 
@@ -217,7 +217,7 @@ def test_install_from_fab_patch_sits_on_flowers_call_site(monkeypatch: pytest.Mo
     apply_install_from_fab_patch(lambda fab: None)                         # applied again: not stacked
     assert runtime.install_from_fab.leuk_unchecked is original
     monkeypatch.delattr(runtime, "install_from_fab")
-    with pytest.raises(RuntimeError, match="install_from_fab is missing"):  # never silently unchecked
+    with pytest.raises(LeukError, match="has no flwr.supernode.runtime.run_clientapp:install_from_fab"):  # never unchecked
         apply_install_from_fab_patch(lambda fab: None)
 
 

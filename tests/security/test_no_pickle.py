@@ -212,8 +212,8 @@ def _fedadam_state(seed: int) -> tuple[dict[str, np.ndarray], dict]:
              "fc.bias": rng.standard_normal(5).astype(np.float32),
              "bn.num_batches_tracked": np.array(7, dtype=np.int64)}
     strategy = make_strategy(FedConfig(model="tinycnn", strategy="fedadam", rounds=4))
-    strategy.m_t = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.items()}
-    strategy.v_t = {k: rng.random(v.shape).astype(np.float32) for k, v in model.items()}
+    strategy.strategy.m_t = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.items()}
+    strategy.strategy.v_t = {k: rng.random(v.shape).astype(np.float32) for k, v in model.items()}
     return model, strategy_state(strategy)
 
 

@@ -48,7 +48,7 @@ def test_a_reply_from_an_unregistered_node_is_ignored_and_logged() -> None:
                             created_at=time.time(), ttl=600.0, message_type="train")
         return [Message(content, metadata=metadata)]
 
-    outcome = one_round(InProcessGrid(hospitals, extra_replies=rogue_reply), min_sites=2, sites=registered())
+    outcome = one_round(InProcessGrid(hospitals, extra_replies=rogue_reply), min_sites=2, registered_sites=registered())
     log = outcome.strategy.log
     assert log.ignored == [{"node": ROGUE, "phase": "train", "reason": f"ignored reply from unregistered node {ROGUE}"}]
     assert sorted(log.train) == [11, 22] and not log.rejected
@@ -66,7 +66,7 @@ def test_only_registered_nodes_are_asked_and_counted_toward_min_sites() -> None:
         looks.append(1)
         return [11, ROGUE, 22] if len(looks) >= 3 else [11, ROGUE]
 
-    outcome = one_round(InProcessGrid(hospitals, online=online), min_sites=2, sites=registered())
+    outcome = one_round(InProcessGrid(hospitals, online=online), min_sites=2, registered_sites=registered())
     assert len(looks) >= 3                 # the round waited for b: the rogue did not make up the number
     assert hospitals[ROGUE].asked == []    # never sent a train or an evaluate message
     assert hospitals[11].asked == hospitals[22].asked == ["train", "evaluate"]
