@@ -19,7 +19,6 @@ from leukfed.common.splits import (
     samples_summary,
 )
 
-PARTITION_KINDS = ("iid", "dirichlet", "patient", "quantity")
 _DIRICHLET_DRAWS = 1000
 _SPEC_HELP = "expected iid, dirichlet:ALPHA, patient or quantity:W1,W2,..."
 

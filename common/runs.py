@@ -13,7 +13,6 @@ from torch import nn
 
 from leukfed import __version__
 from leukfed.common.atomic import atomic_write_bytes, atomic_write_json
-from leukfed.common.checkpoint import load_checkpoint, save_checkpoint  # noqa: F401  (re-exported)
 from leukfed.common.errors import LeukError
 
 RUN_FORMAT = "leukfed-run/1"

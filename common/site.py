@@ -270,11 +270,3 @@ def suppress_small(metrics: dict[str, float], num_examples: int, minimum: int) -
     """Data minimisation: metrics computed on fewer than `minimum` examples are not released."""
     return metrics if num_examples >= minimum else {}
 
-
-def state_nbytes(state: State) -> int:
-    return int(sum(v.numel() * v.element_size() for v in state.values()))
-
-
-def finite_state(state: State) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
-

@@ -110,7 +110,6 @@ class GuardedStrategy(Strategy):
         self.log.started = time.perf_counter()  # after sampling: waiting for sites to connect is not round time
         self.log.sites_sampled = [m.metadata.dst_node_id for m in messages]
         self.log.bytes_sent += sum(m.content["arrays"].count_bytes() for m in messages)
-        self.log.train_sent_at = time.perf_counter()
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):

@@ -9,7 +9,6 @@ class RoundLog:
     """Per-site metrics, failures, rejections, bytes and timings of one round."""
 
     started: float = 0.0
-    train_sent_at: float = 0.0
     aggregation_seconds: float = 0.0
     train_phase_seconds: float = 0.0
     evaluate_phase_started: float = 0.0

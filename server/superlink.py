@@ -232,10 +232,6 @@ class SuperLink:
         tmp.write_text(json.dumps(sites, indent=2, sort_keys=True), encoding="utf-8")
         os.replace(tmp, self.sites_path)
 
-    def unregister_site(self, node_id: int) -> None:
-        """Unregister a node (its key can never be registered again; a live node stops within ~6 s)."""
-        self.cli.json("supernode", "unregister", str(node_id), CONNECTION)
-
     def list_nodes(self) -> list[dict[str, object]]:
         """`flwr supernode list`: dicts with node-id, status (registered|online|offline|unregistered), ..."""
         return list(self.cli.json("supernode", "list", CONNECTION).get("nodes", []))

@@ -15,7 +15,7 @@ import pytest
 
 from leukfed.common.errors import LeukError
 from leukfed.common.flower import control_plane, patches
-from leukfed.common.flower.patches import PATCHES, apply_patches, check_flower_version, install, resolve
+from leukfed.common.flower.patches import PATCHES, check_flower_version, install, resolve
 
 PROCESS_ROWS = [row for row in PATCHES if row.kind == "patch"]
 
