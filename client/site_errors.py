@@ -20,7 +20,7 @@ SITE_ERRORS = {
     7: "the site's audit log could not be written",
 }
 DATA_MODULES = ("leukfed.common.data", "leukfed.common.dataset", "leukfed.common.splits",
-                "leukfed.common.partition", "PIL.")
+                "leukfed.common.partition", "leukfed.common.images", "leukfed.common.patients_table", "PIL.")
 
 
 def site_log(text: str) -> None:
