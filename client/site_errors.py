@@ -34,7 +34,7 @@ class ReceivedArraysRefused(LeukError):
 
 def is_refusal(exc: BaseException) -> bool:
     """A policy refusal: its message names the rule only, and is sent as it is."""
-    from leukfed.common.privacy import BudgetSpent
+    from leukfed.common.dp_settings import BudgetSpent
 
     return isinstance(exc, (SiteRefusal, BudgetSpent))
 
