@@ -27,7 +27,7 @@ def _mount_optional(module: str, attribute: str, name: str) -> None:
     app.add_typer(sub_app, name=name)
 
 
-_mount_optional("leukfed.server.certs", "certs_app", "certs")
+_mount_optional("leukfed.server.certs_cli", "certs_app", "certs")
 _mount_optional("leukfed.simulations.bench", "bench_app", "bench")
 
 
