@@ -27,7 +27,7 @@ def _mount_optional(module: str, attribute: str, name: str) -> None:
     app.add_typer(sub_app, name=name)
 
 
-_mount_optional("leukfed.server.certs", "certs_app", "certs")
+_mount_optional("leukfed.server.certs_cli", "certs_app", "certs")
 _mount_optional("leukfed.simulations.bench", "bench_app", "bench")
 
 
@@ -37,7 +37,7 @@ def data_check(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Count images per class and patient, list corrupt, non-image and duplicate files."""
-    from leukfed.common.data import check_dataset, format_check_report
+    from leukfed.common.data_check import check_dataset, format_check_report
 
     report = check_dataset(directory)
     print_json(report) if as_json else typer.echo(format_check_report(report))
@@ -99,7 +99,8 @@ def train(
 ) -> None:
     """Train one model centrally; writes model, metrics, history and plots to --out."""
     from leukfed.common.centralized import Callbacks, TrainConfig, train_centralized
-    from leukfed.common.data import check_dataset, scan_dataset
+    from leukfed.common.data import scan_dataset
+    from leukfed.common.data_check import check_dataset
     from leukfed.common.errors import LeukError
     from leukfed.common.metrics import format_metrics_table
 

@@ -20,8 +20,11 @@ from pathlib import Path
 
 from leukfed.common.data import scan_dataset
 from leukfed.common.dataset import build_dataset, make_loader
+from leukfed.common.dp_accounting import noise_for_epsilon
+from leukfed.common.dp_model import dp_compatible
+from leukfed.common.dp_settings import DPSettings
+from leukfed.common.dp_training import private_train
 from leukfed.common.machine import machine_info
-from leukfed.common.privacy import DPSettings, dp_compatible, noise_for_epsilon, private_train
 from leukfed.common.splits import make_split
 from leukfed.common.train import (evaluate, make_loss, make_optimizer, prepare_model, seed_everything,
                                   select_hardware, train_epoch)

@@ -30,7 +30,8 @@ def _site_files(certs: Path, site: str):
 
 def _check_data(data: Path) -> tuple[str, ...]:
     """The checks of `leuk data check`: refuse to join with unusable data, before touching the network."""
-    from leukfed.common.data import check_dataset, scan_dataset
+    from leukfed.common.data import scan_dataset
+    from leukfed.common.data_check import check_dataset
     from leukfed.common.errors import LeukError
 
     report = check_dataset(data)

@@ -20,7 +20,7 @@ SITE_ERRORS = {
     7: "the site's audit log could not be written",
 }
 DATA_MODULES = ("leukfed.common.data", "leukfed.common.dataset", "leukfed.common.splits",
-                "leukfed.common.partition", "PIL.")
+                "leukfed.common.partition", "leukfed.common.images", "leukfed.common.patients_table", "PIL.")
 
 
 def site_log(text: str) -> None:
@@ -34,7 +34,7 @@ class ReceivedArraysRefused(LeukError):
 
 def is_refusal(exc: BaseException) -> bool:
     """A policy refusal: its message names the rule only, and is sent as it is."""
-    from leukfed.common.privacy import BudgetSpent
+    from leukfed.common.dp_settings import BudgetSpent
 
     return isinstance(exc, (SiteRefusal, BudgetSpent))
 

@@ -13,8 +13,9 @@ import torch
 from torch.utils.data import Dataset
 
 from leukfed.common.atomic import atomic_save_npy
-from leukfed.common.data import Manifest, Sample, load_image
+from leukfed.common.data import Manifest, Sample
 from leukfed.common.errors import LeukError
+from leukfed.common.images import load_image
 from leukfed.common.transforms import BatchAugment, Normalize, augmentation, prepare_image
 
 

@@ -7,9 +7,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from leukfed.common.data import IMAGE_EXTENSIONS, load_image, scan_dataset
+from leukfed.common.data import scan_dataset
 from leukfed.common.dataset import build_dataset, make_loader
 from leukfed.common.errors import LeukError
+from leukfed.common.images import IMAGE_EXTENSIONS, load_image
 from leukfed.common.runs import check_classes, load_run
 from leukfed.common.splits import load_split
 from leukfed.common.train import evaluate, select_hardware

@@ -80,7 +80,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[n
     image_size = description["data_config"]["input_size"][1]
     model = create_model(description["model"], description["num_classes"], image_size=image_size)
     if description.get("dp_compatible"):
-        from leukfed.common.privacy import dp_compatible
+        from leukfed.common.dp_model import dp_compatible
         model = dp_compatible(model)  # trained with DP-SGD: GroupNorm where the model has BatchNorm
     try:
         state = load_safetensors((run_dir / MODEL_FILE).read_bytes())

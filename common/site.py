@@ -15,9 +15,12 @@ from torch import nn
 
 from leukfed.common.data import Manifest, scan_dataset
 from leukfed.common.dataset import SmearDataset, build_dataset, make_loader
+from leukfed.common.dp_accounting import PrivacyLedger
+from leukfed.common.dp_model import dp_compatible
+from leukfed.common.dp_settings import DPSettings
+from leukfed.common.dp_training import private_train
 from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig, SiteConfig
-from leukfed.common.privacy import DPSettings, PrivacyLedger, dp_compatible, private_train
 from leukfed.common.splits import make_split
 from leukfed.common.train import (EpochStats, Hardware, LossFn, class_weights_from_counts, evaluate, make_loss,
                                   make_optimizer, prepare_model, proximal_term, seed_everything, select_hardware, train_epoch)

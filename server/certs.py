@@ -1,36 +1,22 @@
-"""Federation PKI: a private CA, the SuperLink TLS certificate, the registered site public keys."""
+"""The federation's certificate folder: CA and server certificate, registered site keys, hospital bundle."""
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import hashlib
-import ipaddress
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional, TypeVar
 
-import typer
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from leukfed.common.atomic import atomic_write_bytes, atomic_write_text
 from leukfed.common.errors import LeukError
 from leukfed.common.site_keys import (create_file, fingerprint, generate_site_key,
                                       public_key_line, read_site_public_key, same_key,
-                                      validate_site_name)  # noqa: F401  (validate_site_name: re-exported)
-
-CA_DAYS = 3650
-SERVER_DAYS = 825
-# Backdate validity so a coordinator or hospital whose clock runs a little behind still accepts the certs.
-CLOCK_SKEW = dt.timedelta(days=1)
-ALWAYS_SANS = ("127.0.0.1", "localhost")  # the SuperLink dials itself on 127.0.0.1
-DNS_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-T = TypeVar("T")
+                                      validate_site_name)
+from leukfed.server.tls_certificates import (ca_certificate, certificate_fingerprint, parse_server_names,
+                                             pkcs8_pem, server_certificate, server_certificate_names)
 
 
 @dataclass(frozen=True)
@@ -87,33 +73,6 @@ class CertsLayout:
                 raise LeukError(f"missing {p}: create the certificates first with `leuk certs init --out {self.root}`")
 
 
-def parse_server_names(names: list[str]) -> tuple[list[str], list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
-    """Split host names and IP addresses (comma lists allowed), adding 127.0.0.1 and localhost."""
-    dns: list[str] = []
-    ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
-    items = [s.strip() for n in names for s in n.split(",") if s.strip()]
-    for item in [*items, *ALWAYS_SANS]:
-        try:
-            ip = ipaddress.ip_address(item)
-        except ValueError:
-            host = item.lower().rstrip(".")
-            if not all(DNS_LABEL_RE.match(label) for label in host.split(".")):
-                raise LeukError(f"invalid server name {item!r}: expected a DNS name or an IP address") from None
-            if host not in dns:
-                dns.append(host)
-            continue
-        if ip not in ips:
-            ips.append(ip)
-    return dns, ips
-
-
-def certificate_fingerprint(cert_bytes: bytes) -> str:
-    """SHA-256 of the certificate's DER encoding, lowercase hex (accepts PEM or DER)."""
-    if cert_bytes.lstrip().startswith(b"-----BEGIN"):
-        cert_bytes = x509.load_pem_x509_certificate(cert_bytes).public_bytes(serialization.Encoding.DER)
-    return hashlib.sha256(cert_bytes).hexdigest()
-
-
 def init_certs(out_dir: str | Path, server_names: list[str], sites: list[str] = ()) -> CertsLayout:
     """Create the CA and the SuperLink certificate; never overwrites, all or nothing.
 
@@ -132,14 +91,14 @@ def init_certs(out_dir: str | Path, server_names: list[str], sites: list[str] = 
     _refuse_existing(targets)
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_cert = _ca_certificate(ca_key)
+    ca_cert = ca_certificate(ca_key)
     server_key = ec.generate_private_key(ec.SECP384R1())
     primary = next((s.strip() for n in server_names for s in n.split(",") if s.strip()), "localhost")
-    server_cert = _server_certificate(server_key, ca_key, ca_cert, primary, dns, ips)
+    server_cert = server_certificate(server_key, ca_key, ca_cert, primary, dns, ips)
     with _all_or_nothing(layout.root):
-        create_file(layout.ca_key, _pkcs8_pem(ca_key), secret=True)
+        create_file(layout.ca_key, pkcs8_pem(ca_key), secret=True)
         create_file(layout.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
-        create_file(layout.server_key, _pkcs8_pem(server_key), secret=True)
+        create_file(layout.server_key, pkcs8_pem(server_key), secret=True)
         create_file(layout.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
         for name in sites:
             _create_demo_site(layout, name)
@@ -175,87 +134,6 @@ def add_site(out_dir: str | Path, name: str, public_key: str | Path | None = Non
 def site_fingerprint(site: SiteFiles) -> str:
     """The fingerprint of a registered site's public key, to compare with the hospital's by phone."""
     return fingerprint(read_site_public_key(site.public_key))
-
-
-def server_certificate_names(cert_path: str | Path) -> list[str]:
-    """The DNS names and IP addresses a certificate is valid for."""
-    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return [*san.get_values_for_type(x509.DNSName), *map(str, san.get_values_for_type(x509.IPAddress))]
-
-
-# ---------------------------------------------------------------- building blocks
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name(
-        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "leukfed"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
-    )
-
-
-def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
-    now = dt.datetime.now(dt.UTC)
-    return builder.not_valid_before(now - CLOCK_SKEW).not_valid_after(now + dt.timedelta(days=days))
-
-
-def _ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    name = _name("leukfed federation CA")
-    builder = _validity(x509.CertificateBuilder(), CA_DAYS)
-    builder = (
-        builder.subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    return builder.sign(key, hashes.SHA384())
-
-
-def _server_certificate(
-    key: ec.EllipticCurvePrivateKey,
-    ca_key: ec.EllipticCurvePrivateKey,
-    ca_cert: x509.Certificate,
-    common_name: str,
-    dns: list[str],
-    ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
-) -> x509.Certificate:
-    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns] + [x509.IPAddress(i) for i in ips]
-    builder = _validity(x509.CertificateBuilder(), SERVER_DAYS)
-    builder = (
-        builder.subject_name(_name(common_name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(cert_sign=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-    )
-    return builder.sign(ca_key, hashes.SHA384())
-
-
-def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def _pkcs8_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 def _create_demo_site(layout: CertsLayout, name: str) -> None:
@@ -362,60 +240,3 @@ Private keys (*.key) are created with permissions 0600. Nothing here is ever ove
 file, move the old one away first.
 """
     atomic_write_text(layout.readme, text)
-
-
-# ---------------------------------------------------------------- CLI (`leuk certs ...`)
-
-certs_app = typer.Typer(help="Create the federation's CA and server certificate; register hospitals' public keys.",
-                        no_args_is_help=True)
-DEMO_WARNING = ("DEMO ONLY: site private keys were made here, at the coordinator ({}); real hospitals make "
-                "their own with `leuk-client keygen` and send only site.pub (`leuk certs add-site NAME --public-key`)")
-
-
-@certs_app.command("init")
-def init_command(
-    out: Annotated[Path, typer.Option("--out", help="Folder to create the certificates in.")],
-    server_name: Annotated[
-        list[str],
-        typer.Option("--server-name", help="DNS name(s)/IP(s) hospitals dial, comma separated; repeatable."),
-    ],
-    sites: Annotated[str, typer.Option("--sites", help="DEMO ONLY: also make these sites' key pairs here "
-                                       "(comma separated). Real sites: `leuk-client keygen` + `add-site --public-key`.")] = "",
-) -> None:
-    """Create a CA and the coordinator's TLS certificate (and, for demos, site key pairs)."""
-    site_list = [s.strip() for s in sites.split(",") if s.strip()]
-    layout = _run_cli(lambda: init_certs(out, server_name, site_list))
-    typer.echo(f"created certificates in {layout.root}")
-    typer.echo(f"server certificate valid for: {', '.join(server_certificate_names(layout.server_cert))}")
-    typer.echo(f"CA fingerprint (sha256): {certificate_fingerprint(layout.ca_cert.read_bytes())}")
-    if site_list:
-        typer.echo(DEMO_WARNING.format(", ".join(site_list)), err=True)
-        for name in site_list:
-            typer.echo(f"demo site {name}: {layout.site(name).dir}")
-    typer.echo(f"see {layout.readme} for which file goes where")
-
-
-@certs_app.command("add-site")
-def add_site_command(
-    name: Annotated[str, typer.Argument(help="New hospital site name.")],
-    out: Annotated[Path, typer.Option("--out", help="The certificate folder made by `leuk certs init`.")],
-    public_key: Annotated[Optional[Path], typer.Option("--public-key", help="The site.pub the hospital made with "
-                                                       "`leuk-client keygen` (without it: DEMO key pair made here).")] = None,
-) -> None:
-    """Register one more hospital by its public key."""
-    site = _run_cli(lambda: add_site(out, name, public_key))
-    if public_key is None:
-        typer.echo(DEMO_WARNING.format(name), err=True)
-        typer.echo(f"demo site {name}: {site.dir}")
-    else:
-        typer.echo(f"registered site {name}: {site.public_key}")
-    typer.echo(f"public key fingerprint: {site_fingerprint(site)} (compare it with the hospital's by phone)")
-    typer.echo(f"send {CertsLayout.at(out).bundle} (ca.crt, peers/) to every hospital")
-
-
-def _run_cli(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except LeukError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None

@@ -13,8 +13,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from leukfed.common.dp_settings import noise_problem
 from leukfed.common.flower.wire import decode_arrays
-from leukfed.common.privacy import noise_problem
 from leukfed.server.fused_mean import FusedMean, FusedUpdate
 from leukfed.server.registered_sites import RegisteredSites
 from leukfed.server.reply_checks import (check_consistency, count_problem, keep_common_metrics, norm_problem,

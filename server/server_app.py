@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from leukfed.common.flower.wire import encode_state
 from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig
-from leukfed.common.privacy import round_privacy
+from leukfed.common.dp_settings import round_privacy
 from leukfed.common.train import seed_everything
 from leukfed.server.grids import PromptGrid
 from leukfed.server.registered_sites import RegisteredSites
@@ -91,7 +91,7 @@ def ask_class_names(grid: Grid, fed: FedConfig) -> tuple[str, ...]:
 
 def initial_model(fed: FedConfig, num_classes: int):
     from leukfed.common.centralized import TrainConfig, build_model
-    from leukfed.common.privacy import dp_compatible
+    from leukfed.common.dp_model import dp_compatible
 
     model = build_model(TrainConfig(model=fed.model, image_size=fed.image_size or None,
                                     pretrained=fed.pretrained), num_classes)

@@ -13,16 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from leukfed.common.errors import LeukError
-from leukfed.common.site_keys import generate_site_key
-from leukfed.server.certs import (
-    CertsLayout,
-    add_site,
-    certificate_fingerprint,
-    site_fingerprint,
-    certs_app,
-    init_certs,
-    validate_site_name,
-)
+from leukfed.common.site_keys import generate_site_key, validate_site_name
+from leukfed.server.certs import CertsLayout, add_site, init_certs, site_fingerprint
+from leukfed.server.certs_cli import certs_app
+from leukfed.server.tls_certificates import certificate_fingerprint
 from leukfed.server.superlink import check_server_certs
 
 

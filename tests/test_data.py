@@ -1,4 +1,4 @@
-"""Tests for dataset scanning, checking and image loading (leukfed.common.data)."""
+"""Tests for dataset scanning, checking and image loading (leukfed.common.data, data_layouts, data_check, images, patients_table)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leukfed.common.data import (
-    Manifest,
-    check_dataset,
-    detect_layout,
-    format_check_report,
-    load_image,
-    read_patients_table,
-    scan_dataset,
-)
+from leukfed.common.data import Manifest, scan_dataset
+from leukfed.common.data_check import check_dataset, format_check_report
+from leukfed.common.data_layouts import detect_layout
+from leukfed.common.images import load_image
+from leukfed.common.patients_table import read_patients_table
 from leukfed.common.errors import LeukError
 
 MakeImage = Callable[..., Path]

@@ -19,9 +19,10 @@ import pytest
 from leukfed.client.preflight import check_server
 from leukfed.client.supernode import SuperNode
 from leukfed.common.errors import LeukError
-from leukfed.server.certs import CertsLayout, certificate_fingerprint, init_certs
+from leukfed.server.certs import CertsLayout, init_certs
 from leukfed.common.flower.env import free_port, toml_pairs, write_flwr_config
 from leukfed.server.superlink import CONNECTION, SuperLink
+from leukfed.server.tls_certificates import certificate_fingerprint
 
 ECHO_APP = Path(__file__).parent / "fixtures" / "echo_app"
 TIMINGS: dict[str, float] = {}

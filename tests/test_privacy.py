@@ -12,9 +12,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from leukfed.common.dataset import BatchLoader, SmearDataset, make_loader
 from leukfed.common.errors import LeukError
-from leukfed.common.privacy import (BudgetSpent, DPSettings, PoissonBatches, PrivacyLedger, PrivateResult,
-                                    dp_compatible, dp_problems, epsilon_of, make_private, noise_for_epsilon,
-                                    noise_problem, private_train, round_privacy)
+from leukfed.common.dp_accounting import PrivacyLedger, epsilon_of, noise_for_epsilon
+from leukfed.common.dp_model import dp_compatible, dp_problems
+from leukfed.common.dp_settings import BudgetSpent, DPSettings, noise_problem, round_privacy
+from leukfed.common.dp_training import PoissonBatches, PrivateResult, make_private, private_train
 from leukfed.common.train import make_loss, make_optimizer, seed_everything, select_hardware
 from leukfed.models import create_model
 

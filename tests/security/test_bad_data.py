@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leukfed.common.data import check_dataset, load_image, scan_dataset
+from leukfed.common.data import scan_dataset
+from leukfed.common.data_check import check_dataset
 from leukfed.common.errors import LeukError
+from leukfed.common.images import load_image
 
 LEUK = [sys.executable, "-c", "from leukfed.cli import main; main()"]
 TIMEOUT = 120  # a hang fails the test instead of blocking it
