@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import ipaddress
 import http.client
 import json
@@ -16,11 +14,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Self
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 
 from leukfed.common.errors import LeukError
+from leukfed.server.tls_certificates import check_server_certs, public_key_digest
 from leukfed.common.flower import superlink_process
 from leukfed.common.flower.cli import FlwrCli, FlwrCliError, registered_node_id
 from leukfed.common.flower.control_plane import ALLOW_ENV, PUBLIC_ENV
@@ -46,7 +42,7 @@ DEFAULT_PORT = 9092
 CONNECTION = "leukfed"
 FINISHED = "finished:"
 TlsFiles = tuple[Path, Path, Path]  # (ca.crt, server.pem, server.key)
-__all__ = ["SuperLink", "FlwrCliError", "check_server_certs", "public_key_digest", "DEFAULT_PORT", "CONNECTION"]
+__all__ = ["SuperLink", "FlwrCliError", "DEFAULT_PORT", "CONNECTION"]
 
 
 class SuperLink:
@@ -383,47 +379,6 @@ def _flat_keys(table: Mapping[str, object], prefix: str = "") -> list[str]:
     for key, value in table.items():
         keys += _flat_keys(value, f"{prefix}{key}.") if isinstance(value, Mapping) else [f"{prefix}{key}"]
     return keys
-
-
-def check_server_certs(ca: Path, cert: Path, key: Path) -> None:
-    """Raise LeukError unless cert is CA-signed, matches key, is valid now and covers 127.0.0.1."""
-    for p in (ca, cert, key):
-        if not p.is_file():
-            raise LeukError(f"certificate file {p} not found")
-    try:
-        ca_cert = x509.load_pem_x509_certificate(ca.read_bytes())
-        server = x509.load_pem_x509_certificate(cert.read_bytes())
-        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
-    except (ValueError, TypeError) as err:
-        raise LeukError(f"cannot read the TLS files {ca.name}/{cert.name}/{key.name}: {err}") from None
-    if private.public_key().public_bytes(*_SPKI) != server.public_key().public_bytes(*_SPKI):
-        raise LeukError(f"{key} is not the private key of {cert}")
-    try:
-        server.verify_directly_issued_by(ca_cert)
-    except (InvalidSignature, ValueError, TypeError) as err:
-        raise LeukError(f"{cert} is not signed by the CA {ca}: {type(err).__name__}") from None
-    now = time.time()
-    if not server.not_valid_before_utc.timestamp() <= now <= server.not_valid_after_utc.timestamp():
-        raise LeukError(
-            f"{cert} is valid only from {server.not_valid_before_utc:%Y-%m-%d} to "
-            f"{server.not_valid_after_utc:%Y-%m-%d}: check this machine's clock or renew the certificate"
-        )
-    ips = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    if "127.0.0.1" not in map(str, ips.get_values_for_type(x509.IPAddress)):
-        # Flower's own launcher dials 127.0.0.1: without this SAN runs stay pending forever.
-        raise LeukError(f"{cert} has no IP SAN 127.0.0.1: re-create it with `leuk certs init`")
-
-
-_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def public_key_digest(pub: Path) -> str:
-    """SHA-256 of an OpenSSH public key's blob (comment ignored)."""
-    try:
-        blob = base64.b64decode(pub.read_text(encoding="utf-8").split()[1])
-    except (OSError, IndexError, ValueError):
-        raise LeukError(f"{pub} is not an OpenSSH public key (site.pub)") from None
-    return hashlib.sha256(blob).hexdigest()
 
 
 def _refuse_unregistered(pub: Path, node_id: int, status: str) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import ipaddress
 import re
+import time
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -129,3 +132,44 @@ def pkcs8_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+def check_server_certs(ca: Path, cert: Path, key: Path) -> None:
+    """Raise LeukError unless cert is CA-signed, matches key, is valid now and covers 127.0.0.1."""
+    for p in (ca, cert, key):
+        if not p.is_file():
+            raise LeukError(f"certificate file {p} not found")
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca.read_bytes())
+        server = x509.load_pem_x509_certificate(cert.read_bytes())
+        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise LeukError(f"cannot read the TLS files {ca.name}/{cert.name}/{key.name}: {err}") from None
+    if private.public_key().public_bytes(*_SPKI) != server.public_key().public_bytes(*_SPKI):
+        raise LeukError(f"{key} is not the private key of {cert}")
+    try:
+        server.verify_directly_issued_by(ca_cert)
+    except (InvalidSignature, ValueError, TypeError) as err:
+        raise LeukError(f"{cert} is not signed by the CA {ca}: {type(err).__name__}") from None
+    now = time.time()
+    if not server.not_valid_before_utc.timestamp() <= now <= server.not_valid_after_utc.timestamp():
+        raise LeukError(
+            f"{cert} is valid only from {server.not_valid_before_utc:%Y-%m-%d} to "
+            f"{server.not_valid_after_utc:%Y-%m-%d}: check this machine's clock or renew the certificate"
+        )
+    ips = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    if "127.0.0.1" not in map(str, ips.get_values_for_type(x509.IPAddress)):
+        # Flower's own launcher dials 127.0.0.1: without this SAN runs stay pending forever.
+        raise LeukError(f"{cert} has no IP SAN 127.0.0.1: re-create it with `leuk certs init`")
+
+
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def public_key_digest(pub: Path) -> str:
+    """SHA-256 of an OpenSSH public key's blob (comment ignored)."""
+    try:
+        blob = base64.b64decode(pub.read_text(encoding="utf-8").split()[1])
+    except (OSError, IndexError, ValueError):
+        raise LeukError(f"{pub} is not an OpenSSH public key (site.pub)") from None
+    return hashlib.sha256(blob).hexdigest()

@@ -17,7 +17,7 @@ from leukfed.common.site_keys import generate_site_key, validate_site_name
 from leukfed.server.certs import CertsLayout, add_site, init_certs, site_fingerprint
 from leukfed.server.certs_cli import certs_app
 from leukfed.server.tls_certificates import certificate_fingerprint
-from leukfed.server.superlink import check_server_certs
+from leukfed.server.tls_certificates import check_server_certs
 
 
 @pytest.fixture(scope="module")
