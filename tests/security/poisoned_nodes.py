@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 from leukfed.common.synthetic import make_synthetic_dataset
+from leukfed.client.policy import SitePolicy
 from leukfed.common.flower.env import flower_env, flower_executable, free_port
 from leukfed.simulations.loopback import ENV, LoopbackFederation, cli
 
@@ -101,7 +102,9 @@ class Federation(LoopbackFederation):
         env = {**flower_env(self.root / f"{name}-home"), "ROGUE_MARKER": str(self.root / f"{name}-was-asked"),
                "ROGUE_SCALE": str(scale), "ROGUE_EXAMPLES": str(examples or ""),
                "PYTHONPATH": os.pathsep.join([str(poison), os.environ.get("PYTHONPATH", "")])}
-        config = f'data-path="{self.root / f"data-{name}"}" site-name="{name}"'
+        policy = self.root / f"{name}-policy.toml"  # a lying site sets its own policy as it likes
+        policy.write_text(SitePolicy(min_sites=1, min_metric_examples=1).to_toml())
+        config = f'data-path="{self.root / f"data-{name}"}" site-name="{name}" site-policy="{policy}"'
         log = (self.root / f"{name}.log").open("w")
         proc = subprocess.Popen([flower_executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                                  "--root-certificates", str(self.certs / "ca.crt"), "--auth-supernode-private-key",
