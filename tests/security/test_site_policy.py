@@ -128,8 +128,8 @@ def test_a_site_refuses_a_run_that_would_expose_it_alone(tmp_path: Path) -> None
         assert "failed in train" in round_log and rule in round_log, round_log
         site_log = (tmp_path / "site-a" / "supernode" / "supernode.log").read_text()
         assert "refused: site a refused run" in site_log and rule in site_log
-        audit = tmp_path / "site-a" / "audit.jsonl"
-        assert not audit.exists() or '"train"' not in audit.read_text()
+        audit = [json.loads(line) for line in (tmp_path / "site-a" / "audit.jsonl").read_text().splitlines()]
+        assert audit and all(e["outcome"] == "refused" and rule in e["reason_sent"] for e in audit)  # and recorded
         assert federation.history()[0]["sites_replied"] == 0
         assert not any((tmp_path / "site-a" / "image-cache").iterdir())  # the data was never read
     finally:
