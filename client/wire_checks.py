@@ -2,63 +2,28 @@
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord
 
-from leukfed.common.flower.wire import BF16_SUFFIX, PACKED_KEY, NpyError, npy_header
+from leukfed.common.flower.wire import BF16_SUFFIX, PACKED_KEY, NpyError, PackedEntry, npy_header, packed_entries
 from leukfed.client.site_errors import ReceivedArraysRefused
 
 Layout = Mapping[str, tuple[tuple[int, ...], str]]   # state-dict key -> (shape, dtype name)
 
 MAX_HEADER_BYTES = 4096          # np.save writes ~128 bytes of .npy header per array
 DEFAULT_MAX_MODEL_MB = 4096      # node config `max-model-mb`: the most model bytes a site accepts
-_INDEX_LENGTH = 8                # client/records.py's packed layout: [index length][JSON index][data ...]
 _LAYOUTS: dict[tuple, dict[str, tuple[tuple[int, ...], str]]] = {}
 
 
-@dataclass(frozen=True)
-class ArrayEntry:
-    key: str
-    dtype: str
-    shape: tuple[int, ...]
-    data: memoryview     # the array's .npy bytes, a view into the received message (no copy)
-
-
-def array_entries(record: ArrayRecord, *, max_index_bytes: int = 1 << 24) -> Iterator[ArrayEntry]:
-    """The arrays of a plain or packed (client/records.py `pack_record`) record, read in place."""
+def array_entries(record: ArrayRecord, *, max_index_bytes: int = 1 << 24) -> Iterator[PackedEntry]:
+    """The arrays of a plain or packed (common/flower/wire.py `pack_record`) record, read in place."""
     if PACKED_KEY not in record:
         for key, array in record.items():
-            yield ArrayEntry(key, str(array.dtype), tuple(array.shape), memoryview(array.data))
+            yield PackedEntry(key, str(array.dtype), tuple(array.shape), str(array.stype), memoryview(array.data))
         return
-    if len(record) != 1:
-        raise NpyError("a packed record carries nothing beside its packed array")
-    data = record[PACKED_KEY].data
-    _, dtype, shape, _, count, offset = npy_header(data)
-    if dtype != np.uint8 or len(shape) != 1 or len(data) != offset + count:
-        raise NpyError("packed arrays: not one flat uint8 array")
-    view = memoryview(data)[offset:]
-    length = int.from_bytes(view[:_INDEX_LENGTH], "little")
-    if length > min(max_index_bytes, len(view) - _INDEX_LENGTH):
-        raise NpyError(f"packed arrays: an index of {length} bytes")
-    try:
-        index = json.loads(bytes(view[_INDEX_LENGTH:_INDEX_LENGTH + length]))
-    except ValueError:
-        raise NpyError("packed arrays: unreadable index") from None
-    position = _INDEX_LENGTH + length
-    for item in index if isinstance(index, list) else [None]:
-        if not (isinstance(item, list) and len(item) == 5 and isinstance(item[0], str) and isinstance(item[1], str)
-                and isinstance(item[2], list) and all(type(n) is int and n >= 0 for n in item[2])
-                and type(item[4]) is int and 0 <= item[4] <= len(view) - position):
-            raise NpyError("packed arrays: malformed index entry")
-        key, a_dtype, a_shape, _, size = item
-        yield ArrayEntry(key, a_dtype, tuple(a_shape), view[position:position + size])
-        position += size
-    if position != len(view):
-        raise NpyError("packed arrays: trailing bytes")
+    yield from packed_entries(record, max_index_bytes=max_index_bytes)
 
 
 def record_sha256(record: ArrayRecord) -> str:
@@ -111,7 +76,7 @@ def check_received(record: ArrayRecord, layout: Layout, max_bytes: int) -> None:
         raise ReceivedArraysRefused(f"{len(missing)} arrays of the site's model are missing, e.g. {min(missing)!r}")
 
 
-def _check_entry(entry: ArrayEntry, name: str, shape: tuple[int, ...], dtype: str) -> int:
+def _check_entry(entry: PackedEntry, name: str, shape: tuple[int, ...], dtype: str) -> int:
     floating = np.dtype(dtype).kind == "f"
     allowed = {"int16"} if entry.key.endswith(BF16_SUFFIX) and floating else \
         {"float32", "float16"} if floating else {dtype}

@@ -214,7 +214,9 @@ def test_entry_points_apply_the_table() -> None:
     for func, process in [(superlink_process.main, "superlink"), (supernode_process.main, "supernode"),
                           (fork_exec.main, "superexec"), (fork_exec._run_task, "clientapp"),
                           (grids.PromptGrid.__init__, "serverapp")]:
-        assert f'apply_patches("{process}")' in inspect.getsource(func), func
+        source = inspect.getsource(func)
+        assert f'apply_patches("{process}")' in source or f'run_flower_program("{process}"' in source, func
+    assert "apply_patches(process)" in inspect.getsource(patches.run_flower_program)
     assert {row.process for row in PROCESS_ROWS} == {"superlink", "supernode", "superexec", "clientapp", "serverapp"}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,9 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
+from inprocess_grid import InProcessGrid, run_client_app
 from leukfed.common.flower.wire import record_digest
 from leukfed.client.secagg import refuse_plain_training, secure_train
 from leukfed.common import secagg as core
@@ -145,65 +145,29 @@ def make_client_app(sites: dict[int, Site], faults: dict[int, str]) -> ClientApp
     return app
 
 
-def wire(message: Message) -> Message:
-    return message_from_proto(message_to_proto(message))
-
-
-class WireGrid(Grid):
+class WireGrid(InProcessGrid):
     """Delivers messages to in-process sites; `faults[nid]` = "<stage>-silent" loses its reply there."""
 
     def __init__(self, sites: dict[int, Site], faults: dict[int, str] | None = None,
                  node_config: dict | None = None, tamper=None) -> None:
-        self.sites = sites
         self.faults = faults or {}
         self.app = make_client_app(sites, self.faults)
         self.contexts = {n: Context(7, n, {**IDENTITIES[n], **(node_config or {})}, RecordDict(), {}) for n in sites}
-        self.received: list[Message] = []        # every reply the server side got
         self.seeds: dict[int, bytes] = {}        # each site's self-mask seed (test-only peek)
         self.tamper = tamper
+        super().__init__({n: partial(run_client_app, self.app, context=self.contexts[n]) for n in sites}, run_id=7)
 
-    def set_run(self, run) -> None:
-        pass
-
-    @property
-    def run(self):
-        return type("Run", (), {"run_id": 7})()
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.sites)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            message = wire(message)
-            nid = message.metadata.dst_node_id
-            cfg = message.content.config_records.get(RECORD)
-            stage = cfg["stage"] if cfg is not None else "plain"
-            if self.tamper is not None and cfg is not None:
-                self.tamper(stage, cfg)
-            try:
-                reply = self.app(message, self.contexts[nid])
-            except Exception as exc:  # noqa: BLE001 - Flower turns ClientApp exceptions into error replies
-                from flwr.app import Error
-                reply = Message(Error(1, f"{type(exc).__name__}: {exc}"), reply_to=message)
-            state = self.contexts[nid].state.config_records.get(STATE)
-            if state is not None and "seed" in state:
-                self.seeds[nid] = bytes(state["seed"])
-            if self.faults.get(nid) == f"{stage}-silent":
-                continue
-            reply = wire(reply)
-            self.received.append(reply)
-            replies.append(reply)
-        return replies
+    def deliver(self, message: Message) -> Message | None:
+        nid = message.metadata.dst_node_id
+        cfg = message.content.config_records.get(RECORD)
+        stage = cfg["stage"] if cfg is not None else "plain"
+        if self.tamper is not None and cfg is not None:
+            self.tamper(stage, cfg)
+        reply = super().deliver(message)
+        state = self.contexts[nid].state.config_records.get(STATE)
+        if state is not None and "seed" in state:
+            self.seeds[nid] = bytes(state["seed"])
+        return None if self.faults.get(nid) == f"{stage}-silent" else reply
 
 
 def fedavg(sites: dict[int, Site], members) -> dict[str, np.ndarray]:

@@ -141,18 +141,24 @@ def startup_hooks(dirs: list[str] | None = None) -> dict[str, str]:
 # The verdict
 # --------------------------------------------------------------------------------------------
 
-def read_latest_approval(approvals_file: str | os.PathLike[str]) -> dict[str, Any]:
-    """The approval in force (the last entry); ApprovalMissing says why there is none."""
-    path = Path(approvals_file)
+def read_approvals(path: Path) -> dict[str, Any] | None:
+    """The whole approvals file (None when it does not exist); ApprovalMissing if unreadable or not one."""
     if not path.exists():
-        raise ApprovalMissing(f"no approval recorded in {path}: a reviewer must run `leuk-client approve` first")
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ApprovalMissing(f"cannot read the approvals file {path}: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("approvals"), list):
         raise ApprovalMissing(f"{path} is not a leukfed approvals file")
-    if not data["approvals"]:
+    return data
+
+
+def read_latest_approval(approvals_file: str | os.PathLike[str]) -> dict[str, Any]:
+    """The approval in force (the last entry); ApprovalMissing says why there is none."""
+    path = Path(approvals_file)
+    data = read_approvals(path)
+    if data is None or not data["approvals"]:
         raise ApprovalMissing(f"no approval recorded in {path}: a reviewer must run `leuk-client approve` first")
     entry = data["approvals"][-1]
     if not isinstance(entry, dict) or not all(isinstance(entry.get(k, {}), dict) for k in ("files", "startup_hooks")):

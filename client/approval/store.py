@@ -6,7 +6,6 @@ snapshot of every approved file (`<name>.snapshots/<digest>.zip`) lets the next 
 from __future__ import annotations
 
 import io
-import json
 import sys
 import time
 import zipfile
@@ -22,16 +21,11 @@ FORMAT = 2   # 2: every file of the package and the start-up hooks (1: *.py only
 
 def load_approvals(approvals_file: str | Path) -> dict[str, Any]:
     """The whole approvals file (an empty history when it does not exist yet)."""
-    path = Path(approvals_file)
-    if not path.exists():
-        return {"format": FORMAT, "approvals": []}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LeukError(f"cannot read the approvals file {path}: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("approvals"), list):
-        raise LeukError(f"{path} is not a leukfed approvals file")
-    return data
+        data = manifest.read_approvals(Path(approvals_file))
+    except manifest.ApprovalMissing as exc:
+        raise LeukError(str(exc)) from None
+    return {"format": FORMAT, "approvals": []} if data is None else data
 
 
 def latest_approval(approvals_file: str | Path) -> dict[str, Any]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from typing import NoReturn
 
 from leukfed.common.errors import LeukError
 
@@ -159,6 +161,18 @@ def apply_patches(process: str) -> str:
             install(row.name, getattr(importlib.import_module(module_name), func))
     return found
 
+
+
+def run_flower_program(process: str, entry_point: str) -> NoReturn:
+    """`flower-<process>` with `process`'s patches applied first; Flower's `entry_point` ("module:function")
+    is imported only after them. A refused Flower release or patch is one `error:` line."""
+    try:
+        apply_patches(process)
+        *_, flower_main = resolve(entry_point)
+    except LeukError as err:
+        sys.exit(f"error: {err}")
+    sys.argv[0] = f"flower-{process}"
+    sys.exit(flower_main())
 
 # ----------------------------------------------------------------------------- the replacements
 

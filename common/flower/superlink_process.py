@@ -12,17 +12,9 @@ def command() -> list[str]:
 
 
 def main() -> None:
-    from leukfed.common.errors import LeukError
-    from leukfed.common.flower.patches import apply_patches
+    from leukfed.common.flower.patches import run_flower_program
 
-    try:
-        apply_patches("superlink")
-    except LeukError as err:
-        sys.exit(f"error: {err}")
-    from flwr.superlink.cli import flower_superlink
-
-    sys.argv[0] = "flower-superlink"
-    sys.exit(flower_superlink())
+    run_flower_program("superlink", "flwr.superlink.cli:flower_superlink")
 
 
 if __name__ == "__main__":

@@ -12,17 +12,9 @@ def command() -> list[str]:
 
 
 def main() -> None:
-    from leukfed.common.errors import LeukError
-    from leukfed.common.flower.patches import apply_patches
+    from leukfed.common.flower.patches import run_flower_program
 
-    try:
-        apply_patches("supernode")
-    except LeukError as err:
-        sys.exit(f"error: {err}")
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
-    sys.argv[0] = "flower-supernode"
-    sys.exit(flower_supernode())
+    run_flower_program("supernode", "flwr.supernode.cli.flower_supernode:flower_supernode")
 
 
 if __name__ == "__main__":

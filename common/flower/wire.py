@@ -6,6 +6,8 @@ import io
 import json
 import math
 import re
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -174,10 +176,18 @@ def pack_record(record: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({PACKED_KEY: Array(dtype="uint8", shape=(size,), stype=SType.NUMPY, data=data)})
 
 
-def unpack_record(record: ArrayRecord) -> ArrayRecord:
-    """The record pack_record was given; any other record unchanged. Raises NpyError if malformed."""
-    if PACKED_KEY not in record:
-        return record
+@dataclass(frozen=True)
+class PackedEntry:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    stype: str
+    data: memoryview     # the array's .npy bytes, a view into the packed payload (no copy)
+
+
+def packed_entries(record: ArrayRecord, *, max_index_bytes: int | None = None) -> Iterator[PackedEntry]:
+    """The arrays of a packed record, read in place, each index entry checked as it is reached. Raises
+    NpyError if malformed (an index over `max_index_bytes`, an entry past the payload, trailing bytes)."""
     if len(record) != 1:
         raise NpyError("a packed record carries nothing beside its packed array")
     data = record[PACKED_KEY].data
@@ -185,24 +195,32 @@ def unpack_record(record: ArrayRecord) -> ArrayRecord:
     if dtype != np.uint8 or len(shape) != 1 or len(data) != offset + count:
         raise NpyError("packed arrays: not one flat uint8 array")
     view = memoryview(data)[offset:]
+    length = int.from_bytes(view[:_INDEX_LENGTH], "little")
+    if length > min(len(view) - _INDEX_LENGTH, max_index_bytes if max_index_bytes is not None else length):
+        raise NpyError(f"packed arrays: an index of {length} bytes")
     try:
-        length = int.from_bytes(view[:_INDEX_LENGTH], "little")
         index = json.loads(bytes(view[_INDEX_LENGTH:_INDEX_LENGTH + length]))
-        position = _INDEX_LENGTH + length
-        arrays = {}
-        for key, a_dtype, a_shape, stype, size in index:
-            if position + size > len(view):
-                raise NpyError("packed arrays: truncated")
-            arrays[str(key)] = Array(dtype=str(a_dtype), shape=tuple(int(n) for n in a_shape), stype=str(stype),
-                                     data=bytes(view[position:position + size]))
-            position += size
-    except NpyError:
-        raise
-    except (ValueError, TypeError) as exc:  # JSON, shapes, sizes: all one kind of damage
-        raise NpyError(f"packed arrays: unreadable index ({exc})") from None
+    except ValueError:
+        raise NpyError("packed arrays: unreadable index") from None
+    position = _INDEX_LENGTH + length
+    for item in index if isinstance(index, list) else [None]:
+        if not (isinstance(item, list) and len(item) == 5 and isinstance(item[0], str) and isinstance(item[1], str)
+                and isinstance(item[2], list) and all(type(n) is int and n >= 0 for n in item[2])
+                and isinstance(item[3], str) and type(item[4]) is int and 0 <= item[4] <= len(view) - position):
+            raise NpyError("packed arrays: malformed index entry")
+        key, a_dtype, a_shape, stype, size = item
+        yield PackedEntry(key, a_dtype, tuple(a_shape), stype, view[position:position + size])
+        position += size
     if position != len(view):
         raise NpyError("packed arrays: trailing bytes")
-    return ArrayRecord(arrays)
+
+
+def unpack_record(record: ArrayRecord) -> ArrayRecord:
+    """The record pack_record was given; any other record unchanged. Raises NpyError if malformed."""
+    if PACKED_KEY not in record:
+        return record
+    return ArrayRecord({entry.key: Array(dtype=entry.dtype, shape=entry.shape, stype=entry.stype,
+                                         data=bytes(entry.data)) for entry in packed_entries(record)})
 
 
 def pack_message(message: Message, packed: dict[int, ArrayRecord] | None = None) -> Message:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+import inprocess_grid
 
 from leukfed.common.fedconfig import FedConfig
 from leukfed.server.strategies import make_strategy
@@ -69,45 +69,16 @@ def client_app(hospitals: dict[int, Hospital]) -> ClientApp:
     return app
 
 
-def wire(message: Message) -> Message:
-    return message_from_proto(message_to_proto(message))
-
-
-class InProcessGrid(Grid):
+class InProcessGrid(inprocess_grid.InProcessGrid):
     """Delivers each message to its hospital's ClientApp. `online` lists the connected nodes (it may
     grow with every look); `extra_replies(message)` adds replies no site was asked for."""
 
     def __init__(self, hospitals: dict[int, Hospital], online=None, extra_replies=None) -> None:
         self.hospitals, self.app = hospitals, client_app(hospitals)
-        self.online = online or (lambda: list(hospitals))
-        self.extra_replies = extra_replies or (lambda message: [])
+        super().__init__(dict.fromkeys(hospitals, self.ask), online=online, extra_replies=extra_replies)
 
-    def set_run(self, run) -> None:
-        pass
-
-    @property
-    def run(self):
-        raise RuntimeError("no run in tests")
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.online())
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in map(wire, messages):
-            node = message.metadata.dst_node_id
-            replies.append(wire(self.app(message, Context(7, node, {}, RecordDict(), {}))))
-            replies.extend(map(wire, self.extra_replies(message)))
-        return replies
+    def ask(self, message: Message) -> Message:
+        return self.app(message, Context(7, message.metadata.dst_node_id, {}, RecordDict(), {}))
 
 
 @dataclass

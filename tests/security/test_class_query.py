@@ -6,8 +6,8 @@ from typing import Callable
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from inprocess_grid import InProcessGrid
 
 from leukfed.client.client_app import app
 from leukfed.common.errors import LeukError
@@ -17,44 +17,6 @@ from leukfed.server.server_app import ask_class_names
 
 Site = Callable[[Message], Message]
 HONEST = ["AML", "APL"]
-
-
-def wire(message: Message) -> Message:
-    """Through Flower's protobuf form, as the SuperLink carries it."""
-    return message_from_proto(message_to_proto(message))
-
-
-class QueryGrid(Grid):
-    """Delivers the server's messages to in-process sites and returns their replies over the wire form."""
-
-    def __init__(self, sites: dict[int, Site]) -> None:
-        self.sites = sites
-
-    def set_run(self, run) -> None:
-        pass
-
-    @property
-    def run(self):
-        raise RuntimeError("no run in tests")
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.sites)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            message = wire(message)
-            replies.append(wire(self.sites[message.metadata.dst_node_id](message)))
-        return replies
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +75,7 @@ def task_identity() -> None:
 
 @pytest.mark.parametrize("kind", list(MALFORMED))
 def test_a_malformed_reply_is_ignored_and_logged(honest_site: Site, kind: str, capsys) -> None:
-    grid = QueryGrid({1: honest_site, 2: MALFORMED[kind], 3: honest_site})
+    grid = InProcessGrid({1: honest_site, 2: MALFORMED[kind], 3: honest_site})
     assert ask_class_names(grid, FedConfig(min_sites=3, round_timeout=5)) == tuple(HONEST)
     out = capsys.readouterr().out
     assert "ignored" in out and ("site 2" in out or "node 999" in out), out
@@ -121,19 +83,19 @@ def test_a_malformed_reply_is_ignored_and_logged(honest_site: Site, kind: str, c
 
 
 def test_the_majority_wins_and_each_dissenting_site_is_named(honest_site: Site, capsys) -> None:
-    grid = QueryGrid({1: honest_site, 2: listing(["AML", "APL", "CLL"]), 3: honest_site, 4: listing(["X", "Y"])})
+    grid = InProcessGrid({1: honest_site, 2: listing(["AML", "APL", "CLL"]), 3: honest_site, 4: listing(["X", "Y"])})
     assert ask_class_names(grid, FedConfig(min_sites=4, round_timeout=5)) == tuple(HONEST)
     out = capsys.readouterr().out
     assert "site 2 reports classes [AML, APL, CLL]" in out and "site 4 reports classes [X, Y]" in out
 
 
 def test_a_tie_is_broken_the_same_way_whatever_the_reply_order(honest_site: Site) -> None:
-    first = ask_class_names(QueryGrid({1: honest_site, 2: listing(["B1", "B2"])}), FedConfig(min_sites=2))
-    second = ask_class_names(QueryGrid({1: listing(["B1", "B2"]), 2: honest_site}), FedConfig(min_sites=2))
+    first = ask_class_names(InProcessGrid({1: honest_site, 2: listing(["B1", "B2"])}), FedConfig(min_sites=2))
+    second = ask_class_names(InProcessGrid({1: listing(["B1", "B2"]), 2: honest_site}), FedConfig(min_sites=2))
     assert first == second == tuple(HONEST)
 
 
 def test_only_malformed_replies_end_the_run_with_one_clear_error() -> None:
-    grid = QueryGrid({1: MALFORMED["numbers"], 2: MALFORMED["no info record"]})
+    grid = InProcessGrid({1: MALFORMED["numbers"], 2: MALFORMED["no info record"]})
     with pytest.raises(LeukError, match="no site answered the class-list query with a usable class list"):
         ask_class_names(grid, FedConfig(min_sites=2, round_timeout=5))

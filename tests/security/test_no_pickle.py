@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from cli_errors import assert_one_line_error
 from leukfed.common.centralized import TrainConfig, train_centralized
 from leukfed.common.checkpoint import load_checkpoint, save_checkpoint
 from leukfed.common.errors import LeukError
@@ -48,14 +49,6 @@ def crafted_pickle(folder: Path, marker: Path) -> Path:
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "LEUK_NO_PROGRESS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

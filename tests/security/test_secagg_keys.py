@@ -14,15 +14,15 @@ runs fake sites with the real site code under node configs of its own.
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from inprocess_grid import InProcessGrid, run_client_app
 from leukfed.client.secagg import secure_train
 from leukfed.common.errors import LeukError
 from leukfed.common.secagg import (
@@ -103,11 +103,7 @@ def site_app() -> ClientApp:
     return app
 
 
-def wire(message: Message) -> Message:
-    return message_from_proto(message_to_proto(message))
-
-
-class Network(Grid):
+class Network(InProcessGrid):
     """Delivers the server's messages (protobuf both ways); `tamper(stage, dst, cfg)` is the server
     changing what one site receives. `received` is every reply the server holds."""
 
@@ -115,43 +111,14 @@ class Network(Grid):
         self.app = site_app()
         self.contexts = {nid: Context(RUN, nid, dict(cfg), RecordDict(), {}) for nid, cfg in nodes.items()}
         self.tamper = tamper
-        self.received: list[Message] = []
+        super().__init__({nid: partial(run_client_app, self.app, context=context)
+                          for nid, context in self.contexts.items()}, run_id=RUN)
 
-    @property
-    def run(self):
-        return type("Run", (), {"run_id": RUN})()
-
-    def set_run(self, run) -> None:
-        pass
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            message = wire(message)                       # each site gets its own copy to tamper with
-            nid = message.metadata.dst_node_id
-            cfg = message.content.config_records.get(RECORD)
-            if self.tamper is not None and cfg is not None:
-                self.tamper(cfg["stage"], nid, cfg)
-            try:
-                reply = self.app(message, self.contexts[nid])
-            except Exception as exc:  # noqa: BLE001 - Flower turns ClientApp exceptions into error replies
-                reply = Message(Error(1, f"{type(exc).__name__}: {exc}"), reply_to=message)
-            reply = wire(reply)
-            self.received.append(reply)
-            replies.append(reply)
-        return replies
+    def deliver(self, message: Message) -> Message | None:
+        cfg = message.content.config_records.get(RECORD)   # each site gets its own copy to tamper with
+        if self.tamper is not None and cfg is not None:
+            self.tamper(cfg["stage"], message.metadata.dst_node_id, cfg)
+        return super().deliver(message)
 
     def sent_by(self, nid: int, ctx: str | None = None) -> list[Message]:
         """What site `nid` replied (in round `ctx`, or in any round)."""

@@ -11,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from cli_errors import assert_one_line_error
 from leukfed.common.site_keys import generate_site_key
 from leukfed.server.certs import CertsLayout, add_site, init_certs
 
@@ -21,14 +22,6 @@ CLIENT = [PY, "-c", "from leukfed.client.cli import main; main()"]
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def private_keys_in(folder: Path) -> list[Path]:
