@@ -16,7 +16,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from leukfed.common.errors import LeukError
+from leukfed.common.errors import LeukError, SiteRefusal
 from leukfed.common.fedconfig import SiteConfig
 from leukfed.common.secagg import (
     MASKED,
@@ -67,7 +67,7 @@ def refuse_plain_training(msg: Message, context: Context) -> None:
     Inside `secure_train` the train function sees the `train.secagg` message, which passes.
     """
     if secagg_required(context) and msg.metadata.message_type != MESSAGE_TYPE:
-        raise LeukError("this site only takes part in secure-aggregation rounds "
+        raise SiteRefusal("this site only takes part in secure-aggregation rounds "
                         "(node config secure-aggregation=required)")
 
 
@@ -113,18 +113,18 @@ def secure_train(msg: Message, context: Context, train_fn: TrainFn, on_masked: O
     """
     cfg = msg.content.config_records.get(RECORD)
     if cfg is None:
-        raise LeukError("secure-aggregation message without its 'secagg' record")
+        raise SiteRefusal("secure-aggregation message without its 'secagg' record")
     stage, ctx = str(cfg.get("stage", "")), str(cfg.get("round", ""))
     if stage not in STAGES or not ctx:
-        raise LeukError(f"secure aggregation: unknown stage {stage!r}")
+        raise SiteRefusal(f"secure aggregation: unknown stage {stage!r}")
     nid = int(msg.metadata.dst_node_id)
     if context.node_id and int(context.node_id) != nid:
-        raise LeukError(f"secure aggregation: message for node {nid} delivered to node {context.node_id}; refused")
+        raise SiteRefusal(f"secure aggregation: message for node {nid} delivered to node {context.node_id}; refused")
     state = context.state.config_records.get(STATE)
     if stage != "setup":
         expected = STAGES[STAGES.index(stage) - 1]
         if state is None or state.get("round") != ctx or state.get("stage") != expected:
-            raise LeukError(f"secure aggregation: stage {stage} out of order "
+            raise SiteRefusal(f"secure aggregation: stage {stage} out of order "
                             f"(this site is at {state.get('stage') if state else 'no round'})")
     handler = {"setup": _site_setup, "share-keys": _site_share_keys, "mask": _site_mask,
                "unmask": _site_unmask}[stage]
@@ -148,7 +148,7 @@ def _remember_round(context: Context, ctx: str) -> None:
     seen = context.state.config_records.get(SEEN)
     run = str(context.run_id)
     if seen is not None and seen.get("run") == run and sequence <= int(seen["sequence"]):
-        raise LeukError(f"secure aggregation: round {sequence} is not fresh (this site already took part in "
+        raise SiteRefusal(f"secure aggregation: round {sequence} is not fresh (this site already took part in "
                         f"round {seen['sequence']} of run {run}); refused")
     context.state.config_records[SEEN] = ConfigRecord({"run": run, "sequence": sequence})
 
@@ -159,9 +159,9 @@ def _site_setup(state, cfg, nid, msg, context, train_fn) -> tuple[dict, dict]:
     clip, max_examples = float(cfg["clip"]), int(cfg["max-examples"])
     bits = int(cfg["scale-bits"])
     if nid not in sites:
-        raise LeukError("secure aggregation: this site is not among the round's sites")
+        raise SiteRefusal("secure aggregation: this site is not among the round's sites")
     if bits != scale_bits(len(sites), clip, max_examples):
-        raise LeukError("secure aggregation: the server's fixed-point scale would overflow the sum")
+        raise SiteRefusal("secure aggregation: the server's fixed-point scale would overflow the sum")
     identity = site_identity(context)
     _remember_round(context, ctx)
     sk_c, pk_c = keypair()
@@ -181,14 +181,14 @@ def _check_key_list(cfg, holders: list[int], nid: int, state, context: Context) 
     identity = site_identity(context)
     if identity.key is None:                              # a simulation: node ids only
         if len(holders) < identity.min_sites:
-            raise LeukError(f"secure aggregation: only {len(holders)} sites take part, this site requires "
+            raise SiteRefusal(f"secure aggregation: only {len(holders)} sites take part, this site requires "
                             f"at least {identity.min_sites}; refused")
         return
     if len(names) != len(holders) or len(signatures) != len(holders):
-        raise LeukError("secure aggregation: the key list lacks a site name and signature for every key "
+        raise SiteRefusal("secure aggregation: the key list lacks a site name and signature for every key "
                         "(unsigned keys); refused")
     if str(names[holders.index(nid)]) != state["name"]:
-        raise LeukError("secure aggregation: the server altered this site's name in the key list; refused")
+        raise SiteRefusal("secure aggregation: the server altered this site's name in the key list; refused")
     entries = [RoundKey(n, str(name), bytes(c), bytes(s), bytes(sig))
                for n, name, c, s, sig in zip(holders, names, cfg["pk-c"], cfg["pk-s"], signatures)]
     verify_round_keys(entries, identity.pinned, context.run_id, str(cfg["round"]), identity.min_sites)
@@ -199,12 +199,12 @@ def _site_share_keys(state, cfg, nid, msg, context, train_fn) -> tuple[dict, dic
     threshold = int(cfg["threshold"])
     pks_c, pks_s = list(cfg["pk-c"]), list(cfg["pk-s"])
     if len(pks_c) != len(holders) or len(pks_s) != len(holders) or len(set(holders)) != len(holders):
-        raise LeukError("secure aggregation: malformed key list")
+        raise SiteRefusal("secure aggregation: malformed key list")
     if not set(holders) <= set(ids(state["sites"])) or nid not in holders:
-        raise LeukError("secure aggregation: the key list names sites outside the round")
+        raise SiteRefusal("secure aggregation: the key list names sites outside the round")
     keys = dict(zip(holders, zip(pks_c, pks_s)))
     if keys[nid] != (state["pk-c"], state["pk-s"]):
-        raise LeukError("secure aggregation: the server altered this site's public keys")
+        raise SiteRefusal("secure aggregation: the server altered this site's public keys")
     if len(set(pks_c) | set(pks_s)) != 2 * len(holders):
         raise LeukError("secure aggregation: repeated public keys")
     if not 2 <= threshold <= len(holders) or 2 * threshold <= len(holders):

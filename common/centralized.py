@@ -16,9 +16,9 @@ from leukfed.common.atomic import atomic_write_json
 from leukfed.common.data import Manifest, scan_dataset
 from leukfed.common.dataset import build_dataset, make_loader
 from leukfed.common.errors import LeukError
-from leukfed.common.runs import (CHECKPOINT, HISTORY_JSON, config_difference, export_model,
-                                 load_checkpoint, model_description, refuse_legacy_checkpoint,
-                                 save_checkpoint)
+from leukfed.common.checkpoint import load_checkpoint, save_checkpoint
+from leukfed.common.runs import (CHECKPOINT, HISTORY_JSON, config_difference, export_model, model_description,
+                                 refuse_legacy_checkpoint)
 from leukfed.common.splits import Split, load_split, make_split, save_split
 from leukfed.common.train import (class_weights_from_counts, evaluate, make_loss, make_optimizer,
                                   prepare_model, seed_everything, select_hardware, train_epoch)

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from leukfed.common.errors import LeukError
+from leukfed.common.errors import LeukError, SiteRefusal
 
 MESSAGE_TYPE = "train.secagg"                  # Flower's MessageType.TRAIN + ".secagg": @app.train("secagg")
 RECORD = "secagg"                              # ConfigRecord with the protocol fields
@@ -105,7 +105,7 @@ def round_sequence(ctx: str) -> int:
     """The sequence number of a round id (LeukError for a malformed one)."""
     match = _ROUND_ID.match(ctx)
     if match is None:
-        raise LeukError(f"secure aggregation: malformed round id {ctx[:60]!r}")
+        raise SiteRefusal(f"secure aggregation: malformed round id {ctx[:60]!r}")
     return int(match.group(2))
 
 
@@ -365,19 +365,19 @@ def verify_round_keys(entries: Sequence[RoundKey], pinned: Mapping[str, SitePubl
     """LeukError unless every entry is signed by a distinct pinned site for this run, round and node."""
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
-        raise LeukError(f"secure aggregation: site names appear twice in the key list {sorted(names)}; refused")
+        raise SiteRefusal(f"secure aggregation: site names appear twice in the key list {sorted(names)}; refused")
     for entry in entries:
         public = pinned.get(entry.name)
         if public is None:
-            raise LeukError(f"secure aggregation: unknown site {entry.name!r} (node {entry.node_id}) in the key "
+            raise SiteRefusal(f"secure aggregation: unknown site {entry.name!r} (node {entry.node_id}) in the key "
                             f"list: its key is not pinned; refused")
         if not entry.signature:
-            raise LeukError(f"secure aggregation: the round keys of site {entry.name!r} are unsigned; refused")
+            raise SiteRefusal(f"secure aggregation: the round keys of site {entry.name!r} are unsigned; refused")
         statement = round_keys_statement(run_id, ctx, entry.node_id, entry.name, entry.pk_c, entry.pk_s)
         if not verify(public, entry.signature, statement):
-            raise LeukError(f"secure aggregation: bad signature on the round keys of site {entry.name!r} "
+            raise SiteRefusal(f"secure aggregation: bad signature on the round keys of site {entry.name!r} "
                             f"(node {entry.node_id}): substituted, replayed or not this round's; refused")
     if len(entries) < min_sites:
-        raise LeukError(f"secure aggregation: only {len(entries)} distinct pinned sites take part, this site "
+        raise SiteRefusal(f"secure aggregation: only {len(entries)} distinct pinned sites take part, this site "
                         f"requires at least {min_sites}; refused")
 

@@ -11,9 +11,9 @@ import torch
 from leukfed.common.atomic import atomic_write_json
 from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig
-from leukfed.common.runs import (CHECKPOINT, HISTORY_JSON, config_difference, export_model,
-                                 load_checkpoint, model_description, refuse_legacy_checkpoint,
-                                 save_checkpoint)
+from leukfed.common.checkpoint import load_checkpoint, save_checkpoint
+from leukfed.common.runs import (CHECKPOINT, HISTORY_JSON, config_difference, export_model, model_description,
+                                 refuse_legacy_checkpoint)
 
 FEDERATED_CHECKPOINT_KIND = "leukfed-federated-checkpoint/2"
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from leukfed.common.errors import LeukError
 from leukfed.common.flower.env import free_port
 from leukfed.common.flower.processes import descendants
 
@@ -98,6 +99,21 @@ class LoopbackFederation:
                       *self.site_policy, *args], self.root / f"client-{site}.log")
         self.procs.append(proc)
         return proc
+
+    def wait_server(self, server: subprocess.Popen, clients: list[subprocess.Popen], timeout: float) -> int:
+        """The server's exit code; LeukError at once if a hospital's leuk-client exits first (its last log
+        line says why), or when `timeout` s pass: a run whose sites are gone never hangs the caller."""
+        deadline = time.monotonic() + timeout
+        while server.poll() is None:
+            for proc, name in ((p, p.args[p.args.index("--site") + 1]) for p in clients):
+                if proc.poll() is not None:
+                    lines = self.log(f"client-{name}.log").strip().splitlines()
+                    raise LeukError(f"hospital {name}'s leuk-client exited ({proc.returncode}) before the run "
+                                    f"finished: {lines[-1] if lines else 'no output'}")
+            if time.monotonic() > deadline:
+                raise LeukError(f"the run did not finish within {timeout:.0f} s")
+            time.sleep(1.0)
+        return server.returncode
 
     def history(self) -> list[dict]:
         return read_history(self.state)

@@ -7,6 +7,7 @@ all_taleqani (symbolic links, not copies) when LEUK_DATA_ROOT is set, else gener
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -20,7 +21,8 @@ from leukfed.simulations.loopback import LoopbackFederation
 
 
 def site_folders(root: Path, sites: int, per_site: int, data_root: str | None) -> list[Path]:
-    """Per-site folders of symbolic links into <data_root>/all_taleqani (stratified), or generated data."""
+    """Per-site folders holding copies of <data_root>/all_taleqani images (stratified), or generated data.
+    Copies, not links: a site reads only regular files inside its own data folder."""
     if not data_root:
         return [make_synthetic_dataset(root / f"data-{i}", per_class=per_site // 4, size=96, seed=i) for i in range(sites)]
     manifest = scan_dataset(Path(data_root) / "all_taleqani")
@@ -29,9 +31,9 @@ def site_folders(root: Path, sites: int, per_site: int, data_root: str | None) -
     for i, part in enumerate(parts):
         folder = root / f"data-{i}"
         for path in part[:: max(1, len(part) // per_site)][:per_site]:  # every class, in its share
-            link = folder / path
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(manifest.root / path)
+            copy = folder / path
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(manifest.root / path, copy)
         folders.append(folder)
     return folders
 
@@ -81,9 +83,9 @@ def measure(model: str = "resnet18", image_size: int = 128, images_per_site: int
                                 str(local_epochs), "--pretrained", "none", "--evaluate-every", str(evaluate_every),
                                 *(["--evaluate-separately"] if evaluate_separately else []))
             fed.wait_submitted()
-            for name, folder in zip(names, folders):
-                fed.client(name, folder, *(["--cold-start"] if cold_start else []))
-            if server.wait(timeout=6 * 3600) != 0:
+            clients = [fed.client(name, folder, *(["--cold-start"] if cold_start else []))
+                       for name, folder in zip(names, folders)]
+            if fed.wait_server(server, clients, timeout=6 * 3600) != 0:
                 raise LeukError("the federated run failed: " + fed.log("server.log")[-2000:])
             history = fed.history()
             split = [breakdown(row, previous) for previous, row in zip([None, *history], history)]

@@ -326,11 +326,9 @@ def test_deployed_sites_sign_and_pin_and_a_site_missing_a_pin_refuses(tmp_path: 
     try:
         for site in fed.sites:
             make_synthetic_dataset(tmp_path / f"data-{site}", per_class=10, size=28, seed=20 + ord(site))
-            peers = fed.certs / "sites" / site / "peers"
-            peers.mkdir()
-            for other in fed.sites:
-                if (site, other) != ("c", "b"):
-                    shutil.copy(fed.certs / "sites" / other / "site.pub", peers / f"{other}.pub")
+            peers = fed.certs / "sites" / site / "peers"   # written by `leuk certs` with every site's key
+            assert sorted(p.name for p in peers.iterdir()) == [f"{other}.pub" for other in sorted(fed.sites)]
+        (fed.certs / "sites" / "c" / "peers" / "b.pub").unlink()    # c does not pin b
         server = fed.server("--rounds", "1", "--min-sites", "3", "--round-timeout", "120", "--batch-size", "16",
                             "--secure-aggregation")
         fed.wait_submitted()
