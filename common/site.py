@@ -19,7 +19,7 @@ from leukfed.common.dp_accounting import PrivacyLedger
 from leukfed.common.dp_model import dp_compatible
 from leukfed.common.dp_settings import DPSettings
 from leukfed.common.dp_training import private_train
-from leukfed.common.errors import LeukError
+from leukfed.common.errors import LeukError, SiteRefusal
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.splits import make_split
 from leukfed.common.train import (EpochStats, Hardware, LossFn, class_weights_from_counts, evaluate, make_loss,
@@ -107,7 +107,8 @@ def site_class_names(fed: FedConfig, site: SiteConfig) -> tuple[str, ...]:
 
 def check_site_classes(site_classes, run_classes, site_name: str) -> None:
     if run_classes and tuple(site_classes) != tuple(run_classes):
-        raise LeukError(f"site {site_name} refused: its classes {list(site_classes)} differ from the "
+        # The class names are what the coordinator's class query already asks every site for.
+        raise SiteRefusal(f"site {site_name} refused: its classes {list(site_classes)} differ from the "
                         f"run's classes {list(run_classes)}")
 
 
@@ -179,7 +180,7 @@ def site_dp_settings(fed: FedConfig, site: SiteConfig) -> DPSettings | None:
     no larger than the site's own."""
     if not fed.dp:
         if site.dp_budget > 0 or site.dp_noise_multiplier > 0:
-            raise LeukError(f"site {site.name} refused: it requires differential privacy (dp-budget or "
+            raise SiteRefusal(f"site {site.name} refused: it requires differential privacy (dp-budget or "
                             "dp-noise-multiplier in its node config) but the run trains without it")
         return None
     return DPSettings(max(fed.dp_noise_multiplier, site.dp_noise_multiplier), fed.dp_max_grad_norm,
