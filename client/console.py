@@ -25,7 +25,7 @@ AUDIT_FIELDS = ("seq", "time", "run_id", "round", "message", "outcome", "bytes_i
 
 def console_address(listen: str) -> tuple[str, int]:
     """`PORT` or `HOST:PORT` with a loopback HOST; anything else is refused."""
-    host, port = parse_listen(listen)
+    host, port = parse_listen(listen, "--console")
     if not is_loopback(host):
         raise LeukError(f"--console serves on loopback only (127.0.0.1, ::1 or localhost), not {host}: "
                         "reach it from elsewhere through an SSH tunnel")

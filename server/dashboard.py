@@ -197,7 +197,7 @@ def exported_model(folder: Path) -> dict:
 
 def serve_dashboard(state_dir: Path, listen: str, say=print) -> ReadOnlyServer:
     """Start the dashboard for `state_dir` on `listen` (HOST:PORT; HOST defaults to 127.0.0.1)."""
-    host, port = parse_listen(listen)
+    host, port = parse_listen(listen, "--dashboard")
     server = ReadOnlyServer(Dashboard(state_dir).app(), host, port)
     say(f"dashboard: {server.url} (read-only)")
     if not is_loopback(host):

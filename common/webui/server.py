@@ -44,12 +44,12 @@ class WebApp:
     api: Mapping[str, Callable[[], Any]] = field(default_factory=dict)
 
 
-def parse_listen(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """`HOST:PORT`, `[V6]:PORT`, `:PORT` or `PORT` -> (host, port); LeukError on anything else."""
+def parse_listen(text: str, option: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT`, `:PORT` or `PORT` -> (host, port); LeukError naming `option` otherwise."""
     host, _, port = text.strip().rpartition(":")
     host = host.strip("[]") or default_host
     if not port.isdigit() or not 0 <= int(port) < 65536:
-        raise LeukError(f"expected HOST:PORT with a port in 0-65535 (0: any free port), got {text!r}")
+        raise LeukError(f"{option} expects [HOST:]PORT with a port in 0-65535 (0: any free port), got {text!r}")
     return host, int(port)
 
 
