@@ -73,3 +73,14 @@ def test_status_is_merged_and_a_new_phase_or_round_restarts_its_clock(tmp_path: 
     (tmp_path / "status.json").write_text("{torn")
     assert read_status(tmp_path) == {}
     assert write_status(tmp_path / "missing", phase="x")["phase"] == "x"   # never raises
+
+
+def test_ids_reach_the_browser_exactly(tmp_path: Path) -> None:
+    """Flower's 64-bit run and node ids would lose digits as JavaScript numbers: they travel as text."""
+    from leukfed.common.webui.server import plain
+
+    write_status(tmp_path, run_id=2810463607261981522, round=1, sites={"a": 11116868050111349780})
+    document = plain(Dashboard(tmp_path).live())
+    assert document["status"]["run_id"] == "2810463607261981522"
+    assert document["status"]["sites"]["a"] == "11116868050111349780" and document["status"]["round"] == 1
+    assert plain({"x": float("nan"), "y": (1, True)}) == {"x": None, "y": [1, True]}

@@ -86,9 +86,12 @@ def allowed_host(header: str | None, bind_host: str, port: int) -> bool:
 
 
 def plain(value: Any) -> Any:
-    """JSON a browser can parse: NaN and infinities become null, tuples lists, other objects text."""
+    """JSON a browser reads as written: NaN and infinities become null, integers beyond 2**53 (Flower's
+    run and node ids) text, tuples lists, other objects text."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+        return str(value)
     if isinstance(value, (str, int, bool)) or value is None:
         return value
     if isinstance(value, Mapping):
