@@ -93,7 +93,8 @@ class Console:
         from leukfed.client.approval import manifest
 
         checked, result = self._installed
-        if time.monotonic() - checked > INSTALLED_CHECK_EVERY_S or result.get("code_digest") != entry.get("code_digest"):
+        stale = time.monotonic() - checked > INSTALLED_CHECK_EVERY_S
+        if stale or result.get("code_digest") != entry.get("code_digest"):
             files, hooks = manifest.code_manifest(), manifest.startup_hooks()
             result = {"code_digest": entry.get("code_digest"), "installed_digest": manifest.manifest_digest(files),
                       "changes": manifest.manifest_changes(entry.get("files") or {}, files),

@@ -248,8 +248,8 @@ def main(grid: Grid, context: Context) -> None:
             log(f"round {scored['round']} model, scored by the sites in round {round_}: "
                 f"accuracy {scored['evaluate']['eval_accuracy']:.4f}")
         print_round(row, fed.rounds)
-        write_status(state_dir, phase="training" if round_ < fed.rounds else "exporting", round=min(round_ + 1, fed.rounds),
-                     rounds_completed=round_)
+        write_status(state_dir, phase="training" if round_ < fed.rounds else "exporting",
+                     round=min(round_ + 1, fed.rounds), rounds_completed=round_)
         final_metrics = server_metrics or row["evaluate"]
         return MetricRecord({k: v for k, v in (server_metrics or {}).items() if isinstance(v, (int, float))})
 

@@ -24,7 +24,8 @@ def row(round_: int, sites: dict, **extra) -> dict:
 # Today's rows key sites by node id with a `name`; rows that name sites carry the node id as `node`.
 BY_NODE = [row(1, {"11": {"name": "a", "train": {"train_loss": 1.0}, "evaluate": {"eval_accuracy": 0.5}}},
                rejected=[REJECTION]),
-           row(2, {"11": {"name": "a", "train": {"train_loss": 0.5, "dp_epsilon": 1.25}, "evaluate": {"eval_accuracy": 0.75}}},
+           row(2, {"11": {"name": "a", "train": {"train_loss": 0.5, "dp_epsilon": 1.25},
+                          "evaluate": {"eval_accuracy": 0.75}}},
                failures=[{"node": 22, "phase": "train", "reason": "Traceback\nTimeoutError: no reply"}])]
 BY_NAME = [{**r, "sites": {entry["name"]: {"node": int(node), **{k: v for k, v in entry.items() if k != "name"}}
                            for node, entry in r["sites"].items()}} for r in BY_NODE]

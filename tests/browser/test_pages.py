@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect
 from browser_pages import open_page, screenshot
 from poisoned_nodes import Federation
 
@@ -17,6 +16,7 @@ from leukfed.common.flower.env import free_port
 from leukfed.simulations.loopback import wait_for
 
 pytestmark = pytest.mark.slow
+expect = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra").expect
 ROUNDS = 2
 REJECTION = "num-examples 1000000000 exceeds the bound 1000000 per site"
 
