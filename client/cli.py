@@ -28,8 +28,9 @@ def _site_files(certs: Path, site: str):
                     "ca.crt and peers/ come from the coordinator's hospital-bundle/)")
 
 
-def _check_data(data: Path) -> tuple[str, ...]:
-    """The checks of `leuk data check`: refuse to join with unusable data, before touching the network."""
+def _check_data(data: Path) -> tuple[tuple[str, ...], dict]:
+    """The checks of `leuk data check`: refuse to join with unusable data, before touching the network.
+    Returns the class names and the report."""
     from leukfed.common.data import scan_dataset
     from leukfed.common.data_check import check_dataset
     from leukfed.common.errors import LeukError
@@ -41,7 +42,7 @@ def _check_data(data: Path) -> tuple[str, ...]:
                         f"(e.g. {report['unreadable'][0]}); run `leuk data check {data}`")
     if report.get("ok") is False:
         raise LeukError(f"refusing to join: {problems[0] if problems else 'the data check failed'}")
-    return scan_dataset(data).class_names
+    return scan_dataset(data).class_names, report
 
 
 def _wait_for_server(host: str, port: int, ca, wait: float):
@@ -126,6 +127,8 @@ def join(
                                     "default) instead of forking it from a process that imported torch once."),
     policy: Optional[Path] = typer.Option(None, "--policy", help="This site's policy file (TOML, keys as the policy "
                                           "options below); the options given override it."),
+    console: str = typer.Option("", "--console", help="PORT (or 127.0.0.1:PORT): serve this site's read-only "
+                                "console on loopback (approvals, audit log, policy, DP budget, data check). Off unless given."),
     **policy_settings,
 ) -> None:
     """Check the data, check the server, start the SuperNode and keep it running."""
@@ -137,12 +140,21 @@ def join(
     if not (server and data and site and (certs or insecure)):
         raise LeukError("--server, --data, --site and --certs are required (see leuk-client --help)")
     host, port = _parse_server(server)
-    classes = _check_data(data)
+    if console:
+        from leukfed.client.console import console_address
+
+        console_address(console)   # a non-loopback address is refused before anything starts
+    classes, data_report = _check_data(data)
     typer.echo(f"data ok: {data} ({len(classes)} classes: {', '.join(classes)})")
     ca, key = (None, None) if insecure else _site_files(certs, site)
     state = (state or Path.home() / ".leukfed" / site).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
     policy_path = _site_policy(ctx, policy, policy_settings, state)  # a bad policy stops us before the network
+    if console:
+        from leukfed.client.console import SiteFiles, serve_console
+
+        serve_console(SiteFiles(site, state, (approvals or state / "approvals.json").expanduser().resolve(),
+                                data.resolve(), data_report, dp_budget), console, say=typer.echo)
     info = _wait_for_server(host, port, ca, wait)
     fingerprint = getattr(info, "fingerprint_sha256", "") or ""
     typer.echo(f"server {server} reachable" + (f", certificate sha256 {fingerprint}" if fingerprint else " (insecure)"))

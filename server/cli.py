@@ -82,6 +82,8 @@ def serve(
     admin_allow: str = typer.Option("", "--admin-allow", help="IP[,IP]: clients that may also use the control "
                                     "plane on --host/--port (default: none)."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS and no site authentication (testing only)."),
+    dashboard: str = typer.Option("", "--dashboard", help="[HOST:]PORT: serve the read-only dashboard of the run "
+                                  "there while it runs (HOST defaults to 127.0.0.1). Off unless given."),
     **settings,
 ) -> None:
     """Start the SuperLink, register the sites' keys, run the rounds and export the final model."""
@@ -89,6 +91,7 @@ def serve(
     from leukfed.server.certs import CertsLayout
     from leukfed.common.fab import write_app_dir, write_run_config
     from leukfed.server.registered_sites import RegisteredSites
+    from leukfed.server.run_status import write_status
     from leukfed.server.superlink import SuperLink
 
     fed = run_settings(settings)
@@ -103,6 +106,10 @@ def serve(
     else:
         layout = CertsLayout.at(certs)
         layout.require_server_files()
+    if dashboard:
+        from leukfed.server.dashboard import serve_dashboard
+
+        serve_dashboard(state, dashboard, say=_say)
     link = SuperLink()
     link.start(state / "superlink", host=host, port=port, insecure=insecure, supernode_auth=not insecure,
                certs=None if layout is None else (layout.ca_cert, layout.server_cert, layout.server_key),
@@ -116,10 +123,12 @@ def serve(
             # The ServerApp sends to, waits for and accepts replies from these nodes only.
             fed = dataclasses.replace(fed, registered_sites=RegisteredSites.format(registered))
         app_dir = write_app_dir(state / "app")
+        write_status(state, phase="submitting", total_rounds=rounds)
         run_id = link.submit(app_dir, write_run_config(state / "run_config.toml", fed))
         _say(f"run {run_id} submitted: {rounds} rounds of {fed.strategy}, waiting for {fed.min_sites} sites")
         status = _follow(link, run_id, state, rounds)
         if status != "finished:completed":
+            write_status(state, phase=f"ended {status}")
             details = str(link.run_info(run_id).get("status-details", "")).strip()
             raise LeukError(f"the run ended {status}: {details.splitlines()[-1] if details else 'see ' + str(link.log_path)}")
         metrics = json.loads((state / "metrics.json").read_text()) if (state / "metrics.json").exists() else {}

@@ -18,6 +18,7 @@ from leukfed.common.dp_settings import round_privacy
 from leukfed.common.train import seed_everything
 from leukfed.server.grids import PromptGrid
 from leukfed.server.registered_sites import RegisteredSites
+from leukfed.server.run_status import write_status
 from leukfed.server.state import Resumed, export_final, load_resumed, save_round
 from leukfed.server.strategies import make_strategy, restore_strategy_state, strategy_state
 
@@ -193,6 +194,8 @@ def main(grid: Grid, context: Context) -> None:
     grid = RegisteredSites.parse(fed.registered_sites).grid(grid)   # only the coordinator's sites exist for this run
     state_dir = Path(fed.state_dir or "leuk-server-state")
     state_dir.mkdir(parents=True, exist_ok=True)
+    write_status(state_dir, run_id=context.run_id, phase="waiting for sites", total_rounds=fed.rounds, round=0,
+                 sites={name: node for node, name in RegisteredSites.parse(fed.registered_sites).names.items()})
     resumed: Resumed | None = load_resumed(state_dir, fed) if fed.resume else None
     class_names = resumed.class_names if resumed else ask_class_names(grid, fed)
     fed = FedConfig.from_run_config({**fed.to_run_config(), "class-names": ",".join(class_names)})
@@ -245,10 +248,13 @@ def main(grid: Grid, context: Context) -> None:
             log(f"round {scored['round']} model, scored by the sites in round {round_}: "
                 f"accuracy {scored['evaluate']['eval_accuracy']:.4f}")
         print_round(row, fed.rounds)
+        write_status(state_dir, phase="training" if round_ < fed.rounds else "exporting",
+                     round=min(round_ + 1, fed.rounds), rounds_completed=round_)
         final_metrics = server_metrics or row["evaluate"]
         return MetricRecord({k: v for k, v in (server_metrics or {}).items() if isinstance(v, (int, float))})
 
     if start_round <= fed.rounds:
+        write_status(state_dir, phase="training", round=start_round, rounds_completed=start_round - 1)
         strategy.start(
             grid=train_grid,
             initial_arrays=encode_state(model.state_dict()),
@@ -264,4 +270,5 @@ def main(grid: Grid, context: Context) -> None:
     if not final_metrics:
         final_metrics = history[-1]["server_evaluate"] or history[-1]["evaluate"]
     export_final(state_dir, model, class_names, fed, final_metrics, history)
+    write_status(state_dir, phase="finished", rounds_completed=len(history))
     log(f"finished {len(history)} rounds; model exported to {state_dir}")
