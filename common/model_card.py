@@ -52,11 +52,11 @@ class ModelCard:
 
 def weights_origin(source: str) -> str:
     """The model's pretrained_source in words."""
-    if not source or source == "none":
+    if not source or source.startswith("none"):
         return "trained from scratch (random initialisation)"
     if source.startswith("package"):
-        return f"ImageNet weights shipped with the model package ({source}), fine-tuned"
-    if source.startswith("hub"):
+        return f"ImageNet weights shipped with the model's Python package ({source}), fine-tuned"
+    if source.startswith(("hub", "timm-hub")):
         return f"ImageNet weights from the timm hub ({source}), fine-tuned"
     return f"initial weights from {source}, fine-tuned"
 
