@@ -17,6 +17,7 @@ from leukfed.server.registered_sites import NAME_RECORD, RegisteredSites
 from leukfed.server.state import load_resumed, read_history, save_round, upgrade_history
 
 
+@pytest.mark.slow   # the shared in-process federation (tests/inprocess_federation.py)
 def test_history_and_log_name_the_virtual_sites(tracked_federation) -> None:  # noqa: F811
     state, lines, _ = tracked_federation
     history = read_history(state)
