@@ -67,12 +67,14 @@ def _print_round(row: dict, total_rounds: int) -> None:
     _say(f"round {row['round']}/{total_rounds}: {row['sites_replied']}/{row['sites_sampled']} sites replied "
          f"({sites}); {shown or 'no metrics'}; {row['round_seconds']:.1f}s; "
          f"sent {row['bytes_sent'] / 1e6:.1f} MB, received {row['bytes_received'] / 1e6:.1f} MB")
+    from leukfed.server.registered_sites import describe
+
     for failure in row["failures"]:
         reason = (failure["reason"] or "").strip().splitlines()
-        _say(f"  site {failure['site']} (node {failure['node']}) failed in {failure['phase']}: "
+        _say(f"  {describe(failure['site'], failure['node'])} failed in {failure['phase']}: "
              f"{reason[-1] if reason else '?'}")
     for rejected in row["rejected"]:
-        _say(f"  site {rejected['site']} (node {rejected['node']}) update rejected: {rejected['reason']}")
+        _say(f"  {describe(rejected['site'], rejected['node'])} update rejected: {rejected['reason']}")
 
 
 def serve(

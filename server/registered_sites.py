@@ -16,6 +16,11 @@ from leukfed.server.grids import DelegatingGrid
 NAME_RECORD = "site"
 
 
+def describe(site: str, node: object) -> str:
+    """A history entry's site for a log line: `site a (node 123)`, or `node 123` where it has no name."""
+    return f"node {node}" if site == f"node-{node}" else f"site {site} (node {node})"
+
+
 @dataclass(frozen=True)
 class RegisteredSites:
     """node id -> site name. Empty: no list (simulation, `--insecure`): every node counts, and a node is
@@ -60,8 +65,7 @@ class RegisteredSites:
 
     def label(self, node: int) -> str:
         """`site a (node 123)`, or `node 123` where no name is known."""
-        name = self.name(node)
-        return f"site {name} (node {node})" if name else f"node {node}"
+        return describe(self.site_name(node), node)
 
     def note_claim(self, node: int, claimed: object) -> None:
         """Without a registration list, a node's reply may name it (the simulation's `site-K`). A label

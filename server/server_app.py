@@ -17,7 +17,7 @@ from leukfed.common.fedconfig import FedConfig
 from leukfed.common.dp_settings import round_privacy
 from leukfed.common.train import seed_everything
 from leukfed.server.grids import PromptGrid
-from leukfed.server.registered_sites import RegisteredSites
+from leukfed.server.registered_sites import RegisteredSites, describe
 from leukfed.server.state import Resumed, export_final, load_resumed, save_round
 from leukfed.server.strategies import make_strategy, restore_strategy_state, strategy_state
 from leukfed.server.tracking import SafeTracker, evaluation_scalars, open_tracker, round_scalars
@@ -64,17 +64,20 @@ def reported_classes(reply: Message) -> tuple[tuple[str, ...] | None, str]:
     return tuple(names), ""
 
 
-def ask_class_names(grid: Grid, fed: FedConfig, sites: RegisteredSites) -> tuple[str, ...]:
+def ask_class_names(grid: Grid, fed: FedConfig, sites: RegisteredSites | None = None) -> tuple[str, ...]:
     """The run's classes: given in the config, else the list most sites report (ties: the first list in
     sorted order). Malformed or conflicting answers are logged by site and ignored."""
     if fed.classes:
         return fed.classes
+    sites = sites if sites is not None else RegisteredSites()
     nodes = wait_for_sites(grid, fed.min_sites, sites)
     messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     answers: dict[int, tuple[str, ...]] = {}
     for reply in grid.send_and_receive(messages, timeout=fed.round_timeout):
         node = reply.metadata.src_node_id
         classes, problem = reported_classes(reply)
+        if node in nodes:
+            sites.note_reply(reply)   # a name it gives itself counts only without a registration list
         if node not in nodes or node in answers:
             log(f"class query: ignored a reply from {sites.label(node)} (not asked, or a second reply)")
         elif classes is None:
@@ -188,9 +191,9 @@ def print_round(row: dict, total_rounds: int) -> None:
         + (f", {len(row['rejected'])} updates rejected" if row["rejected"] else ""))
     for entry in row["failures"]:
         reason = (entry["reason"] or "").strip().splitlines()
-        log(f"  site {entry['site']} (node {entry['node']}) failed in {entry['phase']}: {reason[-1] if reason else '?'}")
+        log(f"  {describe(entry['site'], entry['node'])} failed in {entry['phase']}: {reason[-1] if reason else '?'}")
     for entry in row["rejected"]:
-        log(f"  site {entry['site']} (node {entry['node']}): update rejected: {entry['reason']}")
+        log(f"  {describe(entry['site'], entry['node'])}: update rejected: {entry['reason']}")
     for entry in row.get("ignored", []):
         log(f"  {entry['reason']} ({entry['phase']})")
 

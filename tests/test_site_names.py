@@ -44,7 +44,7 @@ def test_leuk_server_lines_name_sites_and_keep_the_node_as_a_detail(capsys) -> N
     out = capsys.readouterr().out
     assert "(nodes" not in out and "1/2 sites replied (hospital-a)" in out
     assert "site hospital-b (node 12) failed in train: SiteRefusal: no" in out
-    assert "site node-99 (node 99) update rejected: update norm 5" in out
+    assert "  node 99 update rejected: update norm 5" in out                 # no name known: the node id
 
 
 OLD_ROW = {"round": 1, "sites_sampled": 3, "sites_replied": 2,
