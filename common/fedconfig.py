@@ -140,6 +140,10 @@ def tracking_target(spec: str) -> tuple[str, str] | None:
     kind, _, where = spec.partition(":")
     if kind not in TRACKING_KINDS or not where:
         raise LeukError(f"tracking {spec!r}: expected tensorboard:DIR or mlflow:PATH_OR_URI")
+    if "://" in where and "@" in where.split("://", 1)[1].split("/", 1)[0]:
+        # The run config reaches every site: credentials go in MLflow's own environment variables.
+        raise LeukError("tracking URI must not hold credentials (the run config reaches every site); set "
+                        "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN instead")
     return kind, where
 
 

@@ -96,7 +96,7 @@ def render(card: ModelCard) -> str:
              f"- Weights origin: {weights_origin(card.weights_origin)}", "",
              "## Data", "", *(f"- {line}" for line in card.data)]
     if card.sites:
-        lines += ["", "Sites (names given to `leuk certs`; counts are the aggregates each site itself reported):", "",
+        lines += ["", "Sites (counts are the aggregates each site itself reported):", "",
                   "| site | training examples (last round) | evaluation examples (last round) |", "|---|---:|---:|"]
         for name, counts in card.sites.items():
             lines.append(f"| {name} | {counts.get('train', '—')} | {counts.get('evaluate', '—')} |")
@@ -171,7 +171,9 @@ def federated_card(fed: FedConfig, source: str, class_names, history: list[dict]
     local = f"{fed.local_steps} local batches" if fed.local_steps else f"{fed.local_epochs} local epoch(s)"
     data = (f"Each site trained on its own images; no image left a site. Metrics below: {scored_at}"
             + (f" ({fed.eval_data}{', test side of ' + fed.eval_split if fed.eval_split else ''})" if fed.eval_data else ""),
-            f"{len(site_counts(history))} site(s) took part")
+            f"{len(site_counts(history))} site(s) took part, named "
+            + ("as registered with `leuk certs`" if fed.registered_sites else
+               "as they named themselves (no registration list: a simulation or an --insecure run)"))
     training = (f"{rounds} federated round(s) of {fed.strategy}, {local} per round, batch {fed.batch_size}, "
                 f"{fed.optimizer} lr {fed.lr:g}, loss {fed.loss}, augmentation {fed.augment}, seed {fed.seed}",
                 f"Updates travelled as {fed.transfer_dtype}; the coordinator refused updates failing its checks "

@@ -76,6 +76,8 @@ def test_tracking_is_declared_once_off_by_default_and_checked(tmp_path: Path, mo
     for bad in ("wandb:x", "tensorboard:", "mlflow"):
         with pytest.raises(LeukError, match="expected tensorboard:DIR or mlflow:PATH_OR_URI"):
             FedConfig(tracking=bad)
+    with pytest.raises(LeukError, match="must not hold credentials"):   # the run config reaches every site
+        FedConfig(tracking="mlflow:https://user:secret@mlflow.example/")
     monkeypatch.setitem(sys.modules, "tensorboard", None)          # as if the package were not installed
     with pytest.raises(LeukError, match=r"pip install 'leukfed\[tracking\]'"):
         check_tracking("tensorboard:runs")
