@@ -32,10 +32,10 @@ def log(message: str) -> None:
 def wait_for_sites(grid: Grid, minimum: int, sites: RegisteredSites | None = None) -> list[int]:
     """Block until `minimum` sites are connected (hospitals join when they are ready), logging progress."""
     last_count, last_log = -1, 0.0
-    sites = sites or RegisteredSites()
+    sites = sites if sites is not None else RegisteredSites()
     while len(nodes := list(grid.get_node_ids())) < minimum:
         if len(nodes) != last_count or time.monotonic() - last_log > 60:
-            names = ", ".join(sorted(map(sites.site_name, nodes)))
+            names = shown_names(sorted(map(sites.site_name, nodes)))
             log(f"waiting for sites: {len(nodes)} of {minimum} connected" + (f" ({names})" if nodes else ""))
             last_count, last_log = len(nodes), time.monotonic()
         time.sleep(1.0)
@@ -179,13 +179,19 @@ def attach_evaluation(history: list[dict], log_, current_round: int, sites: Regi
     return row
 
 
+def shown_names(names: list[str], most: int = 12) -> str:
+    """Site names for a log line: all of them, or the first `most` and how many more."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return (", ".join(names[:most]) or "none") + more
+
+
 def print_round(row: dict, total_rounds: int) -> None:
     acc = row["server_evaluate"].get("accuracy", row["evaluate"].get("eval_accuracy"))
     acc_text = f" accuracy {acc:.4f}" if isinstance(acc, float) else ""
     if row.get("privacy"):
         acc_text += f", site epsilon <= {row['privacy']['max_epsilon']:.2f} (delta {row['privacy']['delta']:g})"
     log(f"round {row['round']}/{total_rounds}: {row['sites_replied']}/{row['sites_sampled']} sites"
-        f" ({', '.join(row['sites']) or 'none'}),"
+        f" ({shown_names(list(row['sites']))}),"
         f" train loss {row['train'].get('train_loss', float('nan')):.4f}{acc_text},"
         f" {row['round_seconds']:.1f}s" + (f", {len(row['failures'])} failures" if row["failures"] else "")
         + (f", {len(row['rejected'])} updates rejected" if row["rejected"] else ""))
