@@ -201,6 +201,9 @@ def simulate_cmd(
     from leukfed.simulations.simulate import simulate
 
     cfg = SimulateConfig(**settings, strategies=tuple(parse_csv_list(strategy)))
+    from leukfed.server.tracking import check_tracking
+
+    check_tracking(cfg.tracking)   # a missing library: refused before any training
     results = simulate(cfg, log=lambda line: typer.echo(line, err=True))
     typer.echo(method_table(results))
     typer.echo(f"report: {Path(cfg.out) / 'report.md'}")

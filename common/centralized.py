@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from leukfed.common.atomic import atomic_write_json
+from leukfed.common.model_card import centralized_card, config_defaults, write_model_card
 from leukfed.common.data import Manifest, scan_dataset
 from leukfed.common.dataset import build_dataset, make_loader
 from leukfed.common.errors import LeukError
@@ -179,6 +180,10 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfi
         split_digest=split_digest(split), kind="centralized",
         extra={"hardware": hardware.describe(), "num_train": len(train_set)})
     export_model(out_dir, model, description, metrics)
+    write_model_card(out_dir, centralized_card(
+        cfg.to_dict(), config_defaults(TrainConfig), model.leuk_info.pretrained_source, class_names,
+        data_dir=str(data_dir), out_dir=str(out_dir), history=history, metrics=metrics,
+        images={"train": len(train_set), "val": len(val_set), "test": len(test_set)}))
     write_plots(out_dir, history, metrics)
     return metrics
 

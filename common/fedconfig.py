@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 from leukfed.common.errors import LeukError
@@ -68,6 +69,9 @@ class FedConfig:
                                          "(0: no upper bound).")
     max_update_norm: float = setting(1e4, "Refuse an update farther than this from the global model (L2 over all "
                                      "float tensors; 0: no bound).")
+    tracking: str = setting("", "Export each round's metrics: tensorboard:DIR (event files) or mlflow:PATH_OR_URI (a "
+                            "local folder, a .db file, or a tracking URI; only an http(s) URI uses the network). "
+                            "Off by default.")
 
     def __post_init__(self) -> None:
         problems = []
@@ -95,6 +99,10 @@ class FedConfig:
                             "use fedavg, fedprox, fedadam or fedyogi")
         if self.secure_aggregation and self.min_sites < 2:
             problems.append("secure aggregation needs min-sites >= 2 (>= 3 to survive a dropout)")
+        try:
+            object.__setattr__(self, "tracking", _absolute_tracking(self.tracking))   # the ServerApp's cwd differs
+        except LeukError as exc:
+            problems.append(str(exc))
         if problems:
             raise LeukError("; ".join(problems))
 
@@ -118,8 +126,33 @@ class FedConfig:
     def training_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with its checkpoint."""
         ignore = {"rounds", "round_timeout", "resume", "state_dir", "min_sites", "registered_sites",
-                  "max_examples_per_site", "max_update_norm"}   # coordinator policy, may change on resume
+                  "max_examples_per_site", "max_update_norm", "tracking"}   # coordinator policy, may change on resume
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignore}
+
+
+TRACKING_KINDS = ("tensorboard", "mlflow")
+
+
+def tracking_target(spec: str) -> tuple[str, str] | None:
+    """`--tracking KIND:WHERE` as (kind, where); None when off; LeukError when malformed."""
+    if not spec:
+        return None
+    kind, _, where = spec.partition(":")
+    if kind not in TRACKING_KINDS or not where:
+        raise LeukError(f"tracking {spec!r}: expected tensorboard:DIR or mlflow:PATH_OR_URI")
+    if "://" in where and "@" in where.split("://", 1)[1].split("/", 1)[0]:
+        # The run config reaches every site: credentials go in MLflow's own environment variables.
+        raise LeukError("tracking URI must not hold credentials (the run config reaches every site); set "
+                        "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN instead")
+    return kind, where
+
+
+def _absolute_tracking(spec: str) -> str:
+    """A local folder or file made absolute; URIs (scheme://..., file:...) unchanged."""
+    target = tracking_target(spec)
+    if target is None or "://" in target[1] or target[1].startswith("file:"):
+        return spec
+    return f"{target[0]}:{Path(target[1]).expanduser().resolve()}"
 
 
 @dataclass(frozen=True)

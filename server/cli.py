@@ -61,16 +61,20 @@ def _follow(link, run_id: int, state: Path, total_rounds: int) -> str:
 
 
 def _print_round(row: dict, total_rounds: int) -> None:
-    sites = ", ".join(sorted(row["sites"])) or "none"
+    sites = ", ".join(sorted(row["sites"])) or "none"   # by site name (history.json keys)
     metrics = row["server_evaluate"] or row["evaluate"]
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "seconds" not in k)
     _say(f"round {row['round']}/{total_rounds}: {row['sites_replied']}/{row['sites_sampled']} sites replied "
-         f"(nodes {sites}); {shown or 'no metrics'}; {row['round_seconds']:.1f}s; "
+         f"({sites}); {shown or 'no metrics'}; {row['round_seconds']:.1f}s; "
          f"sent {row['bytes_sent'] / 1e6:.1f} MB, received {row['bytes_received'] / 1e6:.1f} MB")
+    from leukfed.server.registered_sites import describe
+
     for failure in row["failures"]:
-        _say(f"  node {failure['node']} failed in {failure['phase']}: {failure['reason'].strip().splitlines()[-1]}")
+        reason = (failure["reason"] or "").strip().splitlines()
+        _say(f"  {describe(failure['site'], failure['node'])} failed in {failure['phase']}: "
+             f"{reason[-1] if reason else '?'}")
     for rejected in row["rejected"]:
-        _say(f"  node {rejected['node']} update rejected: {rejected['reason']}")
+        _say(f"  {describe(rejected['site'], rejected['node'])} update rejected: {rejected['reason']}")
 
 
 def serve(
@@ -132,7 +136,8 @@ def serve(
             details = str(link.run_info(run_id).get("status-details", "")).strip()
             raise LeukError(f"the run ended {status}: {details.splitlines()[-1] if details else 'see ' + str(link.log_path)}")
         metrics = json.loads((state / "metrics.json").read_text()) if (state / "metrics.json").exists() else {}
-        _say(f"finished: model exported to {state} (model.safetensors, model.json, metrics.json, history.json)")
+        _say(f"finished: model exported to {state} (model.safetensors, model.json, metrics.json, history.json, "
+             "MODEL_CARD.md)")
         if metrics:
             _say("final metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     finally:
@@ -151,6 +156,9 @@ def run_settings(settings: dict) -> "FedConfig":
         values["eval_data"] = str(Path(values["eval_data"]).expanduser().resolve())
     fed = FedConfig(**values)
     resolve_data_config(fed.model, fed.image_size or None)  # LeukError: unknown model, impossible size
+    from leukfed.server.tracking import check_tracking
+
+    check_tracking(fed.tracking)   # a missing library: refused before the SuperLink starts
     return fed
 
 

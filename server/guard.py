@@ -51,11 +51,11 @@ class GuardedStrategy(Strategy):
     fused_mean: bool = True  # FedAvg/FedProx: checks, norms and the weighted mean in one pass (FusedMean)
 
     def __init__(self, strategy: Strategy, settings: GuardSettings = GuardSettings(),
-                 sites: RegisteredSites = RegisteredSites()) -> None:
+                 sites: RegisteredSites | None = None) -> None:
         super().__init__()
         self.strategy = strategy
         self.settings = settings
-        self.sites = sites
+        self.sites = sites if sites is not None else RegisteredSites()   # names the sites in logs and history
         self.log = RoundLog()
         self.reference: dict[str, np.ndarray] = {}
         self.round_offset = 0  # a resumed run's strategy counts its rounds from 1 again
@@ -86,16 +86,16 @@ class GuardedStrategy(Strategy):
         for msg in replies:
             node = msg.metadata.src_node_id
             if self.sites.allows(node):
+                self.sites.note_reply(msg)
                 kept.append(msg)
             else:
-                self.log.ignored.append({"node": node, "phase": phase,
+                self.log.ignored.append({"site": self.sites.site_name(node), "node": node, "phase": phase,
                                          "reason": f"ignored reply from unregistered node {node}"})
         return kept
 
     def _entry(self, node: int, **fields) -> dict:
-        """A failure or rejection for the log: the node, and its site name where known."""
-        name = self.sites.name(node)
-        return {"node": node, **({"site": name} if name else {}), **fields}
+        """A failure or rejection for the log: the site's name (`node-<id>` where none is known), its node."""
+        return {"site": self.sites.site_name(node), "node": node, **fields}
 
     # -- training ------------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

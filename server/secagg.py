@@ -91,7 +91,7 @@ class SecAggReport:
     def summary(self) -> str:
         counts = (f"{len(self.sampled)} sampled, {len(self.keys)} keys, {len(self.shared)} shared, "
                   f"{len(self.masked)} masked, {len(self.unmasked)} unmasked (threshold {self.threshold})")
-        drops = "".join(f"; site {n} dropped at {why}" for n, why in self.dropped.items())
+        drops = "".join(f"; site {self.names.get(n, n)} dropped at {why}" for n, why in self.dropped.items())
         end = f"; ABORTED: {self.aborted}" if self.aborted else f"; sum of {len(self.masked)} sites, {self.total_examples} examples"
         return f"secure aggregation {counts}{drops}{end}, {sum(self.stage_seconds.values()):.1f}s"
 

@@ -17,10 +17,11 @@ from leukfed.common.fedconfig import FedConfig
 from leukfed.common.dp_settings import round_privacy
 from leukfed.common.train import seed_everything
 from leukfed.server.grids import PromptGrid
-from leukfed.server.registered_sites import RegisteredSites
+from leukfed.server.registered_sites import RegisteredSites, describe
 from leukfed.server.run_status import write_status
 from leukfed.server.state import Resumed, export_final, load_resumed, save_round
 from leukfed.server.strategies import make_strategy, restore_strategy_state, strategy_state
+from leukfed.server.tracking import SafeTracker, evaluation_scalars, open_tracker, round_scalars
 
 app = ServerApp()
 
@@ -29,12 +30,14 @@ def log(message: str) -> None:
     print(f"[leukfed] {message}", flush=True)
 
 
-def wait_for_sites(grid: Grid, minimum: int) -> list[int]:
+def wait_for_sites(grid: Grid, minimum: int, sites: RegisteredSites | None = None) -> list[int]:
     """Block until `minimum` sites are connected (hospitals join when they are ready), logging progress."""
     last_count, last_log = -1, 0.0
+    sites = sites if sites is not None else RegisteredSites()
     while len(nodes := list(grid.get_node_ids())) < minimum:
         if len(nodes) != last_count or time.monotonic() - last_log > 60:
-            log(f"waiting for sites: {len(nodes)} of {minimum} connected")
+            names = shown_names(sorted(map(sites.site_name, nodes)))
+            log(f"waiting for sites: {len(nodes)} of {minimum} connected" + (f" ({names})" if nodes else ""))
             last_count, last_log = len(nodes), time.monotonic()
         time.sleep(1.0)
     return nodes
@@ -62,21 +65,24 @@ def reported_classes(reply: Message) -> tuple[tuple[str, ...] | None, str]:
     return tuple(names), ""
 
 
-def ask_class_names(grid: Grid, fed: FedConfig) -> tuple[str, ...]:
+def ask_class_names(grid: Grid, fed: FedConfig, sites: RegisteredSites | None = None) -> tuple[str, ...]:
     """The run's classes: given in the config, else the list most sites report (ties: the first list in
     sorted order). Malformed or conflicting answers are logged by site and ignored."""
     if fed.classes:
         return fed.classes
-    nodes = wait_for_sites(grid, fed.min_sites)
+    sites = sites if sites is not None else RegisteredSites()
+    nodes = wait_for_sites(grid, fed.min_sites, sites)
     messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     answers: dict[int, tuple[str, ...]] = {}
     for reply in grid.send_and_receive(messages, timeout=fed.round_timeout):
         node = reply.metadata.src_node_id
         classes, problem = reported_classes(reply)
+        if node in nodes:
+            sites.note_reply(reply)   # a name it gives itself counts only without a registration list
         if node not in nodes or node in answers:
-            log(f"class query: ignored a reply from node {node} (not asked, or a second reply)")
+            log(f"class query: ignored a reply from {sites.label(node)} (not asked, or a second reply)")
         elif classes is None:
-            log(f"class query: ignored site {node}'s reply: {problem}")
+            log(f"class query: ignored the reply of {sites.label(node)}: {problem}")
         else:
             answers[node] = classes
     lists = Counter(answers.values())
@@ -86,7 +92,7 @@ def ask_class_names(grid: Grid, fed: FedConfig) -> tuple[str, ...]:
     for node, other in sorted(answers.items()):
         if other != classes:
             shown = ", ".join(other[:10]) + (f" ... ({len(other)} classes)" if len(other) > 10 else "")
-            log(f"site {node} reports classes [{shown}], not the run's {list(classes)}; it will be refused")
+            log(f"{sites.label(node)} reports classes [{shown}], not the run's {list(classes)}; it will be refused")
     return classes
 
 
@@ -131,7 +137,7 @@ def round_row(round_: int, strategy, server_metrics: dict | None,
         "round": round_,
         "sites_sampled": len(log_.sites_sampled),
         "sites_replied": len(log_.train),
-        "sites": {str(n): site_row(strategy.sites, n, log_) for n in sorted(set(log_.train) | set(log_.evaluate))},
+        "sites": site_rows(strategy.sites, log_),
         "failures": log_.failures,
         "rejected": log_.rejected,
         "ignored": log_.ignored,
@@ -152,12 +158,14 @@ def round_row(round_: int, strategy, server_metrics: dict | None,
     }
 
 
-def site_row(sites: RegisteredSites, node: int, log_) -> dict:
-    row = {"train": log_.train.get(node, {}), "evaluate": log_.evaluate.get(node, {})}
-    return {"name": sites.name(node), **row} if sites.name(node) else row
+def site_rows(sites: RegisteredSites, log_) -> dict[str, dict]:
+    """Per site, keyed by its name (`node-<id>` where none is known), the node id as a detail."""
+    nodes = sorted(set(log_.train) | set(log_.evaluate), key=sites.site_name)
+    return {sites.site_name(n): {"node": n, "train": log_.train.get(n, {}), "evaluate": log_.evaluate.get(n, {})}
+            for n in nodes}
 
 
-def attach_evaluation(history: list[dict], log_, current_round: int) -> dict | None:
+def attach_evaluation(history: list[dict], log_, current_round: int, sites: RegisteredSites) -> dict | None:
     """The sites scored an earlier round's model in this round's train task: that round's entry gets
     the scores (what its own evaluation message would have brought back)."""
     if not log_.evaluated_round:
@@ -167,9 +175,15 @@ def attach_evaluation(history: list[dict], log_, current_round: int) -> dict | N
         return None
     row["evaluate"] = log_.aggregated_evaluate_in_train
     for node, scores in log_.evaluate_in_train.items():
-        row["sites"].setdefault(str(node), {"train": {}})["evaluate"] = scores
+        row["sites"].setdefault(sites.site_name(node), {"node": node, "train": {}})["evaluate"] = scores
     row["evaluated_in_round"] = current_round
     return row
+
+
+def shown_names(names: list[str], most: int = 12) -> str:
+    """Site names for a log line: all of them, or the first `most` and how many more."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return (", ".join(names[:most]) or "none") + more
 
 
 def print_round(row: dict, total_rounds: int) -> None:
@@ -177,27 +191,36 @@ def print_round(row: dict, total_rounds: int) -> None:
     acc_text = f" accuracy {acc:.4f}" if isinstance(acc, float) else ""
     if row.get("privacy"):
         acc_text += f", site epsilon <= {row['privacy']['max_epsilon']:.2f} (delta {row['privacy']['delta']:g})"
-    log(f"round {row['round']}/{total_rounds}: {row['sites_replied']}/{row['sites_sampled']} sites,"
+    log(f"round {row['round']}/{total_rounds}: {row['sites_replied']}/{row['sites_sampled']} sites"
+        f" ({shown_names(list(row['sites']))}),"
         f" train loss {row['train'].get('train_loss', float('nan')):.4f}{acc_text},"
         f" {row['round_seconds']:.1f}s" + (f", {len(row['failures'])} failures" if row["failures"] else "")
         + (f", {len(row['rejected'])} updates rejected" if row["rejected"] else ""))
+    for entry in row["failures"]:
+        reason = (entry["reason"] or "").strip().splitlines()
+        log(f"  {describe(entry['site'], entry['node'])} failed in {entry['phase']}: {reason[-1] if reason else '?'}")
     for entry in row["rejected"]:
-        who = f"site {entry['site']} (node {entry['node']})" if entry.get("site") else f"node {entry['node']}"
-        log(f"  {who}: update rejected: {entry['reason']}")
+        log(f"  {describe(entry['site'], entry['node'])}: update rejected: {entry['reason']}")
     for entry in row.get("ignored", []):
         log(f"  {entry['reason']} ({entry['phase']})")
+
+
+def run_params(fed: FedConfig) -> dict:
+    """What a tracking run records as its parameters: the training settings."""
+    return {k: v for k, v in fed.training_settings().items() if k not in ("eval_data", "eval_split")}
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     fed = FedConfig.from_run_config(context.run_config)
-    grid = RegisteredSites.parse(fed.registered_sites).grid(grid)   # only the coordinator's sites exist for this run
+    sites = RegisteredSites.parse(fed.registered_sites)   # names every site in logs and history
+    grid = sites.grid(grid)   # only the coordinator's sites exist for this run
     state_dir = Path(fed.state_dir or "leuk-server-state")
     state_dir.mkdir(parents=True, exist_ok=True)
     write_status(state_dir, run_id=context.run_id, phase="waiting for sites", total_rounds=fed.rounds, round=0,
-                 sites={name: node for node, name in RegisteredSites.parse(fed.registered_sites).names.items()})
+                 sites={name: node for node, name in sites.names.items()})
     resumed: Resumed | None = load_resumed(state_dir, fed) if fed.resume else None
-    class_names = resumed.class_names if resumed else ask_class_names(grid, fed)
+    class_names = resumed.class_names if resumed else ask_class_names(grid, fed, sites)
     fed = FedConfig.from_run_config({**fed.to_run_config(), "class-names": ",".join(class_names)})
     seed_everything(fed.seed)  # the initial global model is the same for the same seed
     model = initial_model(fed, len(class_names))
@@ -212,6 +235,7 @@ def main(grid: Grid, context: Context) -> None:
     if start_round > fed.rounds:
         log(f"all {fed.rounds} rounds are already complete")
     strategy = make_strategy(fed)
+    strategy.sites = sites   # the same names (and claims) as the class query saw
     strategy.round_offset = start_round - 1
     if resumed:
         restore_strategy_state(strategy, resumed.strategy_state)
@@ -224,6 +248,7 @@ def main(grid: Grid, context: Context) -> None:
             grid, SecAggSettings(threshold=fed.secagg_threshold or None, clip=fed.secagg_clip), log=log)
     score = server_evaluator(fed, class_names)
     final_metrics: dict = {}
+    tracker = SafeTracker(open_tracker(fed.tracking, state_dir.name, run_params(fed)), log) if fed.tracking else None
 
     def after_round(current_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower calls this after every round: evaluate, checkpoint, record (round 0: skip)."""
@@ -236,11 +261,14 @@ def main(grid: Grid, context: Context) -> None:
         started = time.perf_counter()
         server_metrics = score(model) if score else None
         server_seconds = time.perf_counter() - started
+        secure = train_grid.last_report if fed.secure_aggregation else None
+        for node, name in (secure.names if secure is not None else {}).items():
+            sites.note_claim(node, name)   # the names the sites signed their round keys for (no list: simulation)
         row = round_row(round_, strategy, server_metrics, server_seconds,
                         time.perf_counter() - strategy.log.started)
-        if fed.secure_aggregation and train_grid.last_report is not None:
-            row["secure_aggregation"] = dataclasses.asdict(train_grid.last_report)
-        scored = attach_evaluation(history, strategy.log, round_)
+        if secure is not None:
+            row["secure_aggregation"] = dataclasses.asdict(secure)
+        scored = attach_evaluation(history, strategy.log, round_, sites)
         history.append(row)
         save_round(state_dir, round_=round_, state=state, strategy_state=strategy_state(strategy),
                    fed=fed, class_names=class_names, history=history)
@@ -250,21 +278,29 @@ def main(grid: Grid, context: Context) -> None:
         print_round(row, fed.rounds)
         write_status(state_dir, phase="training" if round_ < fed.rounds else "exporting",
                      round=min(round_ + 1, fed.rounds), rounds_completed=round_)
+        if tracker is not None:
+            tracker.log(round_, round_scalars(row))
+            if scored:
+                tracker.log(scored["round"], evaluation_scalars(scored))
         final_metrics = server_metrics or row["evaluate"]
         return MetricRecord({k: v for k, v in (server_metrics or {}).items() if isinstance(v, (int, float))})
 
-    if start_round <= fed.rounds:
-        write_status(state_dir, phase="training", round=start_round, rounds_completed=start_round - 1)
-        strategy.start(
-            grid=train_grid,
-            initial_arrays=encode_state(model.state_dict()),
-            num_rounds=fed.rounds - start_round + 1,
-            timeout=fed.round_timeout,
-            # ClientApps check their classes against the run's before touching the weights.
-            train_config=ConfigRecord({"round-offset": start_round - 1, "class-names": fed.class_names}),
-            evaluate_config=ConfigRecord({"class-names": fed.class_names}),
-            evaluate_fn=after_round,
-        )
+    try:
+        if start_round <= fed.rounds:
+            write_status(state_dir, phase="training", round=start_round, rounds_completed=start_round - 1)
+            strategy.start(
+                grid=train_grid,
+                initial_arrays=encode_state(model.state_dict()),
+                num_rounds=fed.rounds - start_round + 1,
+                timeout=fed.round_timeout,
+                # ClientApps check their classes against the run's before touching the weights.
+                train_config=ConfigRecord({"round-offset": start_round - 1, "class-names": fed.class_names}),
+                evaluate_config=ConfigRecord({"class-names": fed.class_names}),
+                evaluate_fn=after_round,
+            )
+    finally:
+        if tracker is not None:
+            tracker.close()
     if not history:
         raise LeukError("no round completed")
     if not final_metrics:

@@ -12,6 +12,7 @@ from leukfed.common.atomic import atomic_write_json
 from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.checkpoint import load_checkpoint, save_checkpoint
+from leukfed.common.model_card import federated_card, write_model_card
 from leukfed.common.runs import (CHECKPOINT, HISTORY_JSON, config_difference, export_model, model_description,
                                  refuse_legacy_checkpoint)
 
@@ -52,7 +53,7 @@ def load_resumed(state_dir: Path, fed: FedConfig) -> Resumed:
     differences = _difference(ckpt, fed)
     if differences:
         raise LeukError("cannot resume: the config differs from the checkpoint's: " + "; ".join(differences))
-    return Resumed(ckpt["round"], ckpt["model"], ckpt["strategy_state"], ckpt["history"],
+    return Resumed(ckpt["round"], ckpt["model"], ckpt["strategy_state"], upgrade_history(ckpt["history"]),
                    tuple(ckpt["class_names"]))
 
 
@@ -106,11 +107,41 @@ def export_final(state_dir: Path, model, class_names, fed: FedConfig, metrics: d
                                     extra={"rounds_completed": len(history), "strategy": fed.strategy,
                                            "dp_compatible": fed.dp})
     export_model(state_dir, model, description, metrics)
+    write_model_card(state_dir, federated_card(fed, model.leuk_info.pretrained_source, class_names, history, metrics))
 
 
 def read_history(state_dir: Path) -> list[dict]:
     path = state_dir / HISTORY_JSON
     try:
-        return json.loads(path.read_text())
+        return upgrade_history(json.loads(path.read_text()))
     except (FileNotFoundError, json.JSONDecodeError):
         return []
+
+
+def upgrade_history(rows: list) -> list:
+    """Rows of an older state dir in today's form: `sites` keyed by site name (`node-<id>` where none was
+    registered) with the node id as `node`, and every failure, rejection and ignored reply naming its `site`."""
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        sites = row.get("sites")
+        if isinstance(sites, dict) and any(isinstance(v, dict) and "node" not in v for v in sites.values()):
+            row["sites"] = {_old_site_name(key, site): _old_site_row(key, site) for key, site in sites.items()}
+        for kind in ("failures", "rejected", "ignored"):
+            for entry in row.get(kind) or []:
+                if isinstance(entry, dict) and "site" not in entry and "node" in entry:
+                    entry["site"] = f"node-{entry['node']}"
+    return rows
+
+
+def _old_site_name(key: str, site) -> str:
+    if isinstance(site, dict) and site.get("name"):
+        return str(site["name"])
+    return key if "node" in (site or {}) else f"node-{key}"
+
+
+def _old_site_row(key: str, site) -> dict:
+    if not isinstance(site, dict) or "node" in site:
+        return site
+    node = int(key) if str(key).isdigit() else key
+    return {"node": node, **{k: v for k, v in site.items() if k != "name"}}

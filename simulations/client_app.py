@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from leukfed.client.client_app import app as product_app
 from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.site import SiteShare, cached_manifest, use_share_source
+from leukfed.server.registered_sites import NAME_RECORD
 from leukfed.simulations.faults import corrupt_update, flip_labels
 
 COMPONENT = "leukfed.simulations.client_app:app"
@@ -58,24 +59,34 @@ def virtual_site(context: Context) -> Context:
                    state=context.state, run_config=run_config)
 
 
+def named_reply(msg: Message, context: Context) -> Message:
+    """The product ClientApp's reply, carrying the virtual site's name (`site-K`): a simulation has no
+    registration list, so the coordinator names its sites by what they call themselves."""
+    site = virtual_site(context)
+    reply = product_app(msg, site)
+    if not reply.has_error():
+        reply.content[NAME_RECORD] = ConfigRecord({"name": str(site.node_config["site-name"])})
+    return reply
+
+
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return product_app(msg, virtual_site(context))
+    return named_reply(msg, context)
 
 
 @app.train("secagg")
 def train_secagg(msg: Message, context: Context) -> Message:
-    return product_app(msg, virtual_site(context))
+    return product_app(msg, virtual_site(context))   # its stages' replies are checked field by field
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return product_app(msg, virtual_site(context))
+    return named_reply(msg, context)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    return product_app(msg, virtual_site(context))
+    return named_reply(msg, context)

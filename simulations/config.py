@@ -50,6 +50,7 @@ class SimulateConfig:
     secure_aggregation: bool = _run("secure_aggregation")
     dp_noise_multiplier: float = _run("dp_noise_multiplier")
     dp_max_grad_norm: float = _run("dp_max_grad_norm")
+    tracking: str = _run("tracking")
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]

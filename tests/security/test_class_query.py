@@ -78,7 +78,7 @@ def test_a_malformed_reply_is_ignored_and_logged(honest_site: Site, kind: str, c
     grid = InProcessGrid({1: honest_site, 2: MALFORMED[kind], 3: honest_site})
     assert ask_class_names(grid, FedConfig(min_sites=3, round_timeout=5)) == tuple(HONEST)
     out = capsys.readouterr().out
-    assert "ignored" in out and ("site 2" in out or "node 999" in out), out
+    assert "ignored" in out and ("node 2" in out or "node 999" in out), out
     assert len(out) < 2000                                    # a huge reply does not flood the log
 
 
@@ -86,7 +86,7 @@ def test_the_majority_wins_and_each_dissenting_site_is_named(honest_site: Site, 
     grid = InProcessGrid({1: honest_site, 2: listing(["AML", "APL", "CLL"]), 3: honest_site, 4: listing(["X", "Y"])})
     assert ask_class_names(grid, FedConfig(min_sites=4, round_timeout=5)) == tuple(HONEST)
     out = capsys.readouterr().out
-    assert "site 2 reports classes [AML, APL, CLL]" in out and "site 4 reports classes [X, Y]" in out
+    assert "node 2 reports classes [AML, APL, CLL]" in out and "node 4 reports classes [X, Y]" in out
 
 
 def test_a_tie_is_broken_the_same_way_whatever_the_reply_order(honest_site: Site) -> None:

@@ -50,7 +50,8 @@ def test_a_reply_from_an_unregistered_node_is_ignored_and_logged() -> None:
 
     outcome = one_round(InProcessGrid(hospitals, extra_replies=rogue_reply), min_sites=2, registered_sites=registered())
     log = outcome.strategy.log
-    assert log.ignored == [{"node": ROGUE, "phase": "train", "reason": f"ignored reply from unregistered node {ROGUE}"}]
+    assert log.ignored == [{"site": f"node-{ROGUE}", "node": ROGUE, "phase": "train",
+                            "reason": f"ignored reply from unregistered node {ROGUE}"}]
     assert sorted(log.train) == [11, 22] and not log.rejected
     honest = [h.update(initial_arrays()) for h in hospitals.values()]
     for key in ("conv.weight", "fc.bias"):
@@ -110,8 +111,8 @@ def test_a_rogue_node_registered_behind_the_coordinators_back_never_counts(feder
     rows = federation.history()
     assert [row["round"] for row in rows] == [1]
     for row in rows:
-        assert set(row["sites"]) == {str(sites["a"]), str(sites["b"])} and row["sites_sampled"] == 2
-        assert {site["name"] for site in row["sites"].values()} == {"a", "b"}
+        assert set(row["sites"]) == {"a", "b"} and row["sites_sampled"] == 2
+        assert {name: site["node"] for name, site in row["sites"].items()} == {"a": sites["a"], "b": sites["b"]}
     assert str(rogue) not in json.dumps(rows)
     assert not asked.exists()                                            # no task, so no update, ever reached it
     assert rogue_proc.poll() is None
