@@ -180,6 +180,8 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfi
         extra={"hardware": hardware.describe(), "num_train": len(train_set)})
     export_model(out_dir, model, description, metrics)
     write_plots(out_dir, history, metrics)
+    from leukfed.common.calibration import calibrate_after_training
+    calibrate_after_training(out_dir, model, val_set, hardware, class_names)
     return metrics
 
 
