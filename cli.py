@@ -187,11 +187,12 @@ def predict_cmd(
     if as_csv:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["path", "kind", "num_images", "predicted", *classes, "calibrated", "threshold"])
+        decided = ["threshold", "flagged"] if "decision" in rows[0] else []
+        writer.writerow(["path", "kind", "num_images", "predicted", *classes, *decided])
         for r in rows:
-            threshold = r["decision"]["threshold"] if "decision" in r else ""
+            extra = [f"{r['decision']['threshold']:.6f}", r["decision"]["flagged"]] if decided else []
             writer.writerow([r["path"], r["kind"], r["num_images"], r["predicted"],
-                             *(f"{r['probabilities'][c]:.6f}" for c in classes), r["calibrated"], threshold])
+                             *(f"{r['probabilities'][c]:.6f}" for c in classes), *extra])
         typer.echo(buffer.getvalue().rstrip("\n"))
         return
     typer.echo(f"{'path':50s} {'predicted':>10s} " + " ".join(f"{c:>8s}" for c in classes))
