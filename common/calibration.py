@@ -241,16 +241,34 @@ def dataset_logits(model, dataset, hardware, batch_size: int = 64) -> tuple[np.n
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
+def patient_level_logits(model, dataset, hardware) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(patient ids, logits (P, C), labels (P,)): the model's own patient logits when it pools cells
+    itself (`model.score_bag(cells) -> (logits (C,), attention (N,))`), else log mean cell probability."""
+    groups = list(dataset.groups)
+    ids = sorted(set(groups))
+    labels_of = {g: int(y) for g, y in zip(groups, dataset.labels.tolist())}
+    if hasattr(model, "score_bag"):
+        rows = []
+        with torch.no_grad():
+            for pid in ids:
+                index = torch.tensor([i for i, g in enumerate(groups) if g == pid])
+                cells = dataset.normalize(dataset.images[index]).to(hardware.device)
+                rows.append(model.score_bag(cells)[0].float().cpu().numpy())
+        logits = np.stack(rows)
+    else:
+        cell_logits, _ = dataset_logits(model, dataset, hardware)
+        ids, logits = patient_logits(cell_logits, groups)
+    return ids, logits, np.array([labels_of[pid] for pid in ids])
+
+
 def calibrate_dataset(model, dataset, hardware, class_names: Sequence[str], **options) -> Calibration:
-    """Calibrate on a dataset: per patient (log mean cell probability) when every image has a patient."""
+    """Calibrate on a dataset: per patient when every image has a patient, else per image."""
     if len(dataset) == 0:
         raise LeukError("the calibration subset is empty")
-    logits, labels = dataset_logits(model, dataset, hardware)
     if all(g is not None for g in dataset.groups):
-        ids, logits = patient_logits(logits, dataset.groups)
-        by_patient = {g: int(y) for g, y in zip(dataset.groups, labels)}
-        labels = np.array([by_patient[pid] for pid in ids])
+        _, logits, labels = patient_level_logits(model, dataset, hardware)
         return calibrate_logits(logits, labels, class_names, level="patient", **options)
+    logits, labels = dataset_logits(model, dataset, hardware)
     return calibrate_logits(logits, labels, class_names, level="image", **options)
 
 
@@ -305,13 +323,12 @@ def evaluate_at_threshold(run_dir: str | Path, data_dir: str | Path, *, split_fi
     if calibration is None or calibration.threshold is None:
         return None
     model, _, dataset, hardware = _run_subset(run_dir, data_dir, split_file, subset, device)
-    logits, labels = dataset_logits(model, dataset, hardware)
     if calibration.level == "patient":
         if not all(g is not None for g in dataset.groups):
             raise LeukError("this run's threshold is per patient, and these images have no patients")
-        ids, logits = patient_logits(logits, dataset.groups)
-        by_patient = {g: int(y) for g, y in zip(dataset.groups, labels)}
-        labels = np.array([by_patient[pid] for pid in ids])
+        _, logits, labels = patient_level_logits(model, dataset, hardware)
+    else:
+        logits, labels = dataset_logits(model, dataset, hardware)
     k = calibration.class_names.index(calibration.positive)
     scores = calibration.probabilities(logits)[:, k]
     return {"positive": calibration.positive, "level": calibration.level, "chosen_on": calibration.subset,

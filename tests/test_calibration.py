@@ -121,3 +121,45 @@ def test_a_threshold_needs_positives_and_a_known_class() -> None:
         calibrate_logits(logits, labels, ["a", "b", "c"], level="image", positive="APL")
     with pytest.raises(LeukError, match="no positive samples"):
         calibrate_logits(logits, np.where(labels == 2, 0, labels), ["a", "b", "c"], level="image", positive="c")
+
+
+class AttentionBag(torch.nn.Module):
+    """A small attention-MIL model: a cell CNN, attention over its cells' logits, the weighted sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from leukfed.models import create_model
+
+        self.cells = create_model("tinycnn", 2, image_size=24)
+        self.leuk_info = self.cells.leuk_info
+        self.attention = torch.nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cells(x)
+
+    def score_bag(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.cells(cells)
+        attention = torch.softmax(self.attention(logits).squeeze(1), 0)
+        return (attention[:, None] * logits).sum(0), attention
+
+
+def test_a_model_that_pools_its_cells_is_calibrated_and_explained_by_its_attention(synthetic_patients) -> None:
+    from leukfed.common.calibration import calibrate_dataset, patient_level_logits
+    from leukfed.common.dataset import build_dataset
+    from leukfed.common.inference import score_patient
+    from leukfed.common.train import select_hardware
+
+    torch.manual_seed(0)
+    model, hardware = AttentionBag().eval(), select_hardware("cpu")
+    manifest = synthetic_patients
+    dataset = build_dataset(manifest, [s.path for s in manifest.samples], model.leuk_info.data_config, train=False)
+    ids, logits, labels = patient_level_logits(model, dataset, hardware)
+    assert len(ids) == 24 and logits.shape == (24, 2) and set(labels.tolist()) == {0, 1}
+    calibration = calibrate_dataset(model, dataset, hardware, manifest.class_names, positive="APL")
+    assert calibration.level == "patient" and calibration.num_samples == 24
+    assert calibration.at_threshold["sensitivity"] >= 0.9
+    files = [manifest.root / s.path for s in manifest.samples if s.patient == ids[0]]
+    score = score_patient(model, files, hardware, list(manifest.class_names), calibration)
+    assert score.weight_name == "attention" and score.cell_weights.shape == (len(files),)
+    assert score.cell_weights.sum() == pytest.approx(1.0, abs=1e-5)
+    assert score.probabilities == pytest.approx(calibration.probabilities(logits[0]), abs=1e-5)
