@@ -93,7 +93,8 @@ def score_patient(model, files: Sequence[Path], hardware, class_names: Sequence[
         probabilities = calibration.probabilities(np.log(np.clip(cell_probabilities.mean(0), 1e-12, None)))
     else:
         probabilities = calibration.probabilities(cell_logits).mean(0)
-    shown = class_names.index(calibration.positive) if calibration and calibration.positive else int(np.argmax(probabilities))
+    positive = calibration.positive if calibration else None
+    shown = class_names.index(positive) if positive else int(np.argmax(probabilities))
     return PatientScore(probabilities, cell_probabilities[:, shown], f"P({class_names[shown]})")
 
 
