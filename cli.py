@@ -153,6 +153,11 @@ def evaluate_cmd(
     typer.echo(format_metrics_table(metrics, title=f"{model} on {data}"))
     if "patient_level" in metrics:
         typer.echo(format_metrics_table(metrics["patient_level"], title="per patient (mean cell probability)"))
+    from leukfed.common.calibration import evaluate_at_threshold, format_threshold_metrics
+
+    if (at_threshold := evaluate_at_threshold(model, data, split_file=split, subset=subset, device=device)):
+        metrics["at_threshold"] = at_threshold
+        typer.echo(format_threshold_metrics(at_threshold))
     if out:
         atomic_write_json(out, metrics)
         typer.echo(f"metrics written to {out}")
@@ -164,12 +169,17 @@ def predict_cmd(
     model: Path = typer.Option(..., "--model", help="Run directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV."),
+    gallery: Optional[Path] = typer.Option(None, "--gallery", help="Write a PNG per patient of the cells that drove "
+                                           "its prediction (by attention or cell probability) into this folder."),
+    heatmap: bool = typer.Option(False, "--heatmap", help="With --gallery: also Grad-CAM overlays of those cells."),
+    top: int = typer.Option(12, "--top", help="Cells per gallery."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Class probabilities and the predicted class per image or per patient folder."""
+    """Class probabilities (calibrated when the run has calibration.json) and the decision per image or
+    patient folder, at the run's stored threshold when it has one."""
     from leukfed.common.inference import predict_paths
 
-    rows = predict_paths(model, paths, device=device)
+    rows = predict_paths(model, paths, device=device, gallery=gallery, heatmap=heatmap, top=top)
     if as_json:
         print_json(rows)
         return
@@ -177,16 +187,55 @@ def predict_cmd(
     if as_csv:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["path", "kind", "num_images", "predicted", *classes])
+        decided = ["threshold", "flagged"] if "decision" in rows[0] else []
+        writer.writerow(["path", "kind", "num_images", "predicted", *classes, *decided])
         for r in rows:
+            extra = [f"{r['decision']['threshold']:.6f}", r["decision"]["flagged"]] if decided else []
             writer.writerow([r["path"], r["kind"], r["num_images"], r["predicted"],
-                             *(f"{r['probabilities'][c]:.6f}" for c in classes)])
+                             *(f"{r['probabilities'][c]:.6f}" for c in classes), *extra])
         typer.echo(buffer.getvalue().rstrip("\n"))
         return
     typer.echo(f"{'path':50s} {'predicted':>10s} " + " ".join(f"{c:>8s}" for c in classes))
     for r in rows:
         typer.echo(f"{r['path'][-50:]:50s} {r['predicted']:>10s} "
                    + " ".join(f"{r['probabilities'][c]:8.4f}" for c in classes))
+    first = rows[0]
+    if "decision" in first:
+        d = first["decision"]
+        typer.echo(f"calibrated (T={first['temperature']:.3f}); {d['positive']} when P({d['positive']}) >= "
+                   f"{d['threshold']:.4f} (chosen on {d['chosen_on']} for >= {d['target_sensitivity']:.0%} sensitivity)")
+    elif first["calibrated"]:
+        typer.echo(f"calibrated (T={first['temperature']:.3f}); decision: the most probable class")
+    for r in rows:
+        for key in ("gallery", "heatmap"):
+            if key in r:
+                typer.echo(f"{key}: {r[key]}")
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    model: Path = typer.Option(..., "--model", help="Run directory (from `leuk train` or leuk-server)."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    split: Path = typer.Option(..., "--split", help="Split JSON; calibration uses its --subset only."),
+    subset: str = typer.Option("val", help="train, val or test (val: never tune on test)."),
+    positive: Optional[str] = typer.Option(None, "--positive", help="Positive class for an operating threshold (e.g. APL)."),
+    target_sensitivity: float = typer.Option(0.9, "--target-sensitivity", help="With --positive: the highest threshold "
+                                             "that flags at least this share of the subset's positives."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Temperature scaling and an operating threshold chosen on validation; writes calibration.json."""
+    from leukfed.common.calibration import CALIBRATION_JSON, RELIABILITY_PNG, calibrate_run
+
+    c = calibrate_run(model, data, split_file=split, subset=subset, positive=positive,
+                      target_sensitivity=target_sensitivity, device=device)
+    typer.echo(f"temperature {c.temperature:.4f} fitted on {c.num_samples} {c.level}s of {c.subset}; "
+               f"ECE ({c.ece_bins} bins) {c.ece_before:.4f} -> {c.ece_after:.4f}")
+    if c.threshold is not None:
+        r = c.at_threshold
+        typer.echo(f"threshold {c.threshold:.4f} on P({c.positive}): sensitivity {r['sensitivity']:.3f} "
+                   f"(target {c.target_sensitivity:.2f}), specificity "
+                   f"{'n/a' if r['specificity'] is None else format(r['specificity'], '.3f')} on {c.subset}")
+    typer.echo(f"written: {model / CALIBRATION_JSON}, {model / RELIABILITY_PNG}")
 
 
 def simulate_cmd(

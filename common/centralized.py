@@ -185,6 +185,8 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfi
         data_dir=str(data_dir), out_dir=str(out_dir), history=history, metrics=metrics,
         images={"train": len(train_set), "val": len(val_set), "test": len(test_set)}))
     write_plots(out_dir, history, metrics)
+    from leukfed.common.calibration import calibrate_after_training
+    calibrate_after_training(out_dir, model, val_set, hardware, class_names)
     return metrics
 
 

@@ -1,15 +1,18 @@
 """Scoring a saved run on a dataset, and predicting single images or patient folders."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from leukfed.common.calibration import Calibration, load_calibration, softmax
 from leukfed.common.data import scan_dataset
 from leukfed.common.dataset import build_dataset, make_loader
 from leukfed.common.errors import LeukError
+from leukfed.common.gallery import gallery_name, write_gallery
 from leukfed.common.images import IMAGE_EXTENSIONS, load_image
 from leukfed.common.runs import check_classes, load_run
 from leukfed.common.splits import load_split
@@ -46,38 +49,106 @@ def _images_under(folder: Path) -> list[Path]:
 
 
 @torch.no_grad()
-def _probabilities(model, files: Sequence[Path], hardware, batch_size: int = 64) -> np.ndarray:
+def _logits(model, files: Sequence[Path], hardware, batch_size: int = 64) -> np.ndarray:
     config = data_config_of(model)
     normalize = Normalize(config)
     out = []
     for start in range(0, len(files), batch_size):
         batch = torch.stack([normalize(prepare_image(load_image(f), config)) for f in files[start:start + batch_size]])
         with hardware.autocast():
-            logits = model(batch.to(hardware.device))
-        out.append(torch.softmax(logits.float(), 1).cpu())
+            out.append(model(batch.to(hardware.device)).float().cpu())
     return torch.cat(out).numpy()
 
 
-def predict_paths(run_dir: str | Path, paths: Sequence[str | Path], *, device: str = "auto") -> list[dict]:
-    """One row per image file, and one per folder (a patient: mean probability over its images)."""
+@dataclass(frozen=True)
+class PatientScore:
+    """One folder's (or image's) prediction: calibrated class probabilities and a weight per cell."""
+
+    probabilities: np.ndarray   # (C,)
+    cell_weights: np.ndarray    # (N,), one per file: attention, or a cell's probability of one class
+    weight_name: str            # "attention" or "P(<class>)"
+
+
+@torch.no_grad()
+def score_patient(model, files: Sequence[Path], hardware, class_names: Sequence[str],
+                  calibration: Calibration | None) -> PatientScore:
+    """Patient probability (calibrated when the run has calibration.json) and per-cell weights.
+
+    A model that pools a patient's cells itself (attention MIL) exposes
+    `model.score_bag(cells) -> (patient logits (C,), attention (N,))` on the normalised cells; the
+    rest are scored per cell and pooled by mean probability, weighted by each cell's probability of
+    the positive class (or of the predicted class when the run names none)."""
+    if hasattr(model, "score_bag"):
+        config = data_config_of(model)
+        cells = torch.stack([Normalize(config)(prepare_image(load_image(f), config)) for f in files])
+        patient_logit, attention = model.score_bag(cells.to(hardware.device))
+        logit = patient_logit.float().cpu().numpy()
+        probabilities = calibration.probabilities(logit) if calibration else softmax(logit)
+        return PatientScore(probabilities, attention.float().cpu().numpy().reshape(-1), "attention")
+    cell_logits = _logits(model, files, hardware)
+    cell_probabilities = softmax(cell_logits)
+    if calibration is None:
+        probabilities = cell_probabilities.mean(0)
+    elif calibration.level == "patient":   # fitted on log mean cell probability, as `leuk calibrate` pools
+        probabilities = calibration.probabilities(np.log(np.clip(cell_probabilities.mean(0), 1e-12, None)))
+    else:
+        probabilities = calibration.probabilities(cell_logits).mean(0)
+    positive = calibration.positive if calibration else None
+    shown = class_names.index(positive) if positive else int(np.argmax(probabilities))
+    return PatientScore(probabilities, cell_probabilities[:, shown], f"P({class_names[shown]})")
+
+
+def predict_paths(run_dir: str | Path, paths: Sequence[str | Path], *, device: str = "auto",
+                  gallery: str | Path | None = None, heatmap: bool = False, top: int = 12) -> list[dict]:
+    """One row per image file, and one per folder (a patient); with `gallery`, a PNG of its top cells
+    per row (and their Grad-CAM overlays with `heatmap`)."""
+    if heatmap and gallery is None:
+        raise LeukError("--heatmap draws into the gallery: give --gallery DIR too")
+    if top < 1:
+        raise LeukError(f"--top must be >= 1, not {top}")
     hardware = select_hardware(device)
     model, description = load_run(run_dir, hardware.device)
-    class_names = description["class_names"]
-    rows = []
+    class_names = list(description["class_names"])
+    calibration = load_calibration(run_dir, class_names)
+    rows, taken = [], set()
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = _images_under(path)
+            files, kind = _images_under(path), "patient"
             if not files:
                 raise LeukError(f"no images in folder {path}")
-            proba, kind = _probabilities(model, files, hardware).mean(0), "patient"
         elif path.is_file():
             files, kind = [path], "image"
-            proba = _probabilities(model, files, hardware)[0]
         else:
             raise LeukError(f"no such file or folder: {path}")
-        rows.append({"path": str(path), "kind": kind, "num_images": len(files),
-                     "predicted": class_names[int(np.argmax(proba))],
-                     "probabilities": {c: float(p) for c, p in zip(class_names, proba)}})
+        score = score_patient(model, files, hardware, class_names, calibration)
+        decided = calibration.decide(score.probabilities) if calibration else int(np.argmax(score.probabilities))
+        row = {"path": str(path), "kind": kind, "num_images": len(files), "predicted": class_names[decided],
+               "probabilities": {c: float(p) for c, p in zip(class_names, score.probabilities)},
+               "calibrated": calibration is not None,
+               "temperature": calibration.temperature if calibration else None}
+        if calibration is not None and calibration.threshold is not None:
+            k = class_names.index(calibration.positive)
+            row["decision"] = {"positive": calibration.positive, "threshold": calibration.threshold,
+                               "probability": float(score.probabilities[k]), "flagged": decided == k,
+                               "target_sensitivity": calibration.target_sensitivity, "chosen_on": calibration.subset}
+        if gallery is not None:
+            row.update(_draw(Path(gallery), gallery_name(path, taken), files, score, model, class_names,
+                             decided, calibration, heatmap, top))
+        rows.append(row)
     return rows
 
+
+def _draw(out: Path, name: str, files: list[Path], score: PatientScore, model, class_names: list[str],
+          decided: int, calibration: Calibration | None, heatmap: bool, top: int) -> dict[str, str]:
+    """The row's gallery (and Grad-CAM) PNGs; the heat map explains the positive class when there is one."""
+    target = class_names.index(calibration.positive) if calibration and calibration.positive else decided
+    overlays = None
+    if heatmap:
+        from leukfed.common.explain import gradcam_overlays
+        overlays = lambda picked: gradcam_overlays(model, picked, target)  # noqa: E731
+    title = (f"{name}: {class_names[decided]}  P({class_names[target]}) = "
+             f"{score.probabilities[target]:.3f}{' calibrated' if calibration else ''}; "
+             f"top {min(top, len(files))} of {len(files)} cells by {score.weight_name}")
+    return write_gallery(out, name, files, score.cell_weights, weight_name=score.weight_name, title=title,
+                         count=top, overlays=overlays)

@@ -31,10 +31,10 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+def _save(fig: Figure, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> Path:
     """Render ``fig`` as PNG and write it atomically (temp file in the same folder + os.replace)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
+    fig.savefig(buffer, format="png", dpi=DPI, metadata=dict(metadata or {}))
     return atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -208,3 +208,46 @@ def plot_roc(y_binary: Any, score: Any, path: str | os.PathLike[str], title: str
     ax.set_aspect("equal")
     _finish(ax, title or "ROC curve")
     return _save(fig, path)
+
+
+def plot_reliability(tables: Mapping[str, Mapping[str, Any]], path: str | os.PathLike[str], *,
+                     title: str | None = None) -> Path:
+    """Reliability diagram: accuracy against mean confidence per bin (from
+    ``calibration.reliability_bins``), one line per table, the diagonal, and bin counts below."""
+    fig = _figure(5.0, 6.0)
+    top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    top.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfectly calibrated")
+    for label, table in tables.items():
+        points = [(c, a) for c, a in zip(table["confidence"], table["accuracy"]) if c is not None]
+        xy = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        top.plot(xy[:, 0], xy[:, 1], marker="o", markersize=4, label=label)
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.02)
+    top.set_ylabel("accuracy")
+    _finish(top, title or "reliability diagram")
+    edges = np.asarray(next(iter(tables.values()))["edges"]) if tables else np.linspace(0, 1, 2)
+    width = float(edges[1] - edges[0]) / max(len(tables), 1)
+    for i, (label, table) in enumerate(tables.items()):
+        bottom.bar(edges[:-1] + i * width, table["count"], width=width, align="edge", label=label)
+    bottom.set_xlabel("confidence (top-class probability)")
+    bottom.set_ylabel("count")
+    return _save(fig, path)
+
+
+def plot_tiles(tiles: Sequence[np.ndarray], captions: Sequence[str], path: str | os.PathLike[str], *,
+               title: str | None = None, columns: int = 4, metadata: Mapping[str, str] | None = None) -> Path:
+    """A grid of RGB uint8 images (H, W, 3), each captioned; ``metadata`` goes into the PNG's text chunks."""
+    if not tiles or len(tiles) != len(captions):
+        raise ValueError(f"got {len(tiles)} tiles and {len(captions)} captions")
+    columns = max(1, min(columns, len(tiles)))
+    rows = -(-len(tiles) // columns)
+    fig = _figure(2.4 * columns, 2.7 * rows + (0.4 if title else 0.0))
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, tile, caption in zip(axes, tiles, captions):
+        ax.imshow(tile)
+        ax.set_title(caption, fontsize="x-small")
+    if title:
+        fig.suptitle(title, fontsize="small")
+    return _save(fig, path, metadata)
