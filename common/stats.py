@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,25 +68,51 @@ def _resamples(units: Units | None, strata: np.ndarray, n_resamples: int, seed: 
         yield drawn if units is None else np.concatenate([units[u] for u in drawn])
 
 
-def _replicates(statistic: Callable[[np.ndarray], dict[str, float | None]], labels: np.ndarray,
-                groups: Sequence[str] | None, n_resamples: int, seed: int) -> dict[str, np.ndarray]:
-    """The statistic's values over resamples, per key; undefined values (None) are left out."""
+def _replicates(probas: Mapping[str, np.ndarray], labels: np.ndarray, class_names: Sequence[str],
+                groups: Sequence[str] | None, n_resamples: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """{model: {metric: values over resamples}} (NaN where a resample leaves a metric undefined). Every
+    model is scored on the same resamples, so differences between models are paired replicate by replicate."""
     units, strata = _units(labels, groups)
-    values: dict[str, list[float]] = {}
-    for index in _resamples(units, strata, n_resamples, seed):
-        for key, value in statistic(index).items():
-            values.setdefault(key, [])
-            if value is not None:
-                values[key].append(float(value))
-    return {key: np.asarray(v) for key, v in values.items()}
+    keys = headline_keys(class_names)
+    out = {name: {key: np.full(n_resamples, np.nan) for key in keys} for name in probas}
+    for r, index in enumerate(_resamples(units, strata, n_resamples, seed)):
+        for name, proba in probas.items():
+            for key, value in headline(labels[index], proba[index], class_names).items():
+                if value is not None:
+                    out[name][key][r] = value
+    return out
 
 
 def percentile_interval(values: np.ndarray, level: float = LEVEL) -> list[float] | None:
-    """[lo, hi]: the (1-level)/2 and (1+level)/2 quantiles of the replicates (None without any)."""
+    """[lo, hi]: the (1-level)/2 and (1+level)/2 quantiles of the defined replicates (None without any)."""
+    values = values[~np.isnan(values)]
     if len(values) == 0:
         return None
     lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
     return [float(lo), float(hi)]
+
+
+def bootstrap_p_value(differences: np.ndarray) -> float | None:
+    """Two-sided p for "no difference": twice the smaller share of replicates on either side of 0,
+    with the +1 correction ((k+1)/(B+1)), so the smallest reportable p is 2/(B+1). It is the p that
+    matches the percentile interval (p < 0.05 when 0 lies outside the 95 % interval)."""
+    differences = differences[~np.isnan(differences)]
+    n = len(differences)
+    if n == 0:
+        return None
+    below = (np.count_nonzero(differences <= 0) + 1) / (n + 1)
+    above = (np.count_nonzero(differences >= 0) + 1) / (n + 1)
+    return float(min(1.0, 2 * min(below, above)))
+
+
+def _paired(observed_a: dict, observed_b: dict, replicates_a: dict, replicates_b: dict, level: float) -> dict:
+    out = {}
+    for key in observed_a:
+        defined = observed_a[key] is not None and observed_b[key] is not None
+        differences = replicates_a[key] - replicates_b[key]
+        out[key] = {"diff": observed_a[key] - observed_b[key] if defined else None,
+                    "ci": percentile_interval(differences, level), "p": bootstrap_p_value(differences)}
+    return out
 
 
 def bootstrap_ci(y_true: Any, proba: Any, class_names: Sequence[str], *, groups: Sequence[str] | None = None,
@@ -94,20 +120,8 @@ def bootstrap_ci(y_true: Any, proba: Any, class_names: Sequence[str], *, groups:
     """{metric: [lo, hi]}: stratified percentile bootstrap of the headline metrics; with `groups`
     (patient ids) whole groups are resampled (cluster bootstrap), else single images."""
     y, p = np.asarray(y_true, dtype=np.int64), np.asarray(proba, dtype=np.float64)
-    replicates = _replicates(lambda i: headline(y[i], p[i], class_names), y, groups, n_resamples, seed)
+    replicates = _replicates({"model": p}, y, class_names, groups, n_resamples, seed)["model"]
     return {key: percentile_interval(v, level) for key, v in replicates.items()}
-
-
-def bootstrap_p_value(differences: np.ndarray) -> float | None:
-    """Two-sided p for "no difference": twice the smaller share of replicates on either side of 0,
-    with the +1 correction ((k+1)/(B+1)), so the smallest reportable p is 2/(B+1). It is the p that
-    matches the percentile interval (p < 0.05 when 0 lies outside the 95 % interval)."""
-    n = len(differences)
-    if n == 0:
-        return None
-    below = (np.count_nonzero(differences <= 0) + 1) / (n + 1)
-    above = (np.count_nonzero(differences >= 0) + 1) / (n + 1)
-    return float(min(1.0, 2 * min(below, above)))
 
 
 def paired_bootstrap(y_true: Any, proba_a: Any, proba_b: Any, class_names: Sequence[str], *,
@@ -120,15 +134,8 @@ def paired_bootstrap(y_true: Any, proba_a: Any, proba_b: Any, class_names: Seque
     a, b = np.asarray(proba_a, dtype=np.float64), np.asarray(proba_b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"the two models' probabilities differ in shape: {a.shape} and {b.shape}")
-
-    def difference(index: np.ndarray) -> dict[str, float | None]:
-        first, second = headline(y[index], a[index], class_names), headline(y[index], b[index], class_names)
-        return {k: None if first[k] is None or second[k] is None else first[k] - second[k] for k in first}
-
-    observed = difference(np.arange(len(y)))
-    replicates = _replicates(difference, y, groups, n_resamples, seed)
-    return {key: {"diff": observed[key], "ci": percentile_interval(replicates[key], level),
-                  "p": bootstrap_p_value(replicates[key])} for key in observed}
+    replicates = _replicates({"a": a, "b": b}, y, class_names, groups, n_resamples, seed)
+    return _paired(headline(y, a, class_names), headline(y, b, class_names), replicates["a"], replicates["b"], level)
 
 
 # --- across seeds: the seed is the unit; t-statistics on a handful of values --------------------------
@@ -222,31 +229,43 @@ def load_predictions(path: str | Path) -> Predictions:
     return pred
 
 
+def _same_images(preds: Sequence[Predictions]) -> None:
+    first = preds[0]
+    for other in preds[1:]:
+        if other.paths != first.paths or other.class_names != first.class_names or not np.array_equal(other.labels, first.labels):
+            raise LeukError("a paired comparison needs every model scored on the same images, in the same order")
+
+
+def compare(preds: Mapping[str, Predictions], reference: str | None = None, n_resamples: int = DEFAULT_RESAMPLES,
+            seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Several models scored on the same images, all on the same resamples (one pass, not one per pair):
+    {model: {"image": {metric: [lo, hi]}, "patient": ... or None, "paired_image": {metric: {"diff",
+    "ci", "p"}} (model minus `reference`; absent for the reference itself), "paired_patient", "unit",
+    "resamples", "seed", "level", "method"}}. Image-level metrics resample patients when known."""
+    names = list(preds)
+    _same_images([preds[n] for n in names])
+    first = preds[names[0]]
+    groups = list(first.patients) if first.has_patients() else None
+    levels = {"image": (first.labels, {n: preds[n].proba for n in names}, groups)}
+    if groups is not None:
+        pooled = {n: pool_by_patient(first.labels, preds[n].proba, groups, first.class_names) for n in names}
+        levels["patient"] = (pooled[names[0]][1], {n: pooled[n][2] for n in names}, None)
+    out: dict[str, dict[str, Any]] = {n: {"patient": None, **_about(groups, n_resamples, seed)} for n in names}
+    for level, (labels, probas, level_groups) in levels.items():
+        replicates = _replicates(probas, labels, first.class_names, level_groups, n_resamples, seed)
+        observed = {n: headline(labels, probas[n], first.class_names) for n in names}
+        for n in names:
+            out[n][level] = {key: percentile_interval(v) for key, v in replicates[n].items()}
+            if reference in preds and n != reference:
+                out[n][f"paired_{level}"] = _paired(observed[n], observed[reference], replicates[n],
+                                                    replicates[reference], LEVEL)
+    return out
+
+
 def intervals(pred: Predictions, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict[str, Any]:
-    """The bootstrap CIs of one model: {"image": {metric: [lo, hi]}, "patient": {...} or None,
-    "unit", "resamples", "seed", "level", "method"}. Image-level metrics resample patients when known."""
-    groups = list(pred.patients) if pred.has_patients() else None
-    out = {"image": bootstrap_ci(pred.labels, pred.proba, pred.class_names, groups=groups,
-                                 n_resamples=n_resamples, seed=seed), "patient": None}
-    if groups is not None:
-        _, labels, mean = pool_by_patient(pred.labels, pred.proba, groups, pred.class_names)
-        out["patient"] = bootstrap_ci(labels, mean, pred.class_names, n_resamples=n_resamples, seed=seed)
-    return {**out, **_about(groups, n_resamples, seed)}
-
-
-def paired_intervals(a: Predictions, b: Predictions, n_resamples: int = DEFAULT_RESAMPLES,
-                     seed: int = 0) -> dict[str, Any]:
-    """A minus B on the same images: {"image": {metric: {"diff", "ci", "p"}}, "patient": ... or None, ...}."""
-    if a.paths != b.paths or a.class_names != b.class_names or not np.array_equal(a.labels, b.labels):
-        raise LeukError("a paired comparison needs both models scored on the same images, in the same order")
-    groups = list(a.patients) if a.has_patients() else None
-    out = {"image": paired_bootstrap(a.labels, a.proba, b.proba, a.class_names, groups=groups,
-                                     n_resamples=n_resamples, seed=seed), "patient": None}
-    if groups is not None:
-        _, labels, mean_a = pool_by_patient(a.labels, a.proba, groups, a.class_names)
-        _, _, mean_b = pool_by_patient(b.labels, b.proba, groups, b.class_names)
-        out["patient"] = paired_bootstrap(labels, mean_a, mean_b, a.class_names, n_resamples=n_resamples, seed=seed)
-    return {**out, **_about(groups, n_resamples, seed)}
+    """The bootstrap CIs of one model: {"image": {metric: [lo, hi]}, "patient": {...} or None, "unit",
+    "resamples", "seed", "level", "method"}."""
+    return compare({"model": pred}, None, n_resamples, seed)["model"]
 
 
 def _about(groups, n_resamples: int, seed: int) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from leukfed.common.metrics import metrics_with_patients
 from leukfed.common.partition import partition_samples
 from leukfed.common.runs import MODEL_FILE, export_model, model_description
 from leukfed.common.splits import Split, load_split, make_split, save_split
-from leukfed.common.stats import Predictions, intervals, load_predictions, paired_intervals, save_predictions
+from leukfed.common.stats import Predictions, compare, load_predictions, save_predictions
 from leukfed.common.train import (make_loss, make_optimizer, predict, prepare_model, seed_everything,
                                   select_hardware, train_epoch)
 from leukfed.simulations.config import SimulateConfig
@@ -266,19 +266,13 @@ def simulate_once(cfg: SimulateConfig, log: Log = print) -> dict:
 
 def add_intervals(results: dict, predictions: dict[str, Predictions], resamples: int, seed: int = 0) -> None:
     """final_ci / patient_ci per method, and paired_vs_centralized (and its patient twin) for the others.
-    Every method is resampled with the same seed, so all see the same resamples of the test set."""
-    reference = predictions.get("centralized")
+    Every method is scored on the same resamples of the test set."""
+    found = compare(predictions, "centralized", resamples, seed)
+    renamed = {"image": "final_ci", "patient": "patient_ci", "paired_image": "paired_vs_centralized",
+               "paired_patient": "patient_paired_vs_centralized"}
     for name, method in results["methods"].items():
-        found = intervals(predictions[name], resamples, seed)
-        method["final_ci"] = found["image"]
-        if found["patient"] is not None:
-            method["patient_ci"] = found["patient"]
-        method["bootstrap"] = {k: v for k, v in found.items() if k not in ("image", "patient")}
-        if reference is not None and name != "centralized":
-            paired = paired_intervals(predictions[name], reference, resamples, seed)
-            method["paired_vs_centralized"] = paired["image"]
-            if paired["patient"] is not None:
-                method["patient_paired_vs_centralized"] = paired["patient"]
+        method.update({field: found[name][key] for key, field in renamed.items() if found[name].get(key) is not None})
+        method["bootstrap"] = {k: v for k, v in found[name].items() if k not in renamed}
 
 
 def _results(cfg: SimulateConfig, prep: Prepared, methods: dict, seconds: float) -> dict:

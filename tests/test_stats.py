@@ -15,8 +15,8 @@ from scipy import stats as scipy_stats
 
 from leukfed.common.errors import LeukError
 from leukfed.common.metrics import classification_metrics, patient_metrics, pool_by_patient
-from leukfed.common.stats import (Predictions, across_seeds, bootstrap_ci, bootstrap_p_value, headline_keys,
-                                  intervals, load_predictions, paired_bootstrap, paired_intervals, paired_t,
+from leukfed.common.stats import (Predictions, across_seeds, bootstrap_ci, bootstrap_p_value, compare,
+                                  headline_keys, intervals, load_predictions, paired_bootstrap, paired_t,
                                   save_predictions)
 
 BINARY = ["neg", "pos"]
@@ -157,18 +157,22 @@ def test_predictions_round_trip_without_pickle(tmp_path: Path, suffix: str) -> N
         load_predictions(tmp_path / f"bad{suffix}")
 
 
-def test_intervals_resample_patients_when_known_and_pair_only_the_same_images() -> None:
+def test_compare_scores_every_model_on_the_same_resamples_and_only_the_same_images() -> None:
     rng = np.random.default_rng(4)
     pred = _predictions(rng)
     found = intervals(pred, 100, 0)
     assert found["unit"] == "patient" and set(found["image"]) == set(found["patient"]) == set(headline_keys(BINARY))
     assert intervals(_predictions(rng, patients=False), 100, 0)["patient"] is None
     other = Predictions(np.roll(pred.proba, 1, axis=0), pred.labels, pred.class_names, pred.paths, pred.patients)
-    paired = paired_intervals(other, pred, 100, 0)
-    assert set(paired["patient"]["auc"]) == {"diff", "ci", "p"}
+    both = compare({"other": other, "centralized": pred}, "centralized", 100, 0)
+    assert "paired_image" not in both["centralized"] and both["centralized"]["image"] == found["image"]
+    groups = list(pred.patients)
+    assert both["other"]["paired_image"] == paired_bootstrap(pred.labels, other.proba, pred.proba, BINARY,
+                                                             groups=groups, n_resamples=100, seed=0)
+    assert set(both["other"]["paired_patient"]["auc"]) == {"diff", "ci", "p"}
     shuffled = Predictions(pred.proba, pred.labels, pred.class_names, pred.paths[::-1], pred.patients)
     with pytest.raises(LeukError, match="same images"):
-        paired_intervals(shuffled, pred, 100, 0)
+        compare({"a": shuffled, "b": pred}, "b", 100, 0)
 
 
 # --- `leuk evaluate --bootstrap` on real patients ------------------------------------------------------
