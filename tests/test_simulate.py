@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ARGS = ["--sites", "3", "--rounds", "2", "--model", "tinycnn", "--image-size", "24", "--batch-size", "16",
-        "--lr", "0.003", "--seed", "3"]
+        "--lr", "0.003", "--seed", "3", "--bootstrap", "200"]
 
 
 def simulate(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -130,7 +130,7 @@ def test_seeds_repeat_the_comparison_and_aggregate_with_paired_tests(tmp_path: P
     """`--seeds 0,1`: one full comparison per seed on the same test images, mean/sd/CI across seeds, the
     paired t-test to centralized; running it again retrains nothing."""
     out = tmp_path / "seeds"
-    fast = ("--sites", "2", "--rounds", "1", "--seeds", "0,1", "--bootstrap", "200")
+    fast = ("--sites", "2", "--rounds", "1", "--seeds", "0,1")
     result = simulate(out, *fast)
     assert "| centralized |" in result.stdout
     results = json.loads((out / "results.json").read_text())
@@ -155,3 +155,16 @@ def test_seeds_repeat_the_comparison_and_aggregate_with_paired_tests(tmp_path: P
     resumed = simulate(out, *fast)
     assert "training" not in resumed.stderr
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
+
+
+def test_seed_settings_are_checked_and_do_not_invalidate_trained_methods() -> None:
+    from leukfed.common.errors import LeukError
+    from leukfed.simulations.config import SimulateConfig
+
+    assert SimulateConfig(seeds=" 0, 1,2").seed_list() == (0, 1, 2) and SimulateConfig().seed_list() == ()
+    for bad in ("0,x", "1,1"):
+        with pytest.raises(LeukError, match="--seeds"):
+            SimulateConfig(seeds=bad)
+    # Statistics-only settings leave the digest that decides whether a finished method is reused.
+    assert SimulateConfig(seeds="0,1", bootstrap=50).digest() == SimulateConfig().digest()
+    assert SimulateConfig(seed=1).digest() != SimulateConfig().digest()
