@@ -22,7 +22,9 @@ from leukfed.common.metrics import classification_metrics, pool_by_patient
 #   bound on the uncertainty there.
 # * STRATIFIED by class: each resample keeps the class counts of the test set (its units drawn with
 #   replacement within each class), as our splits fix them by stratifying; every resample then has
-#   every class, so AUC, sensitivity and specificity are always defined.
+#   every class, so AUC, sensitivity and specificity are always defined. The interval is therefore
+#   conditional on the class counts (a model that always predicts one class gets a zero-width
+#   accuracy interval on a balanced test set).
 # * The resampled UNIT is the image, or the patient (cluster bootstrap: a drawn patient brings all of
 #   its cells) whenever patient ids are known: cells of one patient are not independent, and
 #   resampling them one by one would give too narrow an interval.
@@ -142,7 +144,8 @@ def paired_bootstrap(y_true: Any, proba_a: Any, proba_b: Any, class_names: Seque
 
 def _t_interval(values: np.ndarray, level: float) -> list[float] | None:
     """mean ± t(n-1) · sd / sqrt(n): exact under normality, the usual choice for 3 to 10 seeds (a
-    bootstrap over 3 values would be meaningless)."""
+    bootstrap over 3 values would be meaningless). Not clipped to [0, 1]: with 2 seeds (t = 12.7) it
+    says honestly that two seeds say little."""
     from scipy import stats
 
     if len(values) < 2:
