@@ -134,25 +134,44 @@ def train(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    model: Path = typer.Option(..., "--model", help="Run directory (from `leuk train` or leuk-server)."),
+    model: Path = typer.Option(..., "--model", help="Run directory (from `leuk train`, leuk-server or `leuk simulate`)."),
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     split: Optional[Path] = typer.Option(None, "--split", help="Score only this split's subset (default: all images)."),
     subset: str = typer.Option("test", help="With --split: train, val or test."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics JSON here."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics JSON here (and the per-image "
+                                       "predictions beside it, as <out>.predictions.npz)."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Write the per-image probabilities, "
+                                               "labels and patient ids here (.npz or .json)."),
+    bootstrap: int = typer.Option(0, "--bootstrap", help="95% confidence intervals from N bootstrap resamples "
+                                  "(of patients when the data names them; 0: none)."),
+    bootstrap_seed: int = typer.Option(0, "--bootstrap-seed", help="Seed of the bootstrap resampling."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Score a saved model: accuracy, sensitivity, specificity, F1, AUC, confusion matrix."""
     from leukfed.common.atomic import atomic_write_json
     from leukfed.common.errors import LeukError
     from leukfed.common.inference import evaluate_run
-    from leukfed.common.metrics import format_metrics_table
+    from leukfed.common.metrics import format_intervals_table, format_metrics_table
 
     if subset not in ("train", "val", "test"):
         raise LeukError(f"--subset must be train, val or test, not {subset!r}")
-    metrics = evaluate_run(model, data, split_file=split, subset=subset, device=device)
-    typer.echo(format_metrics_table(metrics, title=f"{model} on {data}"))
+    if bootstrap < 0:
+        raise LeukError(f"--bootstrap must be >= 0, not {bootstrap}")
+    if predictions is None and out is not None:
+        predictions = out.with_name(f"{out.stem}.predictions.npz")
+    metrics = evaluate_run(model, data, split_file=split, subset=subset, device=device, bootstrap=bootstrap,
+                           bootstrap_seed=bootstrap_seed, predictions_file=predictions)
+    levels = [(metrics, f"{model} on {data}")]
     if "patient_level" in metrics:
-        typer.echo(format_metrics_table(metrics["patient_level"], title="per patient (mean cell probability)"))
+        levels.append((metrics["patient_level"], "per patient (mean cell probability)"))
+    for number, (level, title) in enumerate(levels):
+        typer.echo(("\n" if number else "") + format_metrics_table(level, title=title))
+        if "ci" in level:
+            about = metrics["bootstrap"]
+            typer.echo("\n" + format_intervals_table(level, level["ci"], f"95% CI ({about['method']}, {about['resamples']} "
+                                                      f"resamples of {about['unit']}s, seed {about['seed']})"))
+    if predictions is not None:
+        typer.echo(f"predictions written to {predictions}")
     from leukfed.common.calibration import evaluate_at_threshold, format_threshold_metrics
 
     if (at_threshold := evaluate_at_threshold(model, data, split_file=split, subset=subset, device=device)):
@@ -245,7 +264,7 @@ def simulate_cmd(
 ) -> None:
     """Virtual hospitals on this machine: federated vs centralized vs local-only, with a report."""
     from leukfed.common.cli_support import parse_csv_list
-    from leukfed.simulations.report import method_table
+    from leukfed.simulations.report import method_table, seeds_table
     from leukfed.simulations.config import SimulateConfig
     from leukfed.simulations.simulate import simulate
 
@@ -254,7 +273,7 @@ def simulate_cmd(
 
     check_tracking(cfg.tracking)   # a missing library: refused before any training
     results = simulate(cfg, log=lambda line: typer.echo(line, err=True))
-    typer.echo(method_table(results))
+    typer.echo(seeds_table(results) if "seeds" in results else method_table(results))
     typer.echo(f"report: {Path(cfg.out) / 'report.md'}")
 
 

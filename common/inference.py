@@ -16,7 +16,7 @@ from leukfed.common.gallery import gallery_name, write_gallery
 from leukfed.common.images import IMAGE_EXTENSIONS, load_image
 from leukfed.common.runs import check_classes, load_run
 from leukfed.common.splits import load_split
-from leukfed.common.train import evaluate, select_hardware
+from leukfed.common.train import predict, select_hardware
 from leukfed.common.transforms import Normalize, prepare_image
 
 
@@ -25,8 +25,14 @@ def data_config_of(model):
 
 
 def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split_file: str | Path | None = None,
-                 subset: str = "test", device: str = "auto", batch_size: int = 64) -> dict:
-    """Metrics of a run on a dataset: its split's `subset` when a split is given, else every image."""
+                 subset: str = "test", device: str = "auto", batch_size: int = 64, bootstrap: int = 0,
+                 bootstrap_seed: int = 0, predictions_file: str | Path | None = None) -> dict:
+    """Metrics of a run on a dataset: its split's `subset` when a split is given, else every image.
+    With `bootstrap` N > 0, 95 % intervals (`ci` beside the metrics, image and patient level); with
+    `predictions_file` (.npz or .json), the per-image probabilities, labels and patient ids."""
+    from leukfed.common.metrics import metrics_with_patients
+    from leukfed.common.stats import Predictions, intervals, save_predictions
+
     hardware = select_hardware(device)
     model, description = load_run(run_dir, hardware.device)
     manifest = scan_dataset(data_dir)
@@ -37,9 +43,19 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split_file: str |
         paths = [s.path for s in manifest.samples]
     dataset = build_dataset(manifest, paths, data_config_of(model), train=False)
     loader = make_loader(dataset, batch_size, shuffle=False)
-    metrics = evaluate(model, loader, hardware, manifest.class_names, patients=dataset.groups)
+    proba, labels = predict(model, loader, hardware)
+    pred = Predictions(proba, labels, tuple(manifest.class_names), tuple(paths), tuple(dataset.groups))
+    metrics = metrics_with_patients(labels, proba, manifest.class_names, dataset.groups)
     metrics["evaluated_on"] = {"data": str(data_dir), "split": str(split_file) if split_file else None,
                                "subset": subset if split_file else "all", "num_images": len(dataset)}
+    if bootstrap > 0:
+        found = intervals(pred, bootstrap, bootstrap_seed)
+        metrics["ci"] = found["image"]
+        if found["patient"] is not None and "patient_level" in metrics:
+            metrics["patient_level"]["ci"] = found["patient"]
+        metrics["bootstrap"] = {k: v for k, v in found.items() if k not in ("image", "patient")}
+    if predictions_file is not None:
+        metrics["predictions_file"] = str(save_predictions(predictions_file, pred))
     return metrics
 
 

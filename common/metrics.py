@@ -277,3 +277,37 @@ def format_metrics_table(metrics: Mapping[str, Any], title: str | None = None) -
         lines += ["", "confusion matrix (rows = true, columns = predicted)",
                   *_table(_confusion_rows(metrics))]
     return "\n".join(lines)
+
+
+def pool_by_patient(y_true: Any, proba: Any, patients: Sequence[str],
+                    class_names: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(patient ids sorted, label per patient, mean cell probability per patient): the rows that
+    ``patient_metrics`` scores (ValueError when a patient's cells disagree on the label)."""
+    y, p = _validate(y_true, proba, class_names)
+    ids, labels, means = [], [], []
+    for pid, idx in _group_by_patient(patients, len(y)).items():
+        cell_labels = np.unique(y[idx])
+        if len(cell_labels) != 1:
+            raise ValueError(f"patient {pid!r} has cells with different labels: {cell_labels.tolist()}")
+        ids.append(pid)
+        labels.append(int(cell_labels[0]))
+        means.append(p[idx].mean(axis=0))
+    return ids, np.asarray(labels, dtype=np.int64), np.stack(means)
+
+
+def metrics_with_patients(y_true: Any, proba: Any, class_names: Sequence[str],
+                          patients: Sequence[str | None] | None = None) -> dict[str, Any]:
+    """``classification_metrics``, plus ``patient_level`` when every sample has a patient id."""
+    out = classification_metrics(y_true, proba, class_names)
+    if patients is not None and len(patients) and all(pid is not None for pid in patients):
+        out["patient_level"] = patient_metrics(y_true, proba, list(patients), class_names)
+    return out
+
+
+def format_intervals_table(metrics: Mapping[str, Any], intervals: Mapping[str, Any], title: str) -> str:
+    """Each metric with an interval: value and [lo, hi] in percent (2 decimals)."""
+    rows = [["metric", "value", "95% CI"]]
+    for key, ci in intervals.items():
+        span = "n/a" if ci is None else f"[{_pct(ci[0])}, {_pct(ci[1])}]"
+        rows.append([key.replace("_", " "), _pct(metrics.get(key)), span])
+    return "\n".join([title, "-" * len(title), *_table(rows, right_from=1)])

@@ -51,6 +51,11 @@ class SimulateConfig:
     dp_noise_multiplier: float = _run("dp_noise_multiplier")
     dp_max_grad_norm: float = _run("dp_max_grad_norm")
     tracking: str = _run("tracking")
+    seeds: str = setting("", "Comma-separated seeds, e.g. 0,1,2: the whole comparison (partition, initialisation, "
+                         "data order) once per seed under OUT/seed-K, then mean, spread and 95% CIs across seeds "
+                         "(empty: once, with --seed).", "simulation")
+    bootstrap: int = setting(1000, "Bootstrap resamples for the 95% confidence intervals and paired tests on the "
+                             "test set (0: none).", "simulation")
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
@@ -60,6 +65,25 @@ class SimulateConfig:
             raise LeukError("a simulation needs at least 2 sites")
         if self.rounds < 1 or self.local_epochs < 1:
             raise LeukError("rounds and local epochs must be >= 1")
+        if self.bootstrap < 0:
+            raise LeukError("bootstrap resamples must be >= 0")
+        self.seed_list()
+
+    def seed_list(self) -> tuple[int, ...]:
+        """The seeds of `seeds` (LeukError unless distinct integers); empty when not given."""
+        parts = [p.strip() for p in self.seeds.split(",") if p.strip()]
+        try:
+            values = tuple(int(p) for p in parts)
+        except ValueError:
+            raise LeukError(f"--seeds takes comma-separated integers, not {self.seeds!r}") from None
+        if len(set(values)) != len(values):
+            raise LeukError(f"--seeds repeats a seed: {self.seeds!r}")
+        return values
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """What trained models depend on: every setting but the statistics' own (seeds, bootstrap)."""
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in STATISTICS_ONLY}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+STATISTICS_ONLY = ("seeds", "bootstrap")

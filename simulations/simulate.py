@@ -10,13 +10,17 @@ from typing import Callable
 
 
 from leukfed.common.atomic import atomic_write_json
+from leukfed.common.centralized import split_digest
 from leukfed.common.data import Manifest, scan_dataset
 from leukfed.common.dataset import build_dataset, make_loader
 from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig
+from leukfed.common.metrics import metrics_with_patients
 from leukfed.common.partition import partition_samples
+from leukfed.common.runs import MODEL_FILE, export_model, model_description
 from leukfed.common.splits import Split, load_split, make_split, save_split
-from leukfed.common.train import (evaluate, make_loss, make_optimizer, prepare_model, seed_everything,
+from leukfed.common.stats import Predictions, compare, load_predictions, save_predictions
+from leukfed.common.train import (make_loss, make_optimizer, predict, prepare_model, seed_everything,
                                   select_hardware, train_epoch)
 from leukfed.simulations.config import SimulateConfig
 from leukfed.simulations.faults import parse_faults
@@ -83,7 +87,7 @@ def _plot_partition(out: Path, manifest: Manifest, sites) -> None:
 
 
 class Scorer:
-    """Decodes each evaluation set once and scores any model on all of them."""
+    """Decodes each evaluation set once and scores any model on all of them, keeping every prediction."""
 
     def __init__(self, prep: Prepared, data_config, batch_size: int) -> None:
         self.class_names = prep.manifest.class_names
@@ -93,15 +97,23 @@ class Scorer:
         self.loaders = {}
         for name, paths in sets.items():
             dataset = build_dataset(prep.manifest, paths, data_config, train=False)
-            self.loaders[name] = (make_loader(dataset, batch_size * 2, shuffle=False), dataset.groups)
+            self.loaders[name] = (make_loader(dataset, batch_size * 2, shuffle=False), paths, dataset.groups)
 
-    def score(self, model) -> dict[str, dict]:
+    def predict(self, model) -> dict[str, Predictions]:
         model = prepare_model(model, self.hardware)
-        return {name: evaluate(model, loader, self.hardware, self.class_names, patients=groups)
-                for name, (loader, groups) in self.loaders.items()}
+        out = {}
+        for name, (loader, paths, groups) in self.loaders.items():
+            proba, labels = predict(model, loader, self.hardware)
+            out[name] = Predictions(proba, labels, tuple(self.class_names), tuple(paths), tuple(groups))
+        return out
 
 
-def train_baseline(cfg: SimulateConfig, prep: Prepared, paths: list[str], epochs: int, seed: int):
+def score(predictions: dict[str, Predictions]) -> dict[str, dict]:
+    return {name: metrics_with_patients(p.labels, p.proba, p.class_names, p.patients)
+            for name, p in predictions.items()}
+
+
+def train_baseline(cfg: SimulateConfig, prep: Prepared, paths: list[str], epochs: int, seed: int, kind: str):
     """Centralized or local-only training with the federated run's model and hyper-parameters."""
     from leukfed.common.centralized import TrainConfig, build_model
 
@@ -119,7 +131,11 @@ def train_baseline(cfg: SimulateConfig, prep: Prepared, paths: list[str], epochs
     for epoch in range(1, epochs + 1):
         stats = train_epoch(model, loader, optimizer, loss_fn, hardware)
         history.append({"epoch": epoch, **stats.as_metrics()})
-    return model.cpu(), history, epochs * len(dataset)
+    description = model_description(
+        model, class_names, config=dataclasses.asdict(cfg), manifest_digest=prep.manifest.digest(),
+        split_digest=split_digest(prep.split), kind=kind,
+        extra={"hardware": hardware.describe(), "num_train": len(dataset), "seed": seed})
+    return model.cpu(), history, epochs * len(dataset), description
 
 
 def fed_config(cfg: SimulateConfig, prep: Prepared, out: Path, strategy: str) -> FedConfig:
@@ -154,28 +170,62 @@ def run_federated(cfg: SimulateConfig, prep: Prepared, out: Path, strategy: str,
     resources = SimulationResources(cfg.sites, cfg.cpus_per_site, cfg.gpus_per_site)
     run_simulation(fed, resources, out / f"flower-{strategy}", on_line=lambda line: log(f"  [{strategy}] {line}"),
                    sites=simulation_sites(out))
-    model, _ = load_run(fed.state_dir)
+    model, description = load_run(fed.state_dir)
     history = read_history(Path(fed.state_dir))
     passes = sum(site["train"].get("examples_processed", 0) for row in history for site in row["sites"].values())
-    return model, history, int(passes)
+    return model, history, int(passes), description
 
 
 def _method_file(out: Path, name: str) -> Path:
     return out / "methods" / f"{name}.json"
 
 
+def run_dir(out: Path, name: str) -> Path:
+    """Where a method's final model is kept, loadable by `leuk evaluate --model`."""
+    return out / "runs" / name
+
+
+def predictions_file(out: Path, name: str, test_set: str = "global-test") -> Path:
+    return out / "predictions" / name / f"{test_set}.npz"
+
+
 def _cached(out: Path, name: str, digest: str) -> dict | None:
-    """Resume: a method already finished under the same config is not trained again."""
+    """Resume: a method already finished under the same config (and data) is not trained again."""
     path = _method_file(out, name)
-    if path.exists():
+    if path.exists() and (run_dir(out, name) / MODEL_FILE).exists() and predictions_file(out, name).exists():
         saved = json.loads(path.read_text())
         if saved.get("config_digest") == digest:
             return saved
     return None
 
 
+def _finish(out: Path, name: str, digest: str, scorer: Scorer, trained, seconds: float) -> dict:
+    """Score a freshly trained model, keep its predictions and its run directory, then its record."""
+    model, history, passes, description = trained
+    predictions = scorer.predict(model)
+    for test_set, pred in predictions.items():
+        save_predictions(predictions_file(out, name, test_set), pred)
+    scores = score(predictions)
+    export_model(run_dir(out, name), model, {**description, "method": name}, scores["global-test"])
+    record = {"name": name, "config_digest": digest, "history": history, "sample_passes": passes,
+              "seconds": seconds, "scores": scores, "run_dir": str(run_dir(out, name))}
+    atomic_write_json(_method_file(out, name), record)
+    return record
+
+
 def simulate(cfg: SimulateConfig, log: Log = print) -> dict:
-    """Run the whole comparison; writes results.json, report.md and plots to cfg.out."""
+    """Run the whole comparison, once or once per seed of `cfg.seeds`; writes results.json, report.md
+    (and plots) to cfg.out."""
+    seeds = cfg.seed_list()
+    if len(seeds) > 1:
+        from leukfed.simulations.seeds import simulate_seeds
+
+        return simulate_seeds(cfg, seeds, simulate_once, log)
+    return simulate_once(dataclasses.replace(cfg, seed=seeds[0]) if seeds else cfg, log)
+
+
+def simulate_once(cfg: SimulateConfig, log: Log = print) -> dict:
+    """One seed: every method trained (or resumed), scored, compared with bootstrap intervals."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -183,13 +233,15 @@ def simulate(cfg: SimulateConfig, log: Log = print) -> dict:
     from leukfed.models import resolve_data_config
 
     scorer = Scorer(prep, resolve_data_config(cfg.model, cfg.image_size or None), cfg.batch_size)
-    digest = cfg.digest()
+    digest = f"{cfg.digest()}-{split_digest(prep.split)[:16]}"
     epochs = cfg.rounds * cfg.local_epochs
     plan: list[tuple[str, Callable]] = [
         (f"federated-{s}", lambda s=s: run_federated(cfg, prep, out, s, log)) for s in cfg.strategies]
     if cfg.baselines:
-        plan.append(("centralized", lambda: train_baseline(cfg, prep, list(prep.split.train), epochs, cfg.seed)))
-        plan += [(f"local-site-{i}", lambda i=i: train_baseline(cfg, prep, prep.sites[i]["train"], epochs, cfg.seed + 1 + i))
+        plan.append(("centralized", lambda: train_baseline(cfg, prep, list(prep.split.train), epochs, cfg.seed,
+                                                                  "centralized")))
+        plan += [(f"local-site-{i}", lambda i=i: train_baseline(cfg, prep, prep.sites[i]["train"], epochs,
+                                                                     cfg.seed + 1 + i, "local-only"))
                  for i in range(cfg.sites)]
     methods = {}
     for name, run in plan:
@@ -197,18 +249,30 @@ def simulate(cfg: SimulateConfig, log: Log = print) -> dict:
         if cached is None:
             log(f"{name}: training")
             t0 = time.time()
-            model, history, passes = run()
-            cached = {"name": name, "config_digest": digest, "history": history, "sample_passes": passes,
-                      "seconds": time.time() - t0, "scores": scorer.score(model)}
-            atomic_write_json(_method_file(out, name), cached)
+            trained = run()
+            cached = _finish(out, name, digest, scorer, trained, time.time() - t0)
         log(f"{name}: test accuracy {cached['scores']['global-test']['accuracy']:.4f}")
         methods[name] = cached
     results = _results(cfg, prep, methods, time.time() - started)
+    if cfg.bootstrap:
+        log(f"bootstrap: {cfg.bootstrap} resamples of the test set per method")
+        add_intervals(results, {name: load_predictions(predictions_file(out, name)) for name in methods}, cfg.bootstrap)
     atomic_write_json(out / "results.json", results)
     from leukfed.simulations.report import write_report
 
     write_report(out, results)
     return results
+
+
+def add_intervals(results: dict, predictions: dict[str, Predictions], resamples: int, seed: int = 0) -> None:
+    """final_ci / patient_ci per method, and paired_vs_centralized (and its patient twin) for the others.
+    Every method is scored on the same resamples of the test set."""
+    found = compare(predictions, "centralized", resamples, seed)
+    renamed = {"image": "final_ci", "patient": "patient_ci", "paired_image": "paired_vs_centralized",
+               "paired_patient": "patient_paired_vs_centralized"}
+    for name, method in results["methods"].items():
+        method.update({field: found[name][key] for key, field in renamed.items() if found[name].get(key) is not None})
+        method["bootstrap"] = {k: v for k, v in found[name].items() if k not in renamed}
 
 
 def _results(cfg: SimulateConfig, prep: Prepared, methods: dict, seconds: float) -> dict:
@@ -221,8 +285,8 @@ def _results(cfg: SimulateConfig, prep: Prepared, methods: dict, seconds: float)
                       for i, s in enumerate(prep.sites)],
         "methods": {name: {"final": m["scores"]["global-test"], "cross_site": {k: v["accuracy"] for k, v in m["scores"].items()},
                            "cross_site_patient_auc": {k: v.get("patient_level", {}).get("auc") for k, v in m["scores"].items()},
-                           "sample_passes": m["sample_passes"], "seconds": m["seconds"], "history": m["history"]}
+                           "sample_passes": m["sample_passes"], "seconds": m["seconds"], "history": m["history"],
+                           "run_dir": m["run_dir"]}
                     for name, m in methods.items()},
         "seconds": seconds,
     }
-

@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ARGS = ["--sites", "3", "--rounds", "2", "--model", "tinycnn", "--image-size", "24", "--batch-size", "16",
-        "--lr", "0.003", "--seed", "3"]
+        "--lr", "0.003", "--seed", "3", "--bootstrap", "200"]
 
 
 def simulate(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -97,3 +97,74 @@ def test_dp_sites_report_epsilon_per_round_and_half_precision_halves_the_bytes(t
     assert len(ledgers) == 3  # each virtual site's spending outlives its process
     model_bytes = history[0]["bytes_sent"] / 3  # float32 global model to each of 3 sites
     assert history[0]["bytes_received"] / 3 == pytest.approx(model_bytes / 2, rel=0.1)
+
+
+def test_single_seed_keeps_run_directories_predictions_and_bootstrap_intervals(first_run, tmp_path: Path) -> None:
+    """Every method's final model is a run directory `leuk evaluate` scores exactly as the study did; the
+    study's results carry bootstrap intervals and paired differences to centralized."""
+    from leukfed.common.stats import headline_keys, load_predictions
+
+    out, _ = first_run
+    results = json.loads((out / "results.json").read_text())
+    keys = set(headline_keys(results["data"]["class_names"]))
+    for name, method in results["methods"].items():
+        assert (out / "runs" / name / "model.safetensors").stat().st_size > 0
+        assert set(method["final_ci"]) == keys
+        for key, (lo, hi) in method["final_ci"].items():
+            assert lo <= method["final"][key] <= hi, (name, key)
+        pred = load_predictions(out / "predictions" / name / "global-test.npz")
+        assert len(pred.labels) == results["data"]["split"]["test"]
+        assert ("paired_vs_centralized" in method) == (name != "centralized")
+    paired = results["methods"]["federated-fedavg"]["paired_vs_centralized"]["accuracy"]
+    assert set(paired) == {"diff", "ci", "p"} and 0 < paired["p"] <= 1
+    assert "Paired difference to centralized" in (out / "report.md").read_text()
+    evaluated = tmp_path / "centralized.json"
+    env = {**os.environ, "LEUK_NO_PROGRESS": "1"}
+    subprocess.run([sys.executable, "-c", "from leukfed.cli import main; main()", "evaluate", "--model",
+                    str(out / "runs" / "centralized"), "--data", results["data"]["root"], "--split",
+                    str(out / "split.json"), "--out", str(evaluated)], check=True, capture_output=True, env=env, timeout=300)
+    assert json.loads(evaluated.read_text())["confusion_matrix"] == results["methods"]["centralized"]["final"]["confusion_matrix"]
+
+
+def test_seeds_repeat_the_comparison_and_aggregate_with_paired_tests(tmp_path: Path) -> None:
+    """`--seeds 0,1`: one full comparison per seed on the same test images, mean/sd/CI across seeds, the
+    paired t-test to centralized; running it again retrains nothing."""
+    out = tmp_path / "seeds"
+    fast = ("--sites", "2", "--rounds", "1", "--seeds", "0,1")
+    result = simulate(out, *fast)
+    assert "| centralized |" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1]
+    per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert [r["config"]["seed"] for r in per_seed] == [0, 1]
+    partitions = [json.loads((out / f"seed-{s}" / "partition.json").read_text()) for s in (0, 1)]
+    assert partitions[0]["sites"][0]["train"] != partitions[1]["sites"][0]["train"]  # each seed its own partition
+    tests = [json.loads((out / f"seed-{s}" / "split.json").read_text())["test"] for s in (0, 1)]
+    assert tests[0] == tests[1]  # ... and the same test images
+    for name, method in results["methods"].items():
+        accuracy = method["across_seeds"]["accuracy"]
+        assert accuracy["values"] == [r["methods"][name]["final"]["accuracy"] for r in per_seed]
+        assert accuracy["mean"] == pytest.approx(sum(accuracy["values"]) / 2)
+        assert accuracy["ci"] is None or accuracy["ci"][0] <= accuracy["mean"] <= accuracy["ci"][1]
+        assert (out / f"seed-1/runs/{name}/model.json").exists()
+    paired = results["methods"]["federated-fedavg"]["paired_vs_centralized"]["accuracy"]
+    assert paired["test"] == "paired t" and paired["n"] == 2
+    assert [row["seed"] for row in paired["per_seed"]] == [0, 1] and all("p" in row for row in paired["per_seed"])
+    report = (out / "report.md").read_text()
+    assert "Across seeds" in report and "paired t" in report
+    resumed = simulate(out, *fast)
+    assert "training" not in resumed.stderr
+    assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
+
+
+def test_seed_settings_are_checked_and_do_not_invalidate_trained_methods() -> None:
+    from leukfed.common.errors import LeukError
+    from leukfed.simulations.config import SimulateConfig
+
+    assert SimulateConfig(seeds=" 0, 1,2").seed_list() == (0, 1, 2) and SimulateConfig().seed_list() == ()
+    for bad in ("0,x", "1,1"):
+        with pytest.raises(LeukError, match="--seeds"):
+            SimulateConfig(seeds=bad)
+    # Statistics-only settings leave the digest that decides whether a finished method is reused.
+    assert SimulateConfig(seeds="0,1", bootstrap=50).digest() == SimulateConfig().digest()
+    assert SimulateConfig(seed=1).digest() != SimulateConfig().digest()
