@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 from leukfed.client.audit import verify_chain
 from leukfed.client.policy import SitePolicy
