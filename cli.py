@@ -257,6 +257,27 @@ def calibrate_cmd(
     typer.echo(f"written: {model / CALIBRATION_JSON}, {model / RELIABILITY_PNG}")
 
 
+@app.command("dashboard")
+def dashboard_cmd(
+    state: Path = typer.Argument(..., help="A leuk-server state folder (or a folder of them)."),
+    listen: str = typer.Option("127.0.0.1:8050", "--listen", help="[HOST:]PORT (loopback by default)."),
+) -> None:
+    """The coordinator's read-only dashboard of a finished or running state folder, until Ctrl-C."""
+    import time
+
+    from leukfed.common.errors import LeukError
+    from leukfed.server.dashboard import serve_dashboard
+
+    if not state.is_dir():
+        raise LeukError(f"{state} is not a folder")
+    server = serve_dashboard(state, listen, say=typer.echo)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
 def simulate_cmd(
     strategy: str = typer.Option("fedavg", "--strategy", help="One or more, comma-separated: fedavg, fedprox, "
                                  "fedadam, fedyogi, fedmedian, fedtrimmedavg, krum."),

@@ -3,6 +3,7 @@ curves, earlier runs; status.json written atomically and merged."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from leukfed.server.dashboard import Dashboard, time_split
 from leukfed.server.run_status import read_status, write_status
 
+LEUK = [sys.executable, "-c", "from leukfed.cli import main; main()"]
 REJECTION = {"node": 22, "site": "b", "reason": "num-examples 1000000000 exceeds the bound 1000000 per site"}
 
 
@@ -85,3 +87,38 @@ def test_ids_reach_the_browser_exactly(tmp_path: Path) -> None:
     assert document["status"]["run_id"] == "2810463607261981522"
     assert document["status"]["sites"]["a"] == "11116868050111349780" and document["status"]["round"] == 1
     assert plain({"x": float("nan"), "y": (1, True)}) == {"x": None, "y": [1, True]}
+
+
+def test_leuk_dashboard_serves_a_finished_state_folder_read_only(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    (tmp_path / "history.json").write_text(json.dumps(BY_NAME))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([*LEUK, "dashboard", str(tmp_path), "--listen",
+                                f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/live", timeout=5) as reply:
+                    live = json.loads(reply.read())
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.time() < deadline and process.poll() is None, "the dashboard did not start"
+                time.sleep(0.3)
+        assert {"a", "b"} <= {s["name"] for s in live["sites"]}
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/api/live", method="POST"))
+        assert refused.value.code == 405
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    missing = subprocess.run([*LEUK, "dashboard", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "error:" in missing.stderr and "Traceback" not in missing.stderr
