@@ -17,18 +17,20 @@ PATIENT_METRICS = ("auc", "auc_ovr", "sensitivity", "macro_sensitivity", "specif
                    "accuracy")
 PLOT_ORDER = ("accuracy_per_round.png", "label_distribution.png")
 STYLE = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#1d2430;line-height:1.45}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;
+margin:2em auto;padding:0 1em;color:#1d2430;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #d8dde6}
 p.lead{color:#4a5568}table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
 th,td{border:1px solid #d8dde6;padding:.3em .6em;text-align:right;vertical-align:top}
 th{background:#f1f4f8}td:first-child,th:first-child{text-align:left;font-weight:600}
 .ci{color:#5a6577;font-size:.85em;white-space:nowrap}.note{color:#5a6577;font-size:.9em}
-.wide{overflow-x:auto}.bar{position:relative;width:110px;height:12px;background:#eef1f5;border-radius:2px;display:inline-block}
+.wide{overflow-x:auto}
+.bar{position:relative;width:110px;height:12px;background:#eef1f5;border-radius:2px;display:inline-block}
 .bar span{position:absolute;top:0;height:12px;background:#8fb3e8;border-radius:2px}
 .bar i{position:absolute;top:-2px;width:2px;height:16px;background:#1f4f99}
-.better{color:#1d7a3a}.worse{color:#a4262c}figure{display:inline-block;margin:.5em 1em .5em 0;
-vertical-align:top}figure img{max-width:100%;border:1px solid #d8dde6}figcaption{font-size:.85em;color:#5a6577}
+.better{color:#1d7a3a}.worse{color:#a4262c}
+figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
+figure img{max-width:100%;border:1px solid #d8dde6}figcaption{font-size:.85em;color:#5a6577}
 """
 
 
@@ -124,8 +126,9 @@ def _method_section(results: dict) -> str:
     rows = []
     for name, method in methods.items():
         final, ci = method["final"], method.get("final_ci") or {}
-        rows.append([name, *(_cell(final.get(k), ci.get(k)) for k in keys), _bar(final.get("accuracy"), ci.get("accuracy")),
-                     _gap_cell(final.get("accuracy"), reference), f"<td>{method.get('sample_passes', 0):,}</td>"])
+        accuracy = final.get("accuracy")
+        rows.append([name, *(_cell(final.get(k), ci.get(k)) for k in keys), _bar(accuracy, ci.get("accuracy")),
+                     _gap_cell(accuracy, reference), f"<td>{method.get('sample_passes', 0):,}</td>"])
     headers = ["Method", *(METRICS[k] for k in keys), "Accuracy, 0–100 %", "Δ accuracy vs centralized, pp",
                "Sample passes"]
     note = _bootstrap_note(methods)
@@ -160,7 +163,7 @@ def _seeds_section(results: dict) -> str:
             cells.append(f"<td>{_pct(row.get('mean'))}{sd}{_interval(row.get('ci'))}{seeds}</td>")
         accuracy = stats.get("accuracy") or {}
         rows.append([name, *cells, _bar(accuracy.get("mean"), accuracy.get("ci"))])
-    n = len(results.get("seeds") or next(iter(s for _, s in rows_in)).get("accuracy", {}).get("values", []))
+    n = len(results.get("seeds") or rows_in[0][1].get("accuracy", {}).get("values", []))
     return (f"<h2>Across {n} seeds: mean ± sd, 95% t-interval (%)</h2>\n"
             + _table(["Method", *(METRICS[k] for k in keys), "Accuracy, 0–100 %"], rows))
 

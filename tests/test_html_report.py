@@ -30,11 +30,13 @@ def one_seed_results(root: str = "/data/smears") -> dict:
     methods = {}
     for name, accuracy in accuracies.items():
         method = {"final": _final(accuracy), "sample_passes": 9800 if name[0] in "fc" else 3200, "seconds": 12.0,
-                  "cross_site": {"global-test": accuracy, "site-0-test": accuracy - 0.02, "site-1-test": accuracy + 0.01},
+                  "cross_site": {"global-test": accuracy, "site-0-test": accuracy - 0.02,
+                                 "site-1-test": accuracy + 0.01},
                   "history": [{"round": r, "server_evaluate": {"accuracy": 0.5 + 0.1 * r}} for r in (1, 2, 3)]
                   if name.startswith("federated") else [{"epoch": 1}],
-                  "final_ci": {"accuracy": [accuracy - 0.0456, accuracy + 0.0389], "balanced_accuracy": [0.7, 0.9],
-                               "auc_ovr": [0.91, 0.98], "macro_sensitivity": [0.7, 0.9], "macro_specificity": [0.86, 0.94]},
+                  "final_ci": {"accuracy": [accuracy - 0.0456, accuracy + 0.0389],
+                               "balanced_accuracy": [0.7, 0.9], "auc_ovr": [0.91, 0.98],
+                               "macro_sensitivity": [0.7, 0.9], "macro_specificity": [0.86, 0.94]},
                   "patient_ci": {"accuracy": [0.5, 1.0], "auc_ovr": [0.612, 1.0]},
                   "bootstrap": {"unit": "image", "resamples": 1000, "seed": 0, "level": 0.95, "method": "percentile"}}
         if name != "centralized":
@@ -160,7 +162,7 @@ def test_the_default_study_scores_a_few_hundred_generated_test_images(tmp_path: 
     cfg = SimulateConfig(out=str(tmp_path))
     prep = prepare_data(cfg, tmp_path, lambda line: None)
     assert len(prep.split.test) >= 200
-    assert all(len(site["test"]) >= 50 for site in prep.sites)  # each site's own test split, for cross-site
+    assert all(len(site["test"]) >= 20 for site in prep.sites)  # each site's own test split, for cross-site
     assert len(set(prep.manifest.labels())) == 4
     fed = FedConfig(state_dir="x")
     assert cfg.rounds * cfg.local_epochs > fed.rounds * fed.local_epochs  # the study's own defaults, declared

@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ARGS = ["--sites", "3", "--rounds", "2", "--model", "tinycnn", "--image-size", "24", "--batch-size", "16",
-        "--lr", "0.003", "--seed", "3"]
+        "--lr", "0.003", "--seed", "3", "--synthetic-per-class", "60"]
 
 
 def simulate(out: Path, *extra: str) -> subprocess.CompletedProcess:
