@@ -12,13 +12,14 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ARGS = ["--sites", "3", "--rounds", "2", "--model", "tinycnn", "--image-size", "24", "--batch-size", "16",
-        "--lr", "0.003", "--seed", "3", "--synthetic-per-class", "60"]
+        "--lr", "0.003", "--seed", "3"]
 
 
 def simulate(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "LEUK_NO_PROGRESS": "1"}
     result = subprocess.run([sys.executable, "-c", "from leukfed.cli import main; main()", "simulate",
-                             "--out", str(out), *ARGS, *extra], capture_output=True, text=True, env=env, timeout=600)
+                             "--out", str(out), "--synthetic-per-class", "60", *ARGS, *extra],
+                            capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
