@@ -25,7 +25,8 @@ class SimulateConfig:
     out: str = setting("leuk-simulation", "Output folder (re-running resumes finished methods).", "simulation")
     data: str = setting("", "Dataset folder (default: a generated smear-like dataset, no download).", "simulation")
     sites: int = setting(3, "Number of virtual hospitals.", "simulation")
-    partition: str = setting("iid", "iid, dirichlet:ALPHA, patient or quantity:W1,W2,...", "simulation")
+    partition: str = setting("dirichlet:1.0", "iid, dirichlet:ALPHA, patient or quantity:W1,W2,... (default: each "
+                             "site its own case mix).", "simulation")
     model: str = _run("model")
     strategies: tuple[str, ...] = setting(("fedavg",), "One or more, comma-separated: fedavg, fedprox, fedadam, "
                                           "fedyogi, fedmedian, fedtrimmedavg, krum.", "simulation", cli=False)
