@@ -109,11 +109,10 @@ def _reference(results: dict, key: str = "accuracy"):
 
 
 def _gap_cell(value, reference) -> str:
+    """Plain: whether a gap is more than chance is the paired table's to say (coloured there)."""
     if value is None or reference is None:
         return "<td>n/a</td>"
-    gap = 100 * (value - reference)
-    kind = "better" if gap > 0 else "worse" if gap < 0 else ""
-    return f'<td class="{kind}">{gap:+.1f}</td>'
+    return f"<td>{100 * (value - reference):+.1f}</td>"
 
 
 def _method_section(results: dict) -> str:
