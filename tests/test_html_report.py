@@ -13,6 +13,7 @@ from leukfed.simulations.report import write_report
 
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
 METHODS = ("federated-fedavg", "centralized", "local-site-0", "local-site-1")
+HEADLINE = ("accuracy", "balanced_accuracy", "auc_ovr", "macro_sensitivity", "macro_specificity")  # 4 classes
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.IGNORECASE)
 
 
@@ -40,8 +41,8 @@ def one_seed_results(root: str = "/data/smears") -> dict:
                   "patient_ci": {"accuracy": [0.5, 1.0], "auc_ovr": [0.612, 1.0]},
                   "bootstrap": {"unit": "image", "resamples": 1000, "seed": 0, "level": 0.95, "method": "percentile"}}
         if name != "centralized":
-            method["paired_vs_centralized"] = {"accuracy": {"diff": accuracy - 0.861, "ci": [-0.0712, -0.0031],
-                                                            "p": 0.0004}}
+            method["paired_vs_centralized"] = {key: {"diff": accuracy - 0.861, "ci": [-0.0712, -0.0031], "p": 0.0004}
+                                               for key in HEADLINE}
         methods[name] = method
     return {"config": {"sites": 2, "partition": "iid", "model": "tinycnn", "rounds": 3, "local_epochs": 1, "seed": 0,
                        "image_size": 0, "pretrained": "auto"},
@@ -60,9 +61,11 @@ def seeds_results() -> dict:
         methods[name] = {"sample_passes": 29400, "seconds": 60.0,
                          "across_seeds": {"accuracy": {"mean": mean, "sd": 0.012, "ci": [mean - 0.0298, mean + 0.0298],
                                                        "values": values, "n": 3}}}
+        methods[name]["across_seeds"].update({key: methods[name]["across_seeds"]["accuracy"] for key in HEADLINE})
         if name != "centralized":
-            methods[name]["paired_vs_centralized"] = {"accuracy": {"diff": mean - 0.86, "ci": [-0.14, 0.02], "p": 0.21,
-                                                                   "test": "paired t", "n": 3, "per_seed": []}}
+            methods[name]["paired_vs_centralized"] = {key: {"diff": mean - 0.86, "ci": [-0.14, 0.02], "p": 0.21,
+                                                            "test": "paired t", "n": 3, "per_seed": []}
+                                                      for key in HEADLINE}
     return {"config": {"sites": 2, "partition": "iid", "model": "tinycnn", "rounds": 3, "local_epochs": 1},
             "seeds": [0, 1, 2], "split_seed": 0, "data": {"root": "/data", "layout": "class_folders",
                                                           "class_names": CLASSES, "num_images": 1400,
