@@ -16,6 +16,8 @@ TABLE_METRICS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_sens
 PATIENT_METRICS = ("auc", "auc_ovr", "sensitivity", "macro_sensitivity", "specificity", "macro_specificity",
                    "accuracy")
 PLOT_ORDER = ("accuracy_per_round.png", "label_distribution.png")
+# The page may load nothing but its own inline style and data: images, whatever a results.json holds.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;
 margin:2em auto;padding:0 1em;color:#1d2430;line-height:1.45}
@@ -48,6 +50,7 @@ def render(results: dict, out: Path | None = None) -> str:
                 _plots_section(out) if out else ""]
     title = "Federated vs centralized vs local-only"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{title}</title>"
             f"<style>{STYLE}</style></head><body>\n<h1>{title}</h1>\n"
             + "\n".join(s for s in sections if s) + "\n</body></html>\n")

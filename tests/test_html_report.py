@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from leukfed.simulations.html_report import render, write_html_report
+from leukfed.simulations.html_report import CSP, render, write_html_report
 from leukfed.simulations.report import write_report
 
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
@@ -87,6 +87,7 @@ def test_write_report_puts_a_self_contained_html_page_beside_report_md(written) 
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert not EXTERNAL.search(page), EXTERNAL.search(page)
     assert "<script" not in page.lower() and "<link" not in page.lower() and "@import" not in page
+    assert f'http-equiv="Content-Security-Policy" content="{CSP}"' in page and "default-src 'none'" in CSP
 
 
 def test_the_page_holds_every_table_with_its_intervals(written) -> None:
