@@ -296,6 +296,7 @@ def simulate_cmd(
     results = simulate(cfg, log=lambda line: typer.echo(line, err=True))
     typer.echo(seeds_table(results) if "seeds" in results else method_table(results))
     typer.echo(f"report: {Path(cfg.out) / 'report.md'}")
+    typer.echo(f"html report: {Path(cfg.out) / 'report.html'}")
 
 
 def _simulate_options() -> list:

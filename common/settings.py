@@ -22,10 +22,13 @@ def setting(default: Any, help: str, who: str = "coordinator", *, flag: str = ""
                                             "cli": cli})
 
 
-def inherit(cls, name: str) -> Any:
-    """The same setting (default, help, owner) as `cls`'s field `name`, for a schema that repeats it."""
+def inherit(cls, name: str, *, default: Any = MISSING) -> Any:
+    """The same setting (default, help, owner) as `cls`'s field `name`, for a schema that repeats it;
+    `default` overrides the default only (e.g. a simulation's smaller model), never help or owner."""
     source = next(f for f in fields(cls) if f.name == name)
-    return field(default=source.default, metadata=dict(source.metadata))
+    if default is MISSING:
+        return field(default=source.default, metadata=dict(source.metadata))
+    return field(default=default, metadata={**source.metadata, "inherited_default": source.default})
 
 
 def kebab(name: str) -> str:

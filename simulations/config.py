@@ -11,9 +11,10 @@ from leukfed.common.fedconfig import STRATEGIES, FedConfig
 from leukfed.common.settings import inherit, setting
 
 
-def _run(name: str):
-    """A run setting `leuk simulate` shares with leuk-server: FedConfig's default and help."""
-    return inherit(FedConfig, name)
+def _run(name: str, **default):
+    """A run setting `leuk simulate` shares with leuk-server: FedConfig's help, and its default unless the
+    study declares its own (`default=`)."""
+    return inherit(FedConfig, name, **default)
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,13 @@ class SimulateConfig:
     out: str = setting("leuk-simulation", "Output folder (re-running resumes finished methods).", "simulation")
     data: str = setting("", "Dataset folder (default: a generated smear-like dataset, no download).", "simulation")
     sites: int = setting(3, "Number of virtual hospitals.", "simulation")
-    partition: str = setting("iid", "iid, dirichlet:ALPHA, patient or quantity:W1,W2,...", "simulation")
+    partition: str = setting("dirichlet:1.0", "iid, dirichlet:ALPHA, patient or quantity:W1,W2,... (default: each "
+                             "site its own case mix).", "simulation")
     model: str = _run("model")
     strategies: tuple[str, ...] = setting(("fedavg",), "One or more, comma-separated: fedavg, fedprox, fedadam, "
                                           "fedyogi, fedmedian, fedtrimmedavg, krum.", "simulation", cli=False)
-    rounds: int = _run("rounds")
-    local_epochs: int = _run("local_epochs")
+    rounds: int = _run("rounds", default=5)
+    local_epochs: int = _run("local_epochs", default=2)
     image_size: int = _run("image_size")
     batch_size: int = _run("batch_size")
     lr: float = _run("lr")
@@ -42,7 +44,8 @@ class SimulateConfig:
     baselines: bool = setting(True, "Also train centralized and local-only.", "simulation")
     cpus_per_site: float = setting(1.0, "CPU share of each virtual site.", "simulation")
     gpus_per_site: float = setting(0.0, "GPU share of each virtual site.", "simulation")
-    synthetic_per_class: int = setting(60, "Images per class of the generated dataset.", "simulation")
+    synthetic_per_class: int = setting(400, "Images per class of the generated dataset (400: a test set of 240 "
+                                       "images).", "simulation")
     faults: str = setting("", "Misbehaving sites for robustness studies, e.g. 0:signflip,2:nan (kinds: nan, "
                           "signflip[:SCALE], noise[:SIGMA], labelflip).", "simulation", flag="--faulty")
     evaluate_every: int = _run("evaluate_every")

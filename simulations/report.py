@@ -32,6 +32,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from leukfed.common.atomic import atomic_write_text
+from leukfed.simulations.html_report import write_html_report
 
 COLUMNS = ("accuracy", "macro_precision", "macro_sensitivity", "macro_specificity", "macro_f1", "auc_ovr")
 HEADERS = ("Accuracy", "Precision", "Recall/Sensitivity", "Specificity", "F1", "AUC")
@@ -258,3 +259,4 @@ def write_report(out: Path, results: dict) -> None:
               "Plots: `accuracy_per_round.png`, `label_distribution.png`, `confusion_<method>.png`.", ""]
     atomic_write_text(out / "report.md", "\n".join(parts))
     write_plots(out, results)
+    write_html_report(out, results)

@@ -48,7 +48,8 @@ def test_one_poisoning_site_of_four_does_not_stop_a_robust_strategy(tmp_path: Pa
     result = subprocess.run(
         [sys.executable, "-c", "from leukfed.cli import main; main()", "simulate", "--out", str(out),
          "--sites", "4", "--rounds", "4", "--model", "tinycnn", "--image-size", "24", "--batch-size", "16",
-         "--lr", "0.003", "--strategy", "fedmedian", "--no-baselines", "--faulty", "0:signflip:8"],
+         "--lr", "0.003", "--strategy", "fedmedian", "--no-baselines", "--faulty", "0:signflip:8",
+         "--synthetic-per-class", "60", "--partition", "iid", "--local-epochs", "1"],
         capture_output=True, text=True, env={**os.environ, "LEUK_NO_PROGRESS": "1"}, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads((out / "results.json").read_text())

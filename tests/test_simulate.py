@@ -17,8 +17,11 @@ ARGS = ["--sites", "3", "--rounds", "2", "--model", "tinycnn", "--image-size", "
 
 def simulate(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "LEUK_NO_PROGRESS": "1"}
+    # the small study these tests were written for, not the embedded default's (1,600 images, case mix)
     result = subprocess.run([sys.executable, "-c", "from leukfed.cli import main; main()", "simulate",
-                             "--out", str(out), *ARGS, *extra], capture_output=True, text=True, env=env, timeout=600)
+                             "--out", str(out), "--synthetic-per-class", "60", "--partition", "iid",
+                             "--local-epochs", "1", *ARGS, *extra],
+                            capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 

@@ -85,6 +85,7 @@ def simulation_scale_cmd(
         folder = work or Path(scratch)
         cfg = SimulateConfig(out=str(folder), sites=sites, model=model, rounds=rounds, image_size=image_size,
                              batch_size=batch_size, baselines=False, augment="flip", pretrained="none",
+                             partition="iid", local_epochs=1,
                              synthetic_per_class=per_class, cpus_per_site=cpus_per_site)
         wall, sampler, history = simulate_sampled(cfg, folder, interval)
     summary = summarize_rounds(history, sampler)
