@@ -158,13 +158,44 @@ federation() {
     done
     say "code approved at ${SITES[*]}; starting the federation ($ROUNDS rounds)"
     local start; start=$(date +%s)
-    local rc=0
-    timeout "$TIMEOUT" "${COMPOSE[@]}" up --no-build --abort-on-container-exit --exit-code-from coordinator \
-        >"$LOGS/compose-up.log" 2>&1 || rc=$?
-    "${COMPOSE[@]}" logs >"$LOGS/compose-logs.log" 2>&1 || true
-    [ "$rc" != 124 ] || fail "the federation did not finish within $TIMEOUT s (log: $LOGS/compose-up.log)"
-    [ "$rc" = 0 ] || fail "the coordinator exited with $rc: $(grep -m1 'error' "$LOGS/compose-up.log" || tail -n 1 "$LOGS/compose-up.log")"
+    # The coordinator first; the hospitals once it has registered their keys (a site that dials in
+    # before is refused, code 2004). podman < 4.6 cannot wait for `condition: service_healthy`.
+    "${COMPOSE[@]}" up -d --no-build coordinator >"$LOGS/compose-up.log" 2>&1 \
+        || fail "podman-compose up coordinator: $(tail -n 1 "$LOGS/compose-up.log")"
+    local coordinator; coordinator=$(container coordinator)
+    [ -n "$coordinator" ] || fail "no coordinator container (log: $LOGS/compose-up.log)"
+    local sites_json=$RUN/state/coordinator/run/superlink/sites.json
+    until [ "$(registered_sites "$sites_json")" = "${#SITES[@]}" ]; do
+        [ "$(podman inspect -f '{{.State.Running}}' "$coordinator")" = true ] \
+            || fail "the coordinator stopped before registering the sites: $(podman logs --tail 1 "$coordinator" 2>&1)"
+        [ "$(elapsed "$start")" -lt "$TIMEOUT" ] || fail "the coordinator did not register the sites within $TIMEOUT s"
+        sleep 2
+    done
+    "${COMPOSE[@]}" up -d --no-build --no-deps "${SITES[@]/#/hospital-}" >>"$LOGS/compose-up.log" 2>&1 \
+        || fail "podman-compose up (hospitals): $(tail -n 1 "$LOGS/compose-up.log")"
+    while [ "$(podman inspect -f '{{.State.Running}}' "$coordinator")" = true ]; do
+        [ "$(elapsed "$start")" -lt "$TIMEOUT" ] || { save_logs; fail "the federation did not finish within $TIMEOUT s (logs: $LOGS)"; }
+        sleep 5
+    done
+    save_logs
+    local rc; rc=$(podman inspect -f '{{.State.ExitCode}}' "$coordinator")
+    [ "$rc" = 0 ] || fail "the coordinator exited with $rc: $(grep -m1 'error' "$LOGS/coordinator.log" || tail -n 1 "$LOGS/coordinator.log")"
     say "federation finished in $(elapsed "$start") s"
+}
+
+container() {  # the container id of a compose service of this project
+    podman ps -aq --filter "label=com.docker.compose.project=$PROJECT" --filter "label=com.docker.compose.service=$1"
+}
+
+registered_sites() {  # how many sites the coordinator has registered so far
+    python3 -c "import json, sys; print(len(json.load(open(sys.argv[1]))))" "$1" 2>/dev/null || echo 0
+}
+
+save_logs() {
+    local service
+    for service in coordinator "${SITES[@]/#/hospital-}"; do
+        podman logs "$(container "$service")" >"$LOGS/$service.log" 2>&1 || true
+    done
 }
 
 check_results() {
