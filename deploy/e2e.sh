@@ -78,7 +78,9 @@ base_image() {
         || fail "base image $BASE not found and not pullable"
     podman image exists "$BASE" && return
     command -v debootstrap >/dev/null || fail "debootstrap not found for the local base (apt-get install debootstrap)"
-    "$ROOT/deploy/make-base.sh" "$BASE" "$WORK/base" || fail "could not make the base image $BASE"
+    "$ROOT/deploy/make-base.sh" "$BASE" "$WORK/base" >"$LOGS/base.log" 2>&1 \
+        || fail "could not make the base image $BASE: $(tail -n 1 "$LOGS/base.log")"
+    say "$(tail -n 1 "$LOGS/base.log")"
 }
 
 wheelhouse() {
@@ -99,7 +101,7 @@ build() {  # build NAME IMAGE
     podman build --format docker --layers --ignorefile "$ROOT/.dockerignore" -f "$ROOT/deploy/Dockerfile.$1" \
         --build-arg BASE="$BASE" --build-arg TORCH_INDEX= -t "$2" "$ROOT" >"$LOGS/build-$1.log" 2>&1 \
         || fail "building $2 failed: $(tail -n 1 "$LOGS/build-$1.log") (log: $LOGS/build-$1.log)"
-    say "built $2 in $(elapsed "$start") s, $(podman image inspect --format '{{.Size}}' "$2" | awk '{printf "%.0f MB", $1/1e6}')"
+    say "built $2 in $(elapsed "$start") s, $(podman image inspect --format '{{.Size}}' "$2" 2>/dev/null | awk '{printf "%.0f MB", $1/1e6}')"
 }
 
 in_image() {  # in_image IMAGE ENTRYPOINT [podman run options...] -- ARGS...
@@ -166,19 +168,19 @@ federation() {
     [ -n "$coordinator" ] || fail "no coordinator container (log: $LOGS/compose-up.log)"
     local sites_json=$RUN/state/coordinator/run/superlink/sites.json
     until [ "$(registered_sites "$sites_json")" = "${#SITES[@]}" ]; do
-        [ "$(podman inspect -f '{{.State.Running}}' "$coordinator")" = true ] \
+        [ "$(podman inspect -f '{{.State.Running}}' "$coordinator" 2>/dev/null)" = true ] \
             || fail "the coordinator stopped before registering the sites: $(podman logs --tail 1 "$coordinator" 2>&1)"
         [ "$(elapsed "$start")" -lt "$TIMEOUT" ] || fail "the coordinator did not register the sites within $TIMEOUT s"
         sleep 2
     done
     "${COMPOSE[@]}" up -d --no-build --no-deps "${SITES[@]/#/hospital-}" >>"$LOGS/compose-up.log" 2>&1 \
         || fail "podman-compose up (hospitals): $(tail -n 1 "$LOGS/compose-up.log")"
-    while [ "$(podman inspect -f '{{.State.Running}}' "$coordinator")" = true ]; do
+    while [ "$(podman inspect -f '{{.State.Running}}' "$coordinator" 2>/dev/null)" = true ]; do
         [ "$(elapsed "$start")" -lt "$TIMEOUT" ] || { save_logs; fail "the federation did not finish within $TIMEOUT s (logs: $LOGS)"; }
         sleep 5
     done
     save_logs
-    local rc; rc=$(podman inspect -f '{{.State.ExitCode}}' "$coordinator")
+    local rc; rc=$(podman inspect -f '{{.State.ExitCode}}' "$coordinator" 2>/dev/null)
     [ "$rc" = 0 ] || fail "the coordinator exited with $rc: $(grep -m1 'error' "$LOGS/coordinator.log" || tail -n 1 "$LOGS/coordinator.log")"
     say "federation finished in $(elapsed "$start") s"
 }
@@ -236,6 +238,7 @@ main() {
     local start; start=$(date +%s)
     preflight
     trap cleanup EXIT
+    trap 'exit 130' INT TERM
     podman_env
     base_image
     wheelhouse
@@ -247,4 +250,4 @@ main() {
     say "passed in $(elapsed "$start") s (logs: $LOGS)"
 }
 
-main "$@"
+main "$@"; exit  # one line: bash never reads this file again once main runs

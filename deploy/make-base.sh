@@ -26,8 +26,13 @@ fi
 
 mkdir -p "$WORK"
 rootfs=$WORK/rootfs
-trap 'rm -rf "$rootfs" "$WORK/rootfs.tar"' EXIT
-rm -rf "$rootfs"
+cleanup() {  # debootstrap mounts proc/sys in the target: unmount before removing anything
+    grep -o " $rootfs/[^ ]*" /proc/mounts | sort -r | xargs -r umount -l 2>/dev/null || true
+    rm -rf --one-file-system "$rootfs" "$WORK/rootfs.tar"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+cleanup
 start=$(date +%s)
 # python3-venv: the images install leukfed into a venv, so Debian's EXTERNALLY-MANAGED never applies.
 if ! debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
