@@ -108,7 +108,7 @@ in_image() {  # in_image IMAGE ENTRYPOINT [podman run options...] -- ARGS...
     local image=$1 entrypoint=$2; shift 2
     local opts=()
     while [ "$1" != -- ]; do opts+=("$1"); shift; done; shift
-    podman run --rm --network none --user "$LEUK_UID:$LEUK_UID" "${opts[@]}" --entrypoint "$entrypoint" "$image" "$@"
+    podman run --rm --no-healthcheck --network none --user "$LEUK_UID:$LEUK_UID" "${opts[@]}" --entrypoint "$entrypoint" "$image" "$@"
 }
 
 certificates_and_data() {
@@ -214,6 +214,14 @@ EOF
     for site in "${SITES[@]}"; do
         in_image "$CLIENT_IMAGE" leuk-client -v "$RUN/state/$site:/state:ro" -- audit verify --audit-log /state/audit.jsonl \
             >"$LOGS/audit-$site.log" 2>&1 || fail "audit log of $site does not verify: $(tail -n 1 "$LOGS/audit-$site.log")"
+    done
+    # Nothing secret or patient-like went into an image: no keys, certificates or dataset images.
+    local image leaked
+    for image in "$SERVER_IMAGE" "$CLIENT_IMAGE"; do
+        leaked=$(podman run --rm --no-healthcheck --network none --user 0 --entrypoint sh "$image" -c \
+            "find / -xdev \( -name '*.key' -o -name 'ca.crt' -o -name 'server.pem' -o -name 'cell_*.png' -o -name 'site.pub' \) -print | head -n 3" 2>/dev/null) \
+            || fail "could not list $image's files"
+        [ -z "$leaked" ] || fail "$image contains $(echo "$leaked" | tr '\n' ' ')"
     done
     say "model exported ($(du -h "$run/model.safetensors" | cut -f1)), $ROUNDS rounds x 3 sites, audit logs verify: $(tail -qn 1 "$LOGS"/audit-h*.log | tr '\n' ';')"
 }
