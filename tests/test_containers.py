@@ -19,7 +19,7 @@ def missing() -> str | None:
     """What this machine lacks to run deploy/e2e.sh, in words; None when nothing."""
     if os.environ.get(GATE) != "1":
         return (f"set {GATE}=1 to run: builds two images and runs 4 containers "
-                "(about 10 min on 2 cores from a cold cache; too long for the CI suite)")
+                "(18 min on 2 cores from a cold cache, deploy/GUIDE.md section 8: too long for the CI suite)")
     if os.geteuid() != 0:
         return "needs root (rootful podman)"
     absent = [tool for tool in ("podman", "podman-compose", "bash") if shutil.which(tool) is None]
