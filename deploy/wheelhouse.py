@@ -1,6 +1,6 @@
 """Fill deploy/wheelhouse/ with every wheel the images install, so that their builds run offline.
 
-    python3 deploy/wheelhouse.py [--constraints FILE] [--cpu-torch-wheel FILE]
+    python3 deploy/wheelhouse.py [--constraints FILE] [--torch 2.13.0+cpu] [--flwr 1.41.0]
 
 Wheels are taken from the machine's pip configuration (PyPI and its local caches). The versions of
 an existing installation can be pinned with --constraints (`pip freeze` of the tested environment).
@@ -42,12 +42,11 @@ FAKE_GUARD = (
 
 def project_requirements(extras: list[str]) -> list[str]:
     """leukfed's dependencies and the given extras, read from pyproject.toml (no build of leukfed)."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = list(project["dependencies"])
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    requirements = list(pyproject["project"]["dependencies"]) + list(pyproject["build-system"]["requires"])
     for extra in extras:
-        requirements += project["optional-dependencies"][extra]
-    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
-    return requirements + build + ["wheel"]
+        requirements += pyproject["project"]["optional-dependencies"][extra]
+    return requirements + ["wheel"]  # for setuptools releases that still build wheels through it
 
 
 def pip(*args: str) -> None:
