@@ -24,6 +24,12 @@ def data_config_of(model):
 def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split_file: str | Path | None = None,
                  subset: str = "test", device: str = "auto", batch_size: int = 64) -> dict:
     """Metrics of a run on a dataset: its split's `subset` when a split is given, else every image."""
+    from leukfed.common.patient_model import evaluate_patient_run, is_patient_run
+
+    if is_patient_run(run_dir):  # a patient model (`leuk train-patients`) scores whole patient folders
+        if split_file is not None:
+            raise LeukError("a patient model scores whole patient folders: --split does not apply")
+        return evaluate_patient_run(run_dir, data_dir)
     hardware = select_hardware(device)
     model, description = load_run(run_dir, hardware.device)
     manifest = scan_dataset(data_dir)
