@@ -181,6 +181,46 @@ def append_rows(rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def plot_reliability(name: str) -> Path:
+    """Reliability diagram of a recipe's calibrated probabilities (CV and temporal) from apl-predictions.jsonl."""
+    from leukfed.common.plots import plot_curves
+
+    series: dict[str, list[tuple[float, float]]] = {"perfect": [(0.0, 0.0), (1.0, 1.0)]}
+    for line in PREDICTIONS.read_text().splitlines():
+        row = json.loads(line)
+        if row["recipe"] == name:
+            series[row["protocol"]] = [(b["mean_prob"], b["positive_rate"]) for b in row["reliability"] if b["count"]]
+    out = RESULTS / f"apl-reliability-{name}.png"
+    return plot_curves(series, out, xlabel="predicted APL probability (5 bins)", ylabel="observed APL rate",
+                       title=f"{name}: reliability (temperature-scaled)")
+
+
+def markdown_table() -> str:
+    """The RESULTS.md table: per recipe, CV (on the earlier patients) and temporal-split figures."""
+    rows: dict[str, dict[str, dict[str, dict]]] = {}
+    with CSV_PATH.open() as f:
+        for r in csv.DictReader(f):
+            rows.setdefault(r["recipe"], {}).setdefault(r["protocol"], {})[r["metric"]] = r
+    out = ["| recipe | CV AUC [95 % CI] | CV sens / spec | temporal AUC [95 % CI] | temporal sens / spec | "
+           "temporal ECE (raw -> scaled) | CV seconds |", "|---|---|---|---|---|---|---|"]
+
+    def auc(m: dict) -> str:
+        a = m["auc"]
+        return f"{float(a['value']):.3f} [{float(a['ci_low']):.3f}, {float(a['ci_high']):.3f}]"
+
+    def ss(m: dict) -> str:
+        return (f"{float(m['sensitivity_at_val_threshold']['value']):.2f} / "
+                f"{float(m['specificity_at_val_threshold']['value']):.2f}")
+
+    for name, by in rows.items():
+        cv, tp = by.get("cv"), by.get("temporal")
+        ece = (f"{float(tp['ece_uncalibrated']['value']):.3f} -> {float(tp['ece_calibrated']['value']):.3f}"
+               if tp else "")
+        out.append(f"| {name} | {auc(cv) if cv else ''} | {ss(cv) if cv else ''} | {auc(tp) if tp else ''} | "
+                   f"{ss(tp) if tp else ''} | {ece} | {cv['auc']['seconds'] if cv else ''} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("LEUK_DATA_ROOT", "../shared/datasets")) / "apl_aml")
@@ -188,7 +228,15 @@ def main() -> None:
     parser.add_argument("--recipes", default="lite0-160-meanpool")
     parser.add_argument("--protocols", default="cv,temporal")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--table", action="store_true", help="only print the markdown table of apl.csv")
+    parser.add_argument("--reliability", metavar="RECIPE", help="only plot this recipe's reliability diagram")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table())
+        return
+    if args.reliability:
+        print(plot_reliability(args.reliability))
+        return
     torch.set_num_threads(2)
     cohort = Cohort(args.data, args.cache)
     done = done_pairs()

@@ -14,7 +14,7 @@ import pytest
 
 from cli_errors import assert_one_line_error
 from leukfed.common.errors import LeukError
-from leukfed.common.patient_model import load_patient_model, score_patients  # noqa: E402 (imported at collection)
+from leukfed.common.patient_model import load_patient_model, score_patients
 from leukfed.common.patient_protocol import (expected_calibration_error, fit_temperature, natural_key,
                                              patient_bootstrap_ci, repeated_cv, sensitivity_specificity,
                                              temporal_split, threshold_for_sensitivity)
@@ -116,6 +116,7 @@ def leuk(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*LEUK, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_train_patients_then_evaluate_scores_every_patient(few_patients: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
