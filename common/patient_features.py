@@ -24,7 +24,7 @@ def feature_backbone(name: str, image_size: int) -> nn.Module:
     model = create_model(name, 1, pretrained="package", image_size=image_size)
     if not hasattr(model, "forward_head"):
         raise LeukError(f"model {name} cannot give pooled features (not a timm model)")
-    return model.eval()
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
 @torch.no_grad()
@@ -45,7 +45,8 @@ def extract_features(model: nn.Module, files: Sequence[Path], *, batch_size: int
         batch = torch.stack([prepare_image(load_image(f), config) for f in files[start:start + batch_size]])
         if augment is not None:
             batch = (augment(batch.float() / 255.0).clamp(0, 1) * 255.0)
-        out.append(embed(model, normalize(batch)).numpy())
+        device = next(model.parameters()).device
+        out.append(embed(model, normalize(batch.to(device))).cpu().numpy())
         if progress is not None:
             progress(min(start + batch_size, len(files)), len(files))
     if not out:
