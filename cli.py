@@ -132,6 +132,23 @@ def train(
     typer.echo(f"run saved to {out}")
 
 
+@app.command("train-patients")
+def train_patients_cmd(
+    data: Path = typer.Option(..., "--data", help="Patient folders (Patient_XX/<cell type>/<image>) with patients.csv."),
+    out: Path = typer.Option(..., "--out", help="Run directory to create."),
+    recipe: str = typer.Option("lite0-meanpool", "--recipe", help="Patient recipe (see benchmarks/RESULTS.md, APL)."),
+    positive: str = typer.Option("APL", "--positive", help="The diagnosis to detect."),
+) -> None:
+    """Train a patient-level model (frozen features + patient head; threshold and temperature from validation)."""
+    from leukfed.common.patient_model import recipe_named, train_patient_model
+
+    model = train_patient_model(data, out, recipe_named(recipe), positive=positive, progress=typer.echo)
+    v = model.description["validation"]
+    typer.echo(f"validation ({v['num_patients']} patients, out-of-fold): AUC {v['auc']:.3f}, sensitivity "
+               f"{v['sensitivity']:.2f}, specificity {v['specificity']:.2f} at threshold {model.threshold:.4f}")
+    typer.echo(f"run saved to {out} ({model.description['train_seconds']:.0f} s)")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     model: Path = typer.Option(..., "--model", help="Run directory (from `leuk train`, leuk-server or `leuk simulate`)."),

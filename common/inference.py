@@ -31,8 +31,13 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split_file: str |
     With `bootstrap` N > 0, 95 % intervals (`ci` beside the metrics, image and patient level); with
     `predictions_file` (.npz or .json), the per-image probabilities, labels and patient ids."""
     from leukfed.common.metrics import metrics_with_patients
+    from leukfed.common.patient_model import evaluate_patient_run, is_patient_run
     from leukfed.common.stats import Predictions, intervals, save_predictions
 
+    if is_patient_run(run_dir):  # a patient model (`leuk train-patients`) scores whole patient folders
+        if split_file is not None or predictions_file is not None:
+            raise LeukError("a patient model scores whole patient folders: --split and --predictions do not apply")
+        return evaluate_patient_run(run_dir, data_dir, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     hardware = select_hardware(device)
     model, description = load_run(run_dir, hardware.device)
     manifest = scan_dataset(data_dir)
