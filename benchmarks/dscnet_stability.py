@@ -198,6 +198,29 @@ def run(name: str, seed: int, args, manifest, split, command: str) -> None:
               + f" ({wall}s)", flush=True)
 
 
+def table(path: Path = RESULTS, last: int = 3) -> str:
+    """Markdown: per run, each validation score's min / max / final over the epochs and the std of
+    the last `last` epochs."""
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    runs: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for r in rows:
+        series = runs.setdefault((r["variant"], int(r["seed"])), {}).setdefault(r["metric"], [])
+        series.append(float(r["value"]))
+    header = "| variant | seed | epochs | scored as | val acc per epoch | min | max | final | std last %d |" % last
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    for (variant, seed), metrics in sorted(runs.items()):
+        for metric in ("val_acc_eval", "val_acc_recal_bn", "val_acc_recal_aug_bn", "val_acc_train_bn"):
+            values = metrics.get(metric)
+            if not values:
+                continue
+            per_epoch = " ".join(f"{v:.2f}" for v in values)
+            lines.append(f"| {variant} | {seed} | {len(values)} | {metric.removeprefix('val_acc_')} | {per_epoch} "
+                         f"| {min(values):.3f} | {max(values):.3f} | {values[-1]:.3f} "
+                         f"| {float(np.std(values[-last:])):.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -208,7 +231,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when variants run side by side)")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of the CSV and exit")
     args = parser.parse_args()
+    if args.table:
+        print(table())
+        return
     torch.set_num_threads(args.threads)
     command = "python benchmarks/dscnet_stability.py " + " ".join(sys.argv[1:])
     manifest = scan_dataset(Path(os.environ.get("LEUK_DATA_ROOT", "../shared/datasets")) / "all_taleqani")

@@ -168,3 +168,13 @@ class DSCNet(nn.Module):
 )
 def dscnet(num_classes: int, image_size: int, hub: bool) -> nn.Module:
     return DSCNet(num_classes)
+
+
+@register_model(
+    "dscnet_gn",
+    data_config=default_data_config(224, min_size=32),
+    classifier="fc",
+    description="DSCNet with GroupNorm (8 groups) for BatchNorm: no running statistics to drift or average",
+)
+def dscnet_gn(num_classes: int, image_size: int, hub: bool) -> nn.Module:
+    return DSCNet(num_classes, norm="group")

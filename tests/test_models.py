@@ -29,6 +29,7 @@ from leukfed.models.registry import unregister_model
 
 EXPECTED = {
     "dscnet",
+    "dscnet_gn",
     "resnet18",
     "resnet50",
     "efficientnet_b0",
@@ -130,7 +131,9 @@ def test_dscnet_norm_option_keeps_batchnorm_names_and_groupnorm_drops_only_stati
     batch = DSCNet(4).state_dict()
     assert batch.keys() == create_model("dscnet", 4).state_dict().keys()  # default: checkpoints still load
     assert {"stem.1.running_mean", "features.0.0.body.0.weight", "features.1.0.weight", "fc.bias"} <= batch.keys()
-    group = DSCNet(4, norm="group").state_dict()
+    group_model = create_model("dscnet_gn", 4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in group_model.modules())
+    group = group_model.state_dict()
     statistics = ("running_mean", "running_var", "num_batches_tracked")
     assert group.keys() == {k for k in batch if not k.endswith(statistics)}
     assert all(group[k].shape == batch[k].shape for k in group)
@@ -391,4 +394,4 @@ def test_site_model_from_global_weights_equals_an_initialised_one(name: str) -> 
     with torch.no_grad():
         torch.testing.assert_close(site.eval()(x), src.eval()(x), rtol=0, atol=0)
     skipped_init = _uninitialised(lambda: create_model(name, NUM_CLASSES, image_size=size)) is not None
-    assert skipped_init == (name != "dscnet")
+    assert skipped_init == (not name.startswith("dscnet"))
