@@ -56,6 +56,7 @@ VARIANTS = {
     "bn-lr3e-4": Variant(lr=3e-4),
     "bn-lr1e-3-warmcos": Variant(schedule="warmup-cosine"),
     "bn-lr1e-3-mom0.01": Variant(bn_momentum=0.01),
+    "bn-lr1e-3-mom0.5": Variant(bn_momentum=0.5),
     "gn-lr1e-3": Variant(norm="group"),
     "gn-lr3e-4": Variant(norm="group", lr=3e-4),
 }
