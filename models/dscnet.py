@@ -16,14 +16,29 @@ Our reading of the paper (it gives no layer table):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leukfed.common.errors import LeukError
 from leukfed.models.registry import default_data_config, register_model
 
 _SLOPE = 0.1  # LeakyReLU negative slope inside the dense blocks
+NORMS = ("batch", "group")
+_GROUPS = 8  # GroupNorm groups: every DSCNet width (32 + k*24, halved) is a multiple of 8
+NormFactory = Callable[[int], nn.Module]
+
+
+def norm_layer(kind: str) -> NormFactory:
+    """`batch`: BatchNorm2d (running statistics); `group`: GroupNorm, the same per-sample in train and
+    eval mode and nothing but weights for federated averaging (same parameter names, no buffers)."""
+    if kind == "batch":
+        return nn.BatchNorm2d
+    if kind == "group":
+        return lambda chans: nn.GroupNorm(math.gcd(_GROUPS, chans), chans)
+    raise LeukError(f"unknown DSCNet norm {kind!r}; choose one of {', '.join(NORMS)}")
 
 
 def filter_bank(size: int = 5, sigma: float = 1.0) -> torch.Tensor:
@@ -65,14 +80,14 @@ class FilterStage(nn.Module):
 class DenseLayer(nn.Module):
     """BN-LeakyReLU-1x1 conv (4*growth) -> BN-LeakyReLU-3x3 conv (growth); output appended."""
 
-    def __init__(self, in_chans: int, growth: int) -> None:
+    def __init__(self, in_chans: int, growth: int, norm: NormFactory = nn.BatchNorm2d) -> None:
         super().__init__()
         mid = 4 * growth
         self.body = nn.Sequential(
-            nn.BatchNorm2d(in_chans),
+            norm(in_chans),
             nn.LeakyReLU(_SLOPE, inplace=True),
             nn.Conv2d(in_chans, mid, 1, bias=False),
-            nn.BatchNorm2d(mid),
+            norm(mid),
             nn.LeakyReLU(_SLOPE, inplace=True),
             nn.Conv2d(mid, growth, 3, padding=1, bias=False),
         )
@@ -81,13 +96,13 @@ class DenseLayer(nn.Module):
         return torch.cat([x, self.body(x)], dim=1)
 
 
-def dense_block(in_chans: int, layers: int, growth: int) -> nn.Sequential:
-    return nn.Sequential(*(DenseLayer(in_chans + i * growth, growth) for i in range(layers)))
+def dense_block(in_chans: int, layers: int, growth: int, norm: NormFactory = nn.BatchNorm2d) -> nn.Sequential:
+    return nn.Sequential(*(DenseLayer(in_chans + i * growth, growth, norm) for i in range(layers)))
 
 
-def transition(in_chans: int, out_chans: int) -> nn.Sequential:
+def transition(in_chans: int, out_chans: int, norm: NormFactory = nn.BatchNorm2d) -> nn.Sequential:
     return nn.Sequential(
-        nn.BatchNorm2d(in_chans),
+        norm(in_chans),
         nn.LeakyReLU(_SLOPE, inplace=True),
         nn.Conv2d(in_chans, out_chans, 1, bias=False),
         nn.AvgPool2d(2),
@@ -106,24 +121,26 @@ class DSCNet(nn.Module):
         growth: int = 24,
         block_layers: tuple[int, ...] = (4, 6, 8),
         drop_rate: float = 0.1,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
+        make_norm = norm_layer(norm)
         self.filters = FilterStage(in_chans)
         self.stem = nn.Sequential(
             nn.Conv2d(self.filters.out_chans, stem_chans, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(stem_chans),
+            make_norm(stem_chans),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, stride=2, padding=1),
         )
         stages: list[nn.Module] = []
         chans = stem_chans
         for i, n in enumerate(block_layers):
-            stages.append(dense_block(chans, n, growth))
+            stages.append(dense_block(chans, n, growth, make_norm))
             chans += n * growth
             if i < len(block_layers) - 1:
-                stages.append(transition(chans, chans // 2))
+                stages.append(transition(chans, chans // 2, make_norm))
                 chans //= 2
-        self.features = nn.Sequential(*stages, nn.BatchNorm2d(chans), nn.ReLU(inplace=True))
+        self.features = nn.Sequential(*stages, make_norm(chans), nn.ReLU(inplace=True))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(chans, num_classes)
@@ -151,3 +168,13 @@ class DSCNet(nn.Module):
 )
 def dscnet(num_classes: int, image_size: int, hub: bool) -> nn.Module:
     return DSCNet(num_classes)
+
+
+@register_model(
+    "dscnet_gn",
+    data_config=default_data_config(224, min_size=32),
+    classifier="fc",
+    description="DSCNet with GroupNorm (8 groups) for BatchNorm: no running statistics to drift or average",
+)
+def dscnet_gn(num_classes: int, image_size: int, hub: bool) -> nn.Module:
+    return DSCNet(num_classes, norm="group")

@@ -29,6 +29,7 @@ from leukfed.models.registry import unregister_model
 
 EXPECTED = {
     "dscnet",
+    "dscnet_gn",
     "resnet18",
     "resnet50",
     "efficientnet_b0",
@@ -122,6 +123,40 @@ def test_dscnet_filter_stage_is_fixed_and_keeps_the_image() -> None:
     assert out.shape == (1, 12, 40, 40)
     torch.testing.assert_close(out[:, ::4], x)  # channel 0 of each group is the identity filter
     assert 300_000 <= sum(p.numel() for p in model.parameters()) <= 1_500_000
+
+
+def test_dscnet_norm_option_keeps_batchnorm_names_and_groupnorm_drops_only_statistics() -> None:
+    from leukfed.models.dscnet import DSCNet
+
+    batch = DSCNet(4).state_dict()
+    assert batch.keys() == create_model("dscnet", 4).state_dict().keys()  # default: checkpoints still load
+    assert {"stem.1.running_mean", "features.0.0.body.0.weight", "features.1.0.weight", "fc.bias"} <= batch.keys()
+    group_model = create_model("dscnet_gn", 4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in group_model.modules())
+    group = group_model.state_dict()
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    assert group.keys() == {k for k in batch if not k.endswith(statistics)}
+    assert all(group[k].shape == batch[k].shape for k in group)
+    with pytest.raises(LeukError, match="unknown DSCNet norm 'layer'.*batch, group"):
+        DSCNet(4, norm="layer")
+
+
+def test_dscnet_groupnorm_trains_a_step_and_scores_the_same_in_train_and_eval_mode() -> None:
+    from leukfed.models.dscnet import DSCNet
+
+    torch.manual_seed(0)
+    model = DSCNet(4, norm="group", drop_rate=0.0)
+    x, y = torch.rand(4, 3, 48, 48), torch.tensor([0, 1, 2, 3])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = F.cross_entropy(model.train()(x), y)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k.endswith("weight"))
+    with torch.no_grad():
+        torch.testing.assert_close(model.train()(x), model.eval()(x))  # no batch statistics
+        assert model(x[:1]).shape == (1, 4)
 
 
 def test_unknown_model_lists_available_names() -> None:
@@ -359,4 +394,4 @@ def test_site_model_from_global_weights_equals_an_initialised_one(name: str) -> 
     with torch.no_grad():
         torch.testing.assert_close(site.eval()(x), src.eval()(x), rtol=0, atol=0)
     skipped_init = _uninitialised(lambda: create_model(name, NUM_CLASSES, image_size=size)) is not None
-    assert skipped_init == (name != "dscnet")
+    assert skipped_init == (not name.startswith("dscnet"))
