@@ -315,8 +315,13 @@ def calibrate_run(run_dir: str | Path, data_dir: str | Path, *, split_file: str 
 
 def evaluate_at_threshold(run_dir: str | Path, data_dir: str | Path, *, split_file: str | Path | None,
                           subset: str = "test", device: str = "auto") -> dict[str, Any] | None:
-    """The stored decision rule scored on other data (`leuk evaluate`); None without a stored threshold."""
+    """The stored decision rule scored on other data (`leuk evaluate`); None without a stored threshold,
+    and for a patient model, whose own metrics are already taken at its stored threshold."""
+    from leukfed.common.patient_model import is_patient_run
     from leukfed.common.runs import read_json
+
+    if is_patient_run(run_dir):
+        return None
 
     names = read_json(Path(run_dir) / "model.json", "model description").get("class_names")
     calibration = load_calibration(run_dir, names)

@@ -35,9 +35,10 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split_file: str |
     from leukfed.common.stats import Predictions, intervals, save_predictions
 
     if is_patient_run(run_dir):  # a patient model (`leuk train-patients`) scores whole patient folders
-        if split_file is not None or predictions_file is not None:
-            raise LeukError("a patient model scores whole patient folders: --split and --predictions do not apply")
-        return evaluate_patient_run(run_dir, data_dir, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
+        if split_file is not None:
+            raise LeukError("a patient model scores whole patient folders: --split does not apply")
+        return evaluate_patient_run(run_dir, data_dir, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
+                                    predictions_file=predictions_file)
     hardware = select_hardware(device)
     model, description = load_run(run_dir, hardware.device)
     manifest = scan_dataset(data_dir)

@@ -298,9 +298,10 @@ def score_patients(model: PatientModel, folders: Mapping[str, Path], *,
 
 
 def evaluate_patient_run(run_dir: str | Path, data_dir: str | Path, *, bootstrap: int = 0,
-                         bootstrap_seed: int = 0) -> dict:
+                         bootstrap_seed: int = 0, predictions_file: str | Path | None = None) -> dict:
     """Patient-level metrics of a patient run on a patient-folders dataset (with patients.csv); with
-    `bootstrap` N > 0, 95 % intervals over resampled patients (`ci`)."""
+    `bootstrap` N > 0, 95 % intervals over resampled patients (`ci`); with `predictions_file`, one row
+    per patient (its folder as the path)."""
     from leukfed.common.data import scan_dataset
     from leukfed.common.metrics import classification_metrics
     from leukfed.common.runs import check_classes
@@ -333,11 +334,17 @@ def evaluate_patient_run(run_dir: str | Path, data_dir: str | Path, *, bootstrap
                    patients=[{k: r[k] for k in ("patient", "probability", "flagged", "num_images")}
                              | {"label": names[int(t)]} for r, t in zip(rows, y)])
     metrics["evaluated_on"] = {"data": str(data_dir), "num_patients": len(rows), "num_images": len(manifest)}
+    two_class = np.stack([1 - p_pos, p_pos], 1)
     if bootstrap > 0:
         from leukfed.common.stats import bootstrap_ci
 
-        metrics["ci"] = bootstrap_ci(y, np.stack([1 - p_pos, p_pos], 1), names, n_resamples=bootstrap,
-                                     seed=bootstrap_seed)
+        metrics["ci"] = bootstrap_ci(y, two_class, names, n_resamples=bootstrap, seed=bootstrap_seed)
         metrics["bootstrap"] = {"unit": "patient", "resamples": bootstrap, "seed": bootstrap_seed, "level": 0.95,
                                 "method": "stratified percentile bootstrap"}
+    if predictions_file is not None:
+        from leukfed.common.stats import Predictions, save_predictions
+
+        patients = tuple(str(r["patient"]) for r in rows)
+        pred = Predictions(two_class, y, tuple(names), tuple(folders[p].name for p in cells), patients)
+        metrics["predictions_file"] = str(save_predictions(predictions_file, pred))
     return metrics

@@ -15,6 +15,7 @@ import pytest
 from cli_errors import assert_one_line_error
 from leukfed.common.errors import LeukError
 from leukfed.common.patient_model import load_patient_model, score_patients
+from leukfed.common.stats import load_predictions
 from leukfed.common.patient_protocol import (expected_calibration_error, fit_temperature, natural_key,
                                              patient_bootstrap_ci, repeated_cv, sensitivity_specificity,
                                              temporal_split, threshold_for_sensitivity)
@@ -127,10 +128,14 @@ def test_train_patients_then_evaluate_scores_every_patient(few_patients: Path, t
     assert 0 < description["temperature"] and "threshold" in description
     assert description["validation"]["sensitivity"] >= 0.9  # the threshold's rule, on validation patients
     out = tmp_path / "metrics.json"
-    scored = leuk("evaluate", "--model", str(run), "--data", str(few_patients), "--out", str(out))
+    scored = leuk("evaluate", "--model", str(run), "--data", str(few_patients), "--out", str(out),
+                  "--bootstrap", "200")
     assert scored.returncode == 0, scored.stderr
     metrics = json.loads(out.read_text())
     assert metrics["num_patients"] == 12 and len(metrics["patients"]) == 12
+    assert metrics["bootstrap"]["unit"] == "patient" and "auc" in metrics["ci"]
+    patients_scored = load_predictions(metrics["predictions_file"])
+    assert len(patients_scored.labels) == 12 and patients_scored.has_patients()
     assert all(0 <= p["probability"] <= 1 for p in metrics["patients"])
     assert sum(map(sum, metrics["confusion_matrix"])) == 12
     model = load_patient_model(run)
