@@ -96,6 +96,8 @@ def train(
     group_by: str = typer.Option("auto", help="Split grouping when no --split: auto, image, patient, block:N."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images instead of refusing."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    bn_recalibration: int = typer.Option(0, help="After each epoch, recompute BatchNorm statistics over up to N "
+                                               "training batches with the epoch's weights (0: off; steadies DSCNet)."),
 ) -> None:
     """Train one model centrally; writes model, metrics, history and plots to --out."""
     from leukfed.common.centralized import Callbacks, TrainConfig, train_centralized
@@ -108,7 +110,8 @@ def train(
                       weight_decay=weight_decay, loss=loss, label_smoothing=label_smoothing,
                       class_weights=class_weights, image_size=image_size, augment=augment,
                       pretrained=pretrained, weights=str(weights) if weights else None, seed=seed,
-                      patience=patience, device=device, group_by=group_by, skip_bad=skip_bad)
+                      patience=patience, device=device, group_by=group_by, skip_bad=skip_bad,
+                      bn_recalibration=bn_recalibration)
     report = check_dataset(data)
     if (report["unreadable"] or report["non_image_files"]) and not skip_bad:
         bad = report["unreadable"] + report["non_image_files"]

@@ -33,8 +33,8 @@ from torch import nn
 from leukfed.common.data import scan_dataset
 from leukfed.common.dataset import build_dataset, make_loader
 from leukfed.common.splits import make_split
-from leukfed.common.train import (evaluate, make_loss, make_optimizer, prepare_model, seed_everything,
-                                  select_hardware, train_epoch)
+from leukfed.common.train import (evaluate, make_loss, make_optimizer, prepare_model, recalibrate_batchnorm,
+                                  seed_everything, select_hardware, train_epoch)
 from leukfed.models.dscnet import DSCNet
 from leukfed.models.registry import resolve_data_config
 
@@ -49,6 +49,7 @@ class Variant:
     lr: float = 1e-3
     schedule: str = "constant"   # constant | warmup-cosine (1 epoch linear warm-up, cosine to 0)
     bn_momentum: float = 0.1
+    recalibrate: int = 0         # the product's --bn-recalibration N after every epoch
 
 
 VARIANTS = {
@@ -57,6 +58,7 @@ VARIANTS = {
     "bn-lr1e-3-warmcos": Variant(schedule="warmup-cosine"),
     "bn-lr1e-3-mom0.01": Variant(bn_momentum=0.01),
     "bn-lr1e-3-mom0.5": Variant(bn_momentum=0.5),
+    "bn-lr1e-3-recal50": Variant(recalibrate=50),
     "gn-lr1e-3": Variant(norm="group"),
     "gn-lr3e-4": Variant(norm="group", lr=3e-4),
 }
@@ -90,17 +92,10 @@ def accuracy_with_batch_stats(model: nn.Module, loader, hardware) -> float:
     return correct / seen
 
 
-@torch.no_grad()
 def recalibrated_model(model: nn.Module, loader, hardware) -> nn.Module:
-    """A copy whose BatchNorm running statistics are the exact average over the training images."""
-    probe = copy.deepcopy(model).eval()
-    bns = [m for m in probe.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-        m.train()
-    for images, _ in loader:
-        probe(images.to(hardware.device))
+    """A copy whose BatchNorm running statistics are the exact average over the loader's images."""
+    probe = copy.deepcopy(model)
+    recalibrate_batchnorm(probe, loader, hardware, max_batches=len(loader))
     return probe.eval()
 
 
@@ -181,6 +176,7 @@ def run(name: str, seed: int, args, manifest, split, command: str) -> None:
     start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         stats = train_epoch(model, train_loader, optimizer, loss_fn, hardware, on_step=step_scheduler)
+        recalibrate_batchnorm(model, train_loader, hardware, variant.recalibrate)
         val = evaluate(model, val_loader, hardware, manifest.class_names, loss_fn=loss_fn)
         metrics = {"train_loss": stats.loss, "train_acc": stats.accuracy, "val_loss_eval": val["loss"],
                    "val_acc_eval": val["accuracy"]}

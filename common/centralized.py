@@ -21,8 +21,8 @@ from leukfed.common.checkpoint import load_checkpoint, save_checkpoint
 from leukfed.common.runs import (CHECKPOINT, HISTORY_JSON, config_difference, export_model, model_description,
                                  refuse_legacy_checkpoint)
 from leukfed.common.splits import Split, load_split, make_split, save_split
-from leukfed.common.train import (class_weights_from_counts, evaluate, make_loss, make_optimizer,
-                                  prepare_model, seed_everything, select_hardware, train_epoch)
+from leukfed.common.train import (class_weights_from_counts, evaluate, make_loss, make_optimizer, prepare_model,
+                                  recalibrate_batchnorm, seed_everything, select_hardware, train_epoch)
 
 # Settings that may change between an interrupted run and its resumption.
 RESUMABLE = ("epochs", "device", "patience")
@@ -52,11 +52,13 @@ class TrainConfig:
     test_fraction: float = 0.15
     group_by: str = "auto"
     skip_bad: bool = False
+    bn_recalibration: int = 0
 
     def __post_init__(self) -> None:
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch size must be >= 1"),
                   (self.lr > 0, "learning rate must be > 0"), (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
-                  (self.patience >= 0, "patience must be >= 0")]
+                  (self.patience >= 0, "patience must be >= 0"),
+                  (self.bn_recalibration >= 0, "BatchNorm recalibration batches must be >= 0")]
         for ok, message in checks:
             if not ok:
                 raise LeukError(message)
@@ -142,8 +144,8 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfi
     start_epoch = 1
     if resume and checkpoint_path.exists():
         ckpt = load_checkpoint(checkpoint_path)
-        differences = config_difference(_part(ckpt, "config", dict, checkpoint_path), cfg.to_dict(),
-                                        ignore=RESUMABLE)
+        saved = {"bn_recalibration": 0, **_part(ckpt, "config", dict, checkpoint_path)}  # before the setting
+        differences = config_difference(saved, cfg.to_dict(), ignore=RESUMABLE)
         if differences:
             raise LeukError("cannot resume with a different config: " + "; ".join(differences))
         history, best, start_epoch = _restore(ckpt, checkpoint_path, model, optimizer, train_loader)
@@ -154,6 +156,7 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfi
         if callbacks.on_epoch_start:
             callbacks.on_epoch_start(epoch, len(train_loader))
         stats = train_epoch(model, train_loader, optimizer, loss_fn, hardware, on_step=callbacks.on_step)
+        recalibrate_batchnorm(model, train_loader, hardware, cfg.bn_recalibration)
         val = evaluate(model, val_loader, hardware, class_names, loss_fn=loss_fn)
         row = {"epoch": epoch, **stats.as_metrics(), "val_loss": val.get("loss", float("nan")),
                "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "time": time.time()}

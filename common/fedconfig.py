@@ -34,6 +34,8 @@ class FedConfig:
     label_smoothing: float = setting(0.0, "Label smoothing.")
     class_weights: bool = setting(False, "Weight each site's loss by the inverse class frequency of its training images.")
     augment: str = setting("paper002", "Training augmentation: paper002, flip or none.")
+    bn_recalibration: int = setting(0, "After local training, recompute BatchNorm statistics over up to N training "
+                                    "batches with the new weights (0: off; steadies DSCNet).")
     proximal_mu: float = setting(0.01, "FedProx mu.")
     server_lr: float = setting(0.01, "FedAdam/FedYogi server learning rate.")
     trim_beta: float = setting(0.2, "FedTrimmedAvg: fraction trimmed at each end.")
@@ -89,6 +91,8 @@ class FedConfig:
             problems.append("evaluate-every must be >= 0")
         if self.local_epochs < 1 and self.local_steps < 1:
             problems.append("local work must be >= 1 epoch or >= 1 step")
+        if self.bn_recalibration < 0:
+            problems.append("bn-recalibration must be >= 0")
         if self.dp_noise_multiplier < 0 or self.dp_max_grad_norm <= 0 or not 0 < self.dp_delta < 1:
             problems.append("DP needs noise multiplier >= 0, max grad norm > 0 and delta in (0, 1)")
         if self.dp_min_noise_multiplier > self.dp_noise_multiplier:

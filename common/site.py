@@ -23,7 +23,8 @@ from leukfed.common.errors import LeukError, SiteRefusal
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.splits import make_split
 from leukfed.common.train import (EpochStats, Hardware, LossFn, class_weights_from_counts, evaluate, make_loss,
-                                  make_optimizer, prepare_model, proximal_term, seed_everything, select_hardware, train_epoch)
+                                  make_optimizer, prepare_model, proximal_term, recalibrate_batchnorm, seed_everything,
+                                  select_hardware, train_epoch)
 
 State = dict[str, torch.Tensor]
 
@@ -220,6 +221,7 @@ def local_train(fed: FedConfig, site: SiteConfig, data: SiteData, state: State, 
     privacy: dict[str, float] = {}
     if dp is None:
         stats_list = _train_plain(fed, model, loader, optimizer, loss_fn, hardware, proximal_mu)
+        recalibrate_batchnorm(model, loader, hardware, fed.bn_recalibration)
     else:
         result = private_train(model, optimizer, loader, loss_fn, hardware, dp, epochs=fed.local_epochs,
                                max_steps=fed.local_steps or None, ledger=PrivacyLedger(ledger_path(fed, site)),

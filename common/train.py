@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import time
 from dataclasses import dataclass
@@ -173,6 +174,26 @@ def train_epoch(model: nn.Module, loader: Batches, optimizer: torch.optim.Optimi
     if seen == 0:
         raise LeukError("no training examples: the training set is empty")
     return EpochStats(float(total_loss) / seen, int(correct) / seen, seen, steps, time.perf_counter() - start)
+
+
+def recalibrate_batchnorm(model: nn.Module, loader: Batches, hardware: Hardware, max_batches: int) -> int:
+    """Recompute BatchNorm running statistics over up to `max_batches` training batches with the current
+    weights ("precise BN"): a plain average instead of the momentum average of past weights, which lags
+    when the weights move fast (DSCNet: benchmarks/dscnet_stability.py). Returns the batches used."""
+    if max_batches <= 0 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return 0
+    used = 0
+
+    def moved_batches() -> Iterator[torch.Tensor]:
+        nonlocal used
+        for images, _ in itertools.islice(iter(loader), max_batches):
+            used += 1
+            images = images.to(hardware.device, non_blocking=True)
+            yield images.contiguous(memory_format=torch.channels_last) if hardware.channels_last else images
+
+    with torch.no_grad(), hardware.autocast():
+        torch.optim.swa_utils.update_bn(moved_batches(), model)
+    return used
 
 
 @torch.no_grad()

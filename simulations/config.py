@@ -38,6 +38,7 @@ class SimulateConfig:
     optimizer: str = _run("optimizer")
     weight_decay: float = _run("weight_decay")
     augment: str = _run("augment")
+    bn_recalibration: int = _run("bn_recalibration")
     pretrained: str = _run("pretrained")
     seed: int = _run("seed")
     split: str = setting("", "Split JSON (default: make one).", "simulation")

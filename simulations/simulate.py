@@ -20,8 +20,8 @@ from leukfed.common.partition import partition_samples
 from leukfed.common.runs import MODEL_FILE, export_model, model_description
 from leukfed.common.splits import Split, load_split, make_split, save_split
 from leukfed.common.stats import Predictions, compare, load_predictions, save_predictions
-from leukfed.common.train import (make_loss, make_optimizer, predict, prepare_model, seed_everything,
-                                  select_hardware, train_epoch)
+from leukfed.common.train import (make_loss, make_optimizer, predict, prepare_model, recalibrate_batchnorm,
+                                  seed_everything, select_hardware, train_epoch)
 from leukfed.simulations.config import SimulateConfig
 from leukfed.simulations.faults import parse_faults
 
@@ -130,6 +130,7 @@ def train_baseline(cfg: SimulateConfig, prep: Prepared, paths: list[str], epochs
     history = []
     for epoch in range(1, epochs + 1):
         stats = train_epoch(model, loader, optimizer, loss_fn, hardware)
+        recalibrate_batchnorm(model, loader, hardware, cfg.bn_recalibration)
         history.append({"epoch": epoch, **stats.as_metrics()})
     description = model_description(
         model, class_names, config=dataclasses.asdict(cfg), manifest_digest=prep.manifest.digest(),
