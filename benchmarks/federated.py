@@ -29,7 +29,18 @@ CONVERGED = dict(COMMON, rounds=60, evaluate_every=10)
 # FedAvg (smallcnn from scratch had not plateaued at 60 epochs). 96 px keeps it at ~60 img/s on 2 cores.
 LITE0 = dict(model="efficientnet_lite0", pretrained="package", image_size=96, rounds=10, local_epochs=1,
              batch_size=32, lr=5e-4, augment="flip", seed=0, evaluate_every=2)
+SEEDS = dict(LITE0, seeds="0,1,2", seed=0)
 EXPERIMENTS = {
+    # The headline comparisons over 3 seeds (partition, initialisation, data order), with intervals.
+    "taleqani-iid-4sites-lite0-96px-3seeds": dict(dataset="all_taleqani", sites=4, partition="iid",
+                                                  strategies=("fedavg",), **SEEDS),
+    "taleqani-dirichlet0.5-4sites-lite0-96px-3seeds": dict(dataset="all_taleqani", sites=4,
+                                                           partition="dirichlet:0.5",
+                                                           strategies=("fedavg", "fedprox"), **SEEDS),
+    # The stricter split: blocks of 20 consecutive files (by name) kept on one side, so near-duplicate
+    # neighbours from one slide cannot sit in train and test.
+    "taleqani-iid-4sites-lite0-96px-3seeds-block20": dict(dataset="all_taleqani", sites=4, partition="iid",
+                                                          strategies=("fedavg",), split_by="block:20", **SEEDS),
     "taleqani-iid-4sites-lite0-imagenet-96px": dict(dataset="all_taleqani", sites=4, partition="iid",
                                                     strategies=("fedavg",), **LITE0),
     "taleqani-dirichlet0.5-4sites-lite0-imagenet-96px": dict(dataset="all_taleqani", sites=4,
@@ -62,13 +73,32 @@ EXPERIMENTS = {
 
 def config_for(name: str, root: Path) -> SimulateConfig:
     spec = dict(EXPERIMENTS[name])
-    dataset = spec.pop("dataset")
-    return SimulateConfig(out=str(HERE / "runs" / name), data=str(root / dataset), **spec)
+    data = root / spec.pop("dataset")
+    out = HERE / "runs" / name
+    if (split_by := spec.pop("split_by", None)):
+        spec["split"] = str(grouped_split(data, out, split_by, spec["seed"]))
+    return SimulateConfig(out=str(out), data=str(data), **spec)
+
+
+def grouped_split(data: Path, out: Path, group_by: str, seed: int) -> Path:
+    """The split `leuk data split DATA --by GROUP_BY --seed SEED` makes, saved once under the run folder."""
+    from leukfed.common.data import scan_dataset
+    from leukfed.common.splits import make_split, save_split
+
+    path = out / f"split-{group_by.replace(':', '')}.json"
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        save_split(make_split(scan_dataset(data), seed=seed, group_by=group_by), path)
+    return path
 
 
 def summarize(results: dict) -> dict:
     rows = {}
     for method, data in results["methods"].items():
+        if "across_seeds" in data:  # --seeds: mean, sd and 95 % CI per metric across the seeds
+            rows[method] = {"across_seeds": data["across_seeds"], "sample_passes": data["sample_passes"],
+                            "seconds": round(data["seconds"], 1)}
+            continue
         final = data["final"]
         rows[method] = {"accuracy": final["accuracy"], "macro_f1": final["macro_f1"], "auc_ovr": final["auc_ovr"],
                         "sample_passes": data["sample_passes"], "seconds": round(data["seconds"], 1)}

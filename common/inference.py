@@ -128,6 +128,14 @@ def predict_paths(run_dir: str | Path, paths: Sequence[str | Path], *, device: s
         raise LeukError("--heatmap draws into the gallery: give --gallery DIR too")
     if top < 1:
         raise LeukError(f"--top must be >= 1, not {top}")
+    from leukfed.common.patient_model import is_patient_run, predict_patient_folders
+
+    if is_patient_run(run_dir):
+        if heatmap:
+            raise LeukError("--heatmap needs an image model: a patient model's gallery ranks the cells by its "
+                            "own cell scores (attention or cell probability)")
+        return predict_patient_folders(run_dir, [Path(p) for p in paths], gallery=Path(gallery) if gallery else None,
+                                       top=top)
     hardware = select_hardware(device)
     model, description = load_run(run_dir, hardware.device)
     class_names = list(description["class_names"])

@@ -211,6 +211,25 @@ def centralized_card(config: Mapping[str, Any], defaults: Mapping[str, Any], sou
                      metrics, train_command(config, data_dir, out_dir, defaults))
 
 
+def patient_card(description: Mapping[str, Any], *, data_dir: str, command: str, num_patients: int,
+                 num_positive: int, num_cells: int) -> ModelCard:
+    """The card of a patient model (`leuk train-patients`): frozen features, a head, validation figures."""
+    recipe = description["recipe"]
+    data = (f"Dataset {data_dir}: {num_patients} patients ({num_positive} {description['positive']}), "
+            f"{num_cells} cell images; a cell's label is its patient's diagnosis",
+            "Metrics below: out-of-fold validation patients of the inner cross-validation (no separate test "
+            "set was held out: score a later cohort with `leuk evaluate`)")
+    training = (f"Frozen {recipe['backbone']} features at {recipe['image_size']} px, cells: {recipe['cells']}, "
+                f"head: {recipe['head']}, weight decay {recipe['weight_decay']}, ensemble: {recipe['ensemble']} "
+                f"({description['num_heads']} heads)",
+                f"Temperature {description['temperature']:.3f}; threshold {description['threshold']:.4f}: "
+                f"{description['threshold_rule']}")
+    privacy = ("No differential privacy; all patients' cells were pooled on one machine",)
+    model = f"{recipe['backbone']} + {recipe['head']} head"
+    return ModelCard("patient", model, description.get("backbone_source", ""), tuple(description["class_names"]),
+                     data, training, privacy, dict(description.get("validation", {})), command)
+
+
 def config_defaults(cls) -> dict:
     """Field defaults of a settings dataclass (for the command lines above)."""
     return {f.name: f.default for f in dataclasses.fields(cls)}

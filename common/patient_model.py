@@ -191,7 +191,21 @@ def train_patient_model(data: str | Path, out: str | Path, recipe: PatientRecipe
     }
     model = PatientModel(recipe, heads, tuple(description["cell_types"]), temperature, threshold, description)
     save_patient_model(out, model)
+    _write_card(description, data, out, recipe, num_cells=len(manifest), num_positive=int(sum(y)))
     return model
+
+
+def _write_card(description: dict, data: str | Path, out: str | Path, recipe: PatientRecipe, *, num_cells: int,
+                num_positive: int) -> None:
+    import shlex
+
+    from leukfed.common.model_card import patient_card, write_model_card
+
+    name = next((n for n, r in RECIPES.items() if r == recipe), None)
+    command = ["leuk", "train-patients", "--data", str(data), "--out", str(out)] + (["--recipe", name] if name else [])
+    write_model_card(Path(out), patient_card(description, data_dir=str(data), command=shlex.join(command),
+                                             num_patients=description["validation"]["num_patients"],
+                                             num_positive=num_positive, num_cells=num_cells))
 
 
 def patient_cells(manifest) -> dict[str, list[tuple[str, int, str]]]:
@@ -294,6 +308,43 @@ def score_patients(model: PatientModel, folders: Mapping[str, Path], *,
             "cells": [{"path": (folder / images[i]).as_posix(), "cell_type": types[i], "score": float(s)}
                       for i, s in zip(idx.tolist(), cells[0].tolist())],
         })
+    return rows
+
+
+def predict_patient_folders(run_dir: str | Path, folders: Sequence[Path], *, gallery: Path | None = None,
+                            top: int = 12) -> list[dict]:
+    """`leuk predict` with a patient model: per folder the calibrated probability, the decision at the
+    stored threshold and, with `gallery`, a PNG of the cells that drove it (by attention or probability)."""
+    from leukfed.common.gallery import gallery_name, write_gallery
+
+    not_folders = [str(f) for f in folders if not Path(f).is_dir()]
+    if not_folders:
+        raise LeukError(f"a patient model scores patient folders, and {not_folders[0]} is not a folder")
+    model = load_patient_model(run_dir)
+    names = list(model.description["class_names"])
+    positive = model.description["positive"]
+    negative = next(c for c in names if c != positive)
+    backbone = feature_backbone(model.recipe.backbone, model.recipe.image_size)
+    rows, taken = [], set()
+    for folder in map(Path, folders):
+        [scored] = score_patients(model, {folder.name: folder}, backbone=backbone)
+        p = scored["probability"]
+        row = {"path": str(folder), "kind": "patient", "num_images": scored["num_images"],
+               "predicted": positive if scored["flagged"] else negative,
+               "probabilities": {c: (p if c == positive else 1 - p) for c in names},
+               "calibrated": True, "temperature": model.temperature,
+               "decision": {"positive": positive, "threshold": model.threshold, "probability": p,
+                            "flagged": scored["flagged"], "target_sensitivity": model.recipe.target_sensitivity,
+                            "chosen_on": "validation patients (inner cross-validation)"}}
+        if gallery is not None:
+            name = gallery_name(folder, taken)
+            cells = scored["cells"]
+            title = (f"{name}: {row['predicted']}  P({positive}) = {p:.3f} calibrated; top "
+                     f"{min(top, len(cells))} of {len(cells)} cells by {scored['cell_score_kind']}")
+            row.update(write_gallery(Path(gallery), name, [Path(c["path"]) for c in cells],
+                                     [c["score"] for c in cells], weight_name=scored["cell_score_kind"],
+                                     title=title, count=top))
+        rows.append(row)
     return rows
 
 

@@ -150,7 +150,8 @@ def seeds_paired_table(results: dict, field: str = "paired_vs_centralized") -> s
 
 
 def write_seeds_report(out: Path, results: dict) -> None:
-    """OUT/report.md of a multi-seed run: spread across seeds and paired differences to centralized."""
+    """OUT/report.md and report.html of a multi-seed run: spread across seeds and paired differences to
+    centralized."""
     cfg, data, seeds = results["config"], results["data"], results["seeds"]
     origin = "from --split" if cfg["split"] else f"split seed {results['split_seed']}"
     parts = [
@@ -177,6 +178,7 @@ def write_seeds_report(out: Path, results: dict) -> None:
         if table:
             parts += [title, "", table, ""]
     atomic_write_text(out / "report.md", "\n".join(parts))
+    write_html_report(out, results)
 
 
 def cross_site_table(results: dict) -> str:

@@ -138,6 +138,20 @@ def test_train_patients_then_evaluate_scores_every_patient(few_patients: Path, t
     assert len(patients_scored.labels) == 12 and patients_scored.has_patients()
     assert all(0 <= p["probability"] <= 1 for p in metrics["patients"])
     assert sum(map(sum, metrics["confusion_matrix"])) == 12
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "patient" in card and "leuk train-patients" in card and "--recipe lite0-96-meanpool" in card
+    gallery = tmp_path / "gallery"
+    predicted = leuk("predict", "--model", str(run), str(few_patients / "Patient_00"), str(few_patients / "Patient_01"),
+                     "--gallery", str(gallery), "--top", "4", "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    rows = json.loads(predicted.stdout)
+    assert [Path(r["path"]).name for r in rows] == ["Patient_00", "Patient_01"]
+    for r in rows:
+        assert r["calibrated"] and r["predicted"] == ("APL" if r["decision"]["flagged"] else "AML")
+        assert r["decision"]["probability"] == pytest.approx(r["probabilities"]["APL"])
+        assert Path(r["gallery"]).stat().st_size > 0
+    assert_one_line_error(leuk("predict", "--model", str(run), str(few_patients / "Patient_00"), "--gallery",
+                               str(gallery), "--heatmap"), "heatmap")
     model = load_patient_model(run)
     [row] = score_patients(model, {"Patient_00": few_patients / "Patient_00"})
     assert len(row["cells"]) == 6 and row["cell_score_kind"] == "cell probability"

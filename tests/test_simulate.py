@@ -155,6 +155,7 @@ def test_seeds_repeat_the_comparison_and_aggregate_with_paired_tests(tmp_path: P
     assert [row["seed"] for row in paired["per_seed"]] == [0, 1] and all("p" in row for row in paired["per_seed"])
     report = (out / "report.md").read_text()
     assert "Across seeds" in report and "paired t" in report
+    assert "Across 2 seeds" in (out / "report.html").read_text()  # the path the command prints
     resumed = simulate(out, *fast)
     assert "training" not in resumed.stderr
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
