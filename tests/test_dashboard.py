@@ -23,7 +23,8 @@ def row(round_: int, sites: dict, **extra) -> dict:
             "server_evaluate_seconds": 0.0, "bytes_sent": 100, "bytes_received": 50, **extra}
 
 
-# Today's rows key sites by node id with a `name`; rows that name sites carry the node id as `node`.
+# Histories written before site names key sites by node id with a `name`; today's rows key them by name
+# and carry the node id as `node`. The dashboard reads both.
 BY_NODE = [row(1, {"11": {"name": "a", "train": {"train_loss": 1.0}, "evaluate": {"eval_accuracy": 0.5}}},
                rejected=[REJECTION]),
            row(2, {"11": {"name": "a", "train": {"train_loss": 0.5, "dp_epsilon": 1.25},
