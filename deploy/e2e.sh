@@ -41,6 +41,7 @@ elapsed() { echo $(( $(date +%s) - $1 )); }
 preflight() {
     [ "$(id -u)" = 0 ] || fail "run as root (rootful podman)"
     command -v podman >/dev/null || fail "podman not found (Debian: apt-get install podman)"
+    command -v runc >/dev/null || fail "runc not found (Debian: apt-get install runc; Debian's podman brings crun only)"
     command -v podman-compose >/dev/null || fail "podman-compose not found (pip install podman-compose)"
     command -v python3 >/dev/null || fail "python3 not found"
     mkdir -p "$WORK/podman"/{storage,run,tmp,networks} "$LOGS"

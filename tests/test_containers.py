@@ -22,11 +22,11 @@ def missing() -> str | None:
                 "(18 min on 2 cores from a cold cache, deploy/GUIDE.md section 8: too long for the CI suite)")
     if os.geteuid() != 0:
         return "needs root (rootful podman)"
-    absent = [tool for tool in ("podman", "podman-compose", "bash") if shutil.which(tool) is None]
+    absent = [tool for tool in ("podman", "runc", "podman-compose", "bash") if shutil.which(tool) is None]
     if os.environ.get("LEUK_E2E_BASE", LOCAL_BASE) == LOCAL_BASE and shutil.which("debootstrap") is None:
         absent.append(f"debootstrap (to make the base {LOCAL_BASE})")
     if absent:
-        return "missing: " + ", ".join(absent) + " (Debian: apt-get install podman debootstrap; pip install podman-compose)"
+        return "missing: " + ", ".join(absent) + " (Debian: apt-get install podman runc debootstrap; pip install podman-compose)"
     return None
 
 
