@@ -55,6 +55,9 @@ RECIPES: dict[str, tuple[str, tuple[str, ...], PatientRecipe]] = {
     "lite0-160-attention-blasts": ("lite0-160", (), R(head="attention", cells="blasts")),
     "lite0-160-meanpool-jitter": ("lite0-160", ("lite0-160-jitter1", "lite0-160-jitter2"), R(head="meanpool")),
     "lite0-160-attention-jitter": ("lite0-160", ("lite0-160-jitter1", "lite0-160-jitter2"), R(head="attention")),
+    "lite0-160-meanprob-jitter": ("lite0-160", ("lite0-160-jitter1", "lite0-160-jitter2"), R(head="meanprob")),
+    "lite0-96-meanprob": ("lite0-96", (), R(image_size=96, head="meanprob")),
+    "lite2-160-meanprob": ("lite2-160", (), R(backbone="efficientnet_lite2", head="meanprob")),
 }
 
 
