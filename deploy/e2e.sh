@@ -16,7 +16,8 @@
 #
 # Environment: LEUK_E2E_WORK (default /var/tmp/leukfed-e2e), LEUK_E2E_BASE (default
 # local/bookworm-python:1; python:3.11-slim where a registry is reachable), LEUK_E2E_ROUNDS (2),
-# LEUK_E2E_TIMEOUT (seconds for the federation, 900), LEUK_E2E_KEEP_IMAGES=1 (keep the images: a rerun
+# LEUK_E2E_TIMEOUT (seconds for the federation, 900), LEUK_E2E_FLWR (the images' flwr release; default
+# this machine's, else 1.41.0), LEUK_E2E_KEEP_IMAGES=1 (keep the images: a rerun
 # then builds nothing), LEUK_E2E_KEEP_RUN=1 (keep certs, data and state of the run).
 set -euo pipefail
 
@@ -85,14 +86,18 @@ base_image() {
 }
 
 wheelhouse() {
-    if ls "$ROOT"/deploy/wheelhouse/torch-*.whl >/dev/null 2>&1; then return; fi
+    # The images get this machine's tested flwr release when it has one (its pins fit that release only).
+    FLWR=${LEUK_E2E_FLWR:-$(python3 -c "import flwr; print(flwr.__version__)" 2>/dev/null || echo 1.41.0)}
+    if ls "$ROOT"/deploy/wheelhouse/torch-*.whl "$ROOT"/deploy/wheelhouse/flwr-"$FLWR"-*.whl >/dev/null 2>&1; then
+        return
+    fi
     local start; start=$(date +%s)
     local pins=()
     # Pin the versions of this machine's tested environment when it has leukfed's dependencies.
     if python3 -c "import flwr, torch, timm" 2>/dev/null; then
         python3 -m pip freeze >"$WORK/constraints.txt" 2>/dev/null && pins=(--constraints "$WORK/constraints.txt")
     fi
-    python3 "$ROOT/deploy/wheelhouse.py" "${pins[@]}" >"$LOGS/wheelhouse.log" 2>&1 \
+    python3 "$ROOT/deploy/wheelhouse.py" --flwr "$FLWR" "${pins[@]}" >"$LOGS/wheelhouse.log" 2>&1 \
         || fail "wheelhouse: $(grep -m1 -E 'error' "$LOGS/wheelhouse.log" || tail -n 1 "$LOGS/wheelhouse.log")"
     say "wheelhouse made in $(elapsed "$start") s: $(tail -n 1 "$LOGS/wheelhouse.log")"
 }
@@ -100,7 +105,7 @@ wheelhouse() {
 build() {  # build NAME IMAGE
     local start; start=$(date +%s)
     podman build --format docker --layers --ignorefile "$ROOT/.dockerignore" -f "$ROOT/deploy/Dockerfile.$1" \
-        --build-arg BASE="$BASE" --build-arg TORCH_INDEX= -t "$2" "$ROOT" >"$LOGS/build-$1.log" 2>&1 \
+        --build-arg BASE="$BASE" --build-arg TORCH_INDEX= --build-arg FLWR_VERSION="$FLWR" -t "$2" "$ROOT" >"$LOGS/build-$1.log" 2>&1 \
         || fail "building $2 failed: $(tail -n 1 "$LOGS/build-$1.log") (log: $LOGS/build-$1.log)"
     say "built $2 in $(elapsed "$start") s, $(podman image inspect --format '{{.Size}}' "$2" 2>/dev/null | awk '{printf "%.0f MB", $1/1e6}')"
 }
