@@ -1,6 +1,7 @@
 """Patient-level heads over a bag of cell features: mean cell probability, mean-pooled logistic, gated attention."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -123,6 +124,43 @@ def train_head(kind: str, bags: Sequence[np.ndarray], y: Sequence[int], *, weigh
         per_cell = torch.repeat_interleave(weights / sizes, sizes.long())  # each patient weighs its class weight
         _fit_lbfgs(head.linear, head.standardise(cells), torch.repeat_interleave(target, sizes.long()),
                    per_cell / per_cell.mean(), weight_decay)
+    return head.eval()
+
+
+def continue_training(head: PatientHead, bags: Sequence[np.ndarray], y: Sequence[int], *, epochs: int,
+                      weight_decay: float = 1e-2, lr: float = 0.1, batch: int = 256, seed: int = 0,
+                      class_counts: tuple[int, int] | None = None) -> PatientHead:
+    """A copy of a linear head (meanprob, meanpool) trained `epochs` more passes over these patients: a FedAvg
+    client's local update. Plain minibatch SGD (stateless, so that averaged updates follow the averaged
+    gradient; Adam restarted every round does not) on the same class-balanced, L2-penalised loss as
+    `train_head`; the head's standardisation is kept. `class_counts` (negative, positive patients) sets the
+    class weights, e.g. the federation's totals (default: these patients'). The loss is normalised per
+    patient, so averaging sites' updates weighted by their numbers of patients follows the pooled loss."""
+    if isinstance(head, GatedAttentionHead) or not isinstance(getattr(head, "linear", None), nn.Linear):
+        raise LeukError("continue_training covers the linear patient heads (meanprob, meanpool)")
+    head = copy.deepcopy(head)
+    linear = head.linear
+    y = np.asarray(y, dtype=np.int64)
+    counts = np.bincount(y, minlength=2) if class_counts is None else np.asarray(class_counts, dtype=np.float64)
+    weights = torch.tensor((counts.sum() / (2 * np.maximum(counts, 1)))[y], dtype=torch.float32)
+    tensors = [torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)) for b in bags]
+    target = torch.tensor(y, dtype=torch.float32)
+    if isinstance(head, MeanPoolHead):
+        x, t, w = head.standardise(torch.stack([b.mean(0) for b in tensors])), target, weights
+    else:  # meanprob: cells, each patient weighing its class weight in all (the mean over cells is per patient)
+        sizes = torch.tensor([len(b) for b in tensors])
+        x, t = head.standardise(torch.cat(tensors)), torch.repeat_interleave(target, sizes)
+        w = torch.repeat_interleave(weights / sizes, sizes) * (len(x) / len(tensors))
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=lr)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch):
+            idx = order[start:start + batch]
+            optimizer.zero_grad()
+            bce = nn.functional.binary_cross_entropy_with_logits(linear(x[idx]).squeeze(-1), t[idx], reduction="none")
+            ((bce * w[idx]).mean() + weight_decay * linear.weight.pow(2).sum()).backward()
+            optimizer.step()
     return head.eval()
 
 

@@ -1,0 +1,425 @@
+"""APL vs other AML per patient, federated: the chosen recipe's head trained by FedAvg over 4 hospitals
+(partitioned by patient) vs centralized and vs each hospital alone, on the temporal split's 21 test patients.
+
+    python benchmarks/apl_features.py --variants lite0-160      # once: cache frozen features (.npz)
+    python benchmarks/apl_federated.py --seeds 0,1,2
+    python benchmarks/apl_federated.py --table
+
+This is an IN-PROCESS FedAvg of a patient head on frozen ImageNet EfficientNet-Lite0 features (one
+process, sites are lists of patients): NOT the Flower pipeline (no clients, no network, no secure
+aggregation, no differential privacy), and the backbone is frozen, so only the head is federated.
+
+Protocol (for each partition seed s; everything below is seeded by s):
+* test: the temporal split's latest 21 patients; training: the 61 earlier ones (as benchmarks/apl.py).
+* sites: the 61 training patients dealt to 4 sites by common.partition.partition_samples(..., "patient"):
+  whole patients per site, each diagnosis spread evenly over the sites, cell totals balanced.
+* federated: like fit_ensemble's inner 5-fold CV, but each site deals ITS OWN patients into 5 folds
+  (stratified by diagnosis within the site, random start). For each fold f, one FedAvg federation
+  trains on every site's non-f patients: standardisation from the sites' summed cell counts, sums and
+  sums of squares; class weights from the sites' summed patient counts per diagnosis; the server's
+  seeded initial head sent to all; R rounds x E local epochs (continue_training: plain SGD on
+  minibatches of 256 cells, step size cosine-decayed over the rounds, the same class-balanced
+  L2-penalised loss as train_head); the server averages the head's
+  parameters weighted by each site's NUMBER OF TRAINING PATIENTS (the loss weighs patients, not cells,
+  so this weighting follows the pooled loss). Each site then scores its own fold-f patients with that
+  fold's global head: out-of-fold logits that never leave the site. Each site sends only a histogram
+  of APL / non-APL counts per logit bin (50 bins on [-10, 10], outer bins open); the server sums them
+  and chooses the threshold (lower edge of the bin where >= 90 % of APL validation patients lie above)
+  and the temperature (fit_temperature on the bin centres, weighted by counts). The 5 fold global heads,
+  averaged in logit, are the model (fit_ensemble's "folds" ensemble).
+* centralized: fit_ensemble on the pooled 61 patients exactly as benchmarks/apl.py's temporal protocol
+  (recipe seed = s; s = 0 reproduces apl.csv's temporal row).
+* site-k: fit_ensemble on site k's patients alone (inner folds = min(5, its smaller diagnosis count)).
+* pooled-sgd (control): the federated code with ONE site holding all 61 patients, same R x E: what
+  the local optimiser and budget cost without any federation.
+
+R = 100, E = 2 and the step size 0.1 were chosen on the TRAINING objective only (61 patients, seed-0
+partition): they bring the 4-site FedAvg's weighted, penalised training loss to 0.265 against 0.261 for
+train_head's L-BFGS optimum (0.782 at the start). Local Adam was tried and rejected: restarted every
+round, the average of the sites' Adam steps settles near 0.29 whatever the step size or rounds.
+
+Metrics on the 21 test patients: patient AUC with a stratified patient bootstrap 95 % CI, sensitivity
+and specificity at the validation-chosen threshold, and per method the paired difference of AUC
+minus centralized's (same seed), CI and p from common.stats.paired_bootstrap (the same resampled
+patients score both). Long-format rows go to benchmarks/results/apl_federated.csv; (method, seed)
+pairs already there are skipped (R, E and the other settings are in the command column only).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leukfed.common.metrics import binary_auc
+from leukfed.common.partition import partition_samples
+from leukfed.common.patient_heads import PatientHead, continue_training, head_scores, make_head
+from leukfed.common.patient_model import PatientRecipe, ensemble_logits, fit_ensemble
+from leukfed.common.patient_protocol import (fit_temperature, patient_bootstrap_ci, sensitivity_specificity,
+                                             sigmoid, temporal_split)
+from leukfed.common.stats import across_seeds, paired_bootstrap
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from apl import RECIPES, Cohort  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CSV_PATH = RESULTS / "apl_federated.csv"
+FIELDS = ["timestamp", "method", "seed", "metric", "value", "ci_low", "ci_high", "n_patients", "n_positive",
+          "seconds", "command"]
+RESAMPLES = 2000
+Site = tuple[list[np.ndarray], np.ndarray]  # a site's bags and labels (1 = APL)
+
+
+# ---- FedAvg of a head ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FedSettings:
+    rounds: int = 100
+    epochs: int = 2          # local epochs per round
+    lr: float = 0.1          # local SGD step size in round 0, cosine-decayed over the rounds
+    batch: int = 256         # cells per minibatch (meanprob) or patients (meanpool)
+    folds: int = 5           # site-local validation folds (the federated inner CV)
+    bins: int = 50           # logit histogram sent by each site
+    low: float = -10.0
+    high: float = 10.0
+
+
+def federated_standardisation(sites: Sequence[Site]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (ddof 1) of all sites' cells from per-site count, sum and sum of squares."""
+    n = sum(sum(len(b) for b in bags) for bags, _ in sites)
+    total = sum(sum(b.astype(np.float64).sum(0) for b in bags) for bags, _ in sites)
+    squares = sum(sum((b.astype(np.float64) ** 2).sum(0) for b in bags) for bags, _ in sites)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares - n * mean ** 2, 0) / max(n - 1, 1))
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32).clamp_min(1e-4)
+
+
+def initial_head(kind: str, sites: Sequence[Site], seed: int) -> PatientHead:
+    """The server's seeded initial head, with the federation's standardisation."""
+    if kind == "attention":
+        raise SystemExit("the federated benchmark covers the linear heads (meanprob, meanpool): the attention "
+                         "head's PCA projection would need a federated PCA")
+    torch.manual_seed(seed)
+    head = make_head(kind, sites[0][0][0].shape[1])
+    center, scale = federated_standardisation(sites)
+    head.center.copy_(center)
+    head.scale.copy_(scale)
+    return head.eval()
+
+
+def round_lr(lr: float, r: int, rounds: int) -> float:
+    """The local step size the server sends in round r: cosine decay from `lr` (round 0) towards 0."""
+    return lr * 0.5 * (1 + math.cos(math.pi * r / rounds))
+
+
+def fedavg(init: PatientHead, sites: Sequence[Site], *, rounds: int, epochs: int, weight_decay: float,
+           lr: float = 0.1, batch: int = 256, seed: int = 0) -> PatientHead:
+    """R rounds of FedAvg from `init`: each site continues the global head for `epochs` of SGD on its
+    patients (step size round_lr, shuffling seed `seed + 1000 r + site`), the server averages the
+    parameters weighted by the sites' numbers of patients (buffers, the standardisation, are shared)."""
+    share = np.array([len(y) for _, y in sites], dtype=np.float64)
+    share /= share.sum()
+    counts = sum(np.bincount(y, minlength=2) for _, y in sites)  # the federation's patients per diagnosis
+    head = copy.deepcopy(init)
+    names = [name for name, _ in head.named_parameters()]
+    for r in range(rounds):
+        updates = [dict(continue_training(head, bags, y, epochs=epochs, weight_decay=weight_decay,
+                                          lr=round_lr(lr, r, rounds),
+                                          batch=batch, seed=seed + 1000 * r + k,
+                                          class_counts=tuple(counts)).named_parameters())
+                   for k, (bags, y) in enumerate(sites)]
+        average = {n: sum(float(w) * u[n].detach() for w, u in zip(share, updates)) for n in names}
+        head.load_state_dict(average, strict=False)
+    return head.eval()
+
+
+def site_folds(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """A site's own fold per patient: each diagnosis shuffled and dealt round-robin from a random start
+    (a site may have fewer patients of a diagnosis than folds; the federation's folds still get some)."""
+    fold = np.empty(len(y), dtype=np.int64)
+    offset = int(rng.integers(k))
+    for cls in (0, 1):
+        members = rng.permutation(np.flatnonzero(y == cls))
+        fold[members] = (np.arange(len(members)) + offset) % k
+        offset += len(members)
+    return fold
+
+
+# ---- threshold and temperature from histograms -----------------------------------------------------
+
+def logit_histogram(logits: np.ndarray, y: np.ndarray, bins: int, low: float, high: float) -> np.ndarray:
+    """(2, bins) counts of non-APL (row 0) and APL (row 1) patients per equal-width logit bin on
+    [low, high]; logits outside fall in the outer bins. What a site sends instead of its scores."""
+    which = np.clip(np.floor((np.asarray(logits) - low) / (high - low) * bins).astype(np.int64), 0, bins - 1)
+    out = np.zeros((2, bins), dtype=np.int64)
+    np.add.at(out, (np.asarray(y, dtype=np.int64), which), 1)
+    return out
+
+
+def histogram_calibration(histograms: Sequence[np.ndarray], low: float, high: float,
+                          target: float = 0.9) -> tuple[float, float]:
+    """The server's (logit threshold, temperature) from summed site histograms: the threshold is the lower
+    edge of the highest bin at or above which >= `target` of the APL patients lie (-inf for the bottom bin,
+    which is open), so validation sensitivity >= target as with threshold_for_sensitivity, and at most one
+    bin lower than the pooled scores' threshold; the temperature minimises the log loss of the bin centres."""
+    total = np.sum(histograms, axis=0)
+    bins = total.shape[1]
+    edges = np.linspace(low, high, bins + 1)
+    positives = total[1]
+    if positives.sum() == 0:
+        raise ValueError("no APL validation patients in the histograms")
+    needed = max(math.ceil(target * positives.sum() - 1e-9), 1)
+    above = np.cumsum(positives[::-1])[::-1]  # APL patients in bin b or higher
+    b = int(np.flatnonzero(above >= needed).max())
+    threshold = float(edges[b]) if b > 0 else -math.inf
+    centres = (edges[:-1] + edges[1:]) / 2
+    z = np.concatenate([np.repeat(centres, total[0]), np.repeat(centres, total[1])])
+    t = np.concatenate([np.zeros(total[0].sum()), np.ones(total[1].sum())])
+    return threshold, fit_temperature(z, t)
+
+
+# ---- the methods -------------------------------------------------------------------------------------
+
+@dataclass
+class Fitted:
+    """A trained patient model: heads averaged in logit, temperature, probability threshold, validation AUC."""
+
+    heads: list[PatientHead]
+    temperature: float
+    threshold: float
+    val_auc: float | None
+
+    def test(self, bags: Sequence[np.ndarray]) -> np.ndarray:
+        """Calibrated APL probability per patient (flagged when >= threshold)."""
+        logits, _ = ensemble_logits(self.heads, bags)
+        return sigmoid(logits / self.temperature)
+
+
+def fit_federated(recipe: PatientRecipe, sites: Sequence[Site], fed: FedSettings, seed: int) -> Fitted:
+    """Site-local folds, one FedAvg federation per fold, out-of-fold logits kept at the sites, histograms
+    summed at the server for threshold and temperature; the fold heads are the ensemble."""
+    rng = np.random.default_rng(seed)
+    folds = [site_folds(y, fed.folds, rng) for _, y in sites]
+    oof = [np.zeros(len(y)) for _, y in sites]
+    heads = []
+    for f in range(fed.folds):
+        train = [([bags[i] for i in np.flatnonzero(fold != f)], y[fold != f])
+                 for (bags, y), fold in zip(sites, folds)]
+        train = [s for s in train if len(s[1])]
+        init = initial_head(recipe.head, train, seed * 100 + f)
+        head = fedavg(init, train, rounds=fed.rounds, epochs=fed.epochs, weight_decay=recipe.weight_decay,
+                      lr=fed.lr, batch=fed.batch, seed=seed * 100_000 + f * 10_000)
+        for (bags, _), fold, scores in zip(sites, folds, oof):
+            val = np.flatnonzero(fold == f)
+            if len(val):
+                scores[val] = head_scores(head, [bags[i] for i in val])[0]
+        heads.append(head)
+    histograms = [logit_histogram(s, y, fed.bins, fed.low, fed.high) for s, (_, y) in zip(oof, sites)]
+    threshold, temperature = histogram_calibration(histograms, fed.low, fed.high, recipe.target_sensitivity)
+    # diagnostic only (the benchmark sees every site): AUC of the out-of-fold logits a site never shares
+    val_auc = binary_auc(np.concatenate([y for _, y in sites]), np.concatenate(oof))
+    return Fitted(heads, temperature, float(sigmoid(threshold / temperature)), val_auc)
+
+
+def fit_pooled(recipe: PatientRecipe, bags: Sequence[np.ndarray], y: np.ndarray) -> Fitted:
+    """fit_ensemble as benchmarks/apl.py runs it (its probability threshold turned into a logit one)."""
+    heads, temperature, threshold, validation = fit_ensemble(recipe, bags, y)
+    return Fitted(heads, temperature, threshold, validation["auc"])
+
+
+def partition_sites(cohort: Cohort, train: Sequence[str], sites: int, seed: int) -> list[list[str]]:
+    """leukfed's patient partition of the training patients' cells, read back as patients per site."""
+    paths = [cohort.manifest.samples[i].path for p in train for i in cohort.index[p]]
+    parts = partition_samples(cohort.manifest, paths, sites, "patient", seed)
+    index = cohort.manifest.by_path()
+    order = {p: i for i, p in enumerate(cohort.patients)}
+    return [sorted({index[path].patient for path in part}, key=order.__getitem__) for part in parts]
+
+
+# ---- running and recording ---------------------------------------------------------------------------
+
+def evaluate(fitted: Fitted, test_bags: Sequence[np.ndarray], y: np.ndarray) -> tuple[dict, np.ndarray]:
+    prob = fitted.test(test_bags)
+    auc = binary_auc(y, prob)
+    low, high = patient_bootstrap_ci(y, prob, resamples=RESAMPLES)
+    sens, spec = sensitivity_specificity(y, prob, fitted.threshold)
+    metrics = {"auc": (auc, low, high), "sensitivity_at_val_threshold": (sens, None, None),
+               "specificity_at_val_threshold": (spec, None, None),
+               "threshold_prob": (fitted.threshold, None, None),
+               "temperature": (fitted.temperature, None, None), "val_auc": (fitted.val_auc, None, None)}
+    return metrics, prob
+
+
+def paired_auc(y: np.ndarray, prob: np.ndarray, reference: np.ndarray) -> tuple[float, float, float, float]:
+    """AUC(prob) - AUC(reference) on the same patients, its paired bootstrap CI and p."""
+    two = lambda p: np.stack([1 - p, p], 1)  # noqa: E731
+    out = paired_bootstrap(y, two(prob), two(reference), ("AML", "APL"), n_resamples=RESAMPLES, seed=0)["auc"]
+    return out["diff"], out["ci"][0], out["ci"][1], out["p"]
+
+
+def done_pairs() -> set[tuple[str, str]]:
+    if not CSV_PATH.exists():
+        return set()
+    with CSV_PATH.open() as f:
+        return {(r["method"], r["seed"]) for r in csv.DictReader(f)}
+
+
+def append_rows(rows: list[dict]) -> None:
+    new = not CSV_PATH.exists()
+    with CSV_PATH.open("a", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def _fmt(v) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def run_seed(cohort: Cohort, name: str, seed: int, fed: FedSettings, num_sites: int, command: str,
+             done: set[tuple[str, str]]) -> None:
+    variant, views, recipe = RECIPES[name]
+    if views:
+        raise SystemExit(f"{name} trains on augmented views: not covered here")
+    recipe = replace(recipe, seed=seed)
+    bags = cohort.bags(variant, recipe)
+    position = {p: i for i, p in enumerate(cohort.patients)}
+    split = temporal_split(cohort.patients, cohort.labels.tolist())
+    test = [position[p] for p in split.test]
+    test_bags, y_test = [bags[i] for i in test], cohort.labels[test]
+    parts = partition_sites(cohort, split.train, num_sites, seed)
+    sites = [([bags[position[p]] for p in part], cohort.labels[[position[p] for p in part]]) for part in parts]
+    for k, (_, y) in enumerate(sites):
+        print(f"seed {seed} site-{k}: {len(y)} patients, {int(y.sum())} APL, "
+              f"{sum(len(b) for b in sites[k][0])} cells", flush=True)
+    train_idx = [position[p] for p in split.train]
+    pooled = ([bags[i] for i in train_idx], cohort.labels[train_idx])
+
+    def centralized() -> Fitted:
+        return fit_pooled(recipe, *pooled)
+
+    def site_alone(k: int) -> Fitted:
+        folds = int(min(5, *np.bincount(sites[k][1], minlength=2)))
+        return fit_pooled(replace(recipe, inner_folds=folds), *sites[k])
+
+    methods = {"centralized": centralized,
+               "federated": lambda: fit_federated(recipe, sites, fed, seed),
+               "pooled-sgd": lambda: fit_federated(recipe, [pooled], fed, seed)}
+    methods |= {f"site-{k}": (lambda k=k: site_alone(k)) for k in range(num_sites)}
+    if all((m, str(seed)) in done for m in methods):
+        print(f"seed {seed}: every method already in {CSV_PATH.name}")
+        return
+    reference: np.ndarray | None = None
+    for method, fit in methods.items():
+        if (method, str(seed)) in done and method != "centralized":
+            print(f"{method} seed {seed}: already in {CSV_PATH.name}")
+            continue
+        start = time.perf_counter()
+        metrics, prob = evaluate(fit(), test_bags, y_test)
+        seconds = round(time.perf_counter() - start, 1)
+        if method == "centralized":
+            reference = prob
+            if (method, str(seed)) in done:
+                continue  # refitted (deterministic) only as the paired reference
+        else:
+            assert reference is not None
+            diff, low, high, p = paired_auc(y_test, prob, reference)
+            metrics["auc_minus_centralized"] = (diff, low, high)
+            metrics["auc_minus_centralized_p"] = (p, None, None)
+        if method.startswith("site-"):
+            metrics["train_patients"] = (float(len(sites[int(method[5:])][1])), None, None)
+            metrics["train_apl"] = (float(sites[int(method[5:])][1].sum()), None, None)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        append_rows([{"timestamp": stamp, "method": method, "seed": seed, "metric": m, "value": _fmt(v),
+                      "ci_low": _fmt(lo), "ci_high": _fmt(hi), "n_patients": len(y_test),
+                      "n_positive": int(y_test.sum()), "seconds": seconds, "command": command}
+                     for m, (v, lo, hi) in metrics.items()])
+        auc, low, high = metrics["auc"]
+        extra = (f"  dAUC {metrics['auc_minus_centralized'][0]:+.3f} [{metrics['auc_minus_centralized'][1]:+.3f}, "
+                 f"{metrics['auc_minus_centralized'][2]:+.3f}]" if "auc_minus_centralized" in metrics else "")
+        print(f"{method:12s} seed {seed}  AUC {auc:.3f} [{low:.3f}, {high:.3f}]  sens "
+              f"{metrics['sensitivity_at_val_threshold'][0]:.2f} spec {metrics['specificity_at_val_threshold'][0]:.2f}"
+              f"{extra}  ({seconds:.0f} s)", flush=True)
+
+
+# ---- the table ---------------------------------------------------------------------------------------------
+
+def markdown_table() -> str:
+    """Per method and seed, then per method over seeds (the site rows pooled over the 4 sites)."""
+    rows: dict[str, dict[str, dict[str, dict]]] = {}
+    with CSV_PATH.open() as f:
+        for r in csv.DictReader(f):
+            rows.setdefault(r["method"], {}).setdefault(r["seed"], {})[r["metric"]] = r
+
+    def num(m: dict, key: str) -> float | None:
+        return float(m[key]["value"]) if key in m and m[key]["value"] else None
+
+    def ci(m: dict, key: str, signed: bool = False) -> str:
+        if key not in m:
+            return ""
+        v = m[key]
+        f = "{:+.3f}" if signed else "{:.3f}"
+        return f"{f.format(float(v['value']))} [{f.format(float(v['ci_low']))}, {f.format(float(v['ci_high']))}]"
+
+    out = ["| method | seed | test AUC [95 % CI] | sens / spec | AUC - centralized [paired 95 % CI] (p) | "
+           "val AUC | seconds |", "|---|---|---|---|---|---|---|"]
+    for method, by in rows.items():
+        for seed, m in sorted(by.items()):
+            p = num(m, "auc_minus_centralized_p")
+            diff = f"{ci(m, 'auc_minus_centralized', True)} ({p:.2f})" if p is not None else ""
+            out.append(f"| {method} | {seed} | {ci(m, 'auc')} | {num(m, 'sensitivity_at_val_threshold'):.2f} / "
+                       f"{num(m, 'specificity_at_val_threshold'):.2f} | {diff} | {num(m, 'val_auc'):.3f} | "
+                       f"{m['auc']['seconds']} |")
+    out += ["", "| method | seeds | test AUC mean ± sd | sens mean | spec mean | AUC - centralized mean ± sd |",
+            "|---|---|---|---|---|---|"]
+    groups: dict[str, list[dict]] = {}
+    for method, by in rows.items():
+        groups.setdefault("site alone (4 sites)" if method.startswith("site-") else method, []).extend(by.values())
+    for group, ms in groups.items():
+        def stat(key: str, signed: bool = False) -> str:
+            s = across_seeds([num(m, key) for m in ms])
+            if s["mean"] is None:
+                return ""
+            f = "{:+.3f}" if signed else "{:.3f}"
+            return f.format(s["mean"]) + (f" ± {s['sd']:.3f}" if s["sd"] is not None else "")
+        out.append(f"| {group} | {len(ms)} | {stat('auc')} | {stat('sensitivity_at_val_threshold').split(' ')[0]} | "
+                   f"{stat('specificity_at_val_threshold').split(' ')[0]} | {stat('auc_minus_centralized', True)} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("LEUK_DATA_ROOT", "../shared/datasets")) / "apl_aml")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("LEUK_FEATURE_CACHE", "/tmp/leukfed-apl-features")))
+    parser.add_argument("--recipe", default="lite0-160-meanprob")
+    parser.add_argument("--seeds", default="0,1,2", help="partition seeds (also the recipe, fold and init seeds)")
+    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=FedSettings.rounds)
+    parser.add_argument("--epochs", type=int, default=FedSettings.epochs, help="local epochs per round")
+    parser.add_argument("--lr", type=float, default=FedSettings.lr)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--table", action="store_true", help="only print the markdown table of apl_federated.csv")
+    args = parser.parse_args()
+    if args.table:
+        print(markdown_table())
+        return
+    torch.set_num_threads(args.threads)
+    fed = FedSettings(rounds=args.rounds, epochs=args.epochs, lr=args.lr)
+    cohort = Cohort(args.data, args.cache)
+    command = "python benchmarks/apl_federated.py " + " ".join(sys.argv[1:])
+    for seed in (int(s) for s in args.seeds.split(",")):
+        run_seed(cohort, args.recipe, seed, fed, args.sites, command, done_pairs())
+
+
+if __name__ == "__main__":
+    main()
