@@ -13,6 +13,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from leukfed.common.machine import machine_info
 from leukfed.simulations.bench.measure import append_jsonl, experiment_parser, pending_experiments, utc_now
@@ -71,10 +72,12 @@ EXPERIMENTS = {
 }
 
 
-def config_for(name: str, root: Path) -> SimulateConfig:
-    spec = dict(EXPERIMENTS[name])
+def config_for(name: str, root: Path, experiments: dict[str, dict] = EXPERIMENTS,
+               runs: Path = HERE / "runs") -> SimulateConfig:
+    """The SimulateConfig of experiment `name`: its dataset under `root`, its folder `runs`/`name`."""
+    spec = dict(experiments[name])
     data = root / spec.pop("dataset")
-    out = HERE / "runs" / name
+    out = runs / name
     if (split_by := spec.pop("split_by", None)):
         spec["split"] = str(grouped_split(data, out, split_by, spec["seed"]))
     return SimulateConfig(out=str(out), data=str(data), **spec)
@@ -118,15 +121,33 @@ def main() -> None:
     if not root:
         sys.exit("error: set LEUK_DATA_ROOT to the folder holding all_taleqani/ and apl_aml/")
     for name in pending_experiments(EXPERIMENTS, args.only, RESULTS):
-        print(f"== {name}", flush=True)
-        start = time.time()
-        results = simulate(config_for(name, Path(root)), log=lambda line: print(line, flush=True))
-        row = {"experiment": name, "config": results["config"], "methods": summarize(results),
-               "wall_seconds": round(time.time() - start, 1), "report": f"benchmarks/runs/{name}/report.md",
-               "command": "python benchmarks/federated.py --only " + shlex.quote(name),
-               "machine": machine_info(), "finished": utc_now()}
-        append_jsonl(RESULTS, [row])
-        print(json.dumps(row["methods"], indent=1), flush=True)
+        run_and_record(name, config_for(name, Path(root)), RESULTS,
+                       "python benchmarks/federated.py --only " + shlex.quote(name))
+
+
+def run_and_record(name: str, cfg: SimulateConfig, results_file: Path, command: str,
+                   extra: Callable[[dict], dict] | None = None) -> dict:
+    """Run one comparison (`simulate` resumes the methods it had finished) and append its row to
+    `results_file`; `extra(results)` adds fields of the caller's own to the row."""
+    print(f"== {name}", flush=True)
+    start = time.time()
+    results = simulate(cfg, log=lambda line: print(line, flush=True))
+    row = {"experiment": name, "config": results["config"], "methods": summarize(results),
+           "wall_seconds": round(time.time() - start, 1), "report": shown_path(Path(cfg.out) / "report.md"),
+           "command": command, "machine": machine_info(), "finished": utc_now(),
+           **(extra(results) if extra else {})}
+    append_jsonl(results_file, [row])
+    print(json.dumps(row["methods"], indent=1), flush=True)
+    return row
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the repository root when inside it (benchmarks/runs/...), else absolute."""
+    path = path.resolve()
+    try:
+        return str(path.relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,331 @@
+"""Every paper's model on one test set: centralized vs FedAvg over 4 sites (iid, Dirichlet 0.5) vs each
+site alone, at equal compute, over seeds 0, 1, 2, with 95 % intervals; resumable, long format.
+
+Usage (from the repository root):
+    LEUK_DATA_ROOT=../shared/datasets python benchmarks/papers.py                  # every cell not done yet
+    LEUK_DATA_ROOT=../shared/datasets python benchmarks/papers.py --only dscnet-iid dscnet-dirichlet0.5
+    LEUK_DATA_ROOT=../shared/datasets python benchmarks/papers.py --only dscnet    # both cells of a model
+    python benchmarks/papers.py --list       # cells, settings, estimated time, done or not
+    python benchmarks/papers.py --table      # the markdown table (claims vs measured; "not run" + command)
+
+A cell is one (model, partition) `leuk simulate --seeds 0,1,2` comparison (FedAvg only) on
+`all_taleqani` (4 classes): every seed scores every method on the same test images (split.json from
+seed 0), and each seed draws its own partition, initialisation and data order. Rows go to
+benchmarks/results/papers.jsonl (one per finished cell); each cell's folder (report.md, per-seed runs)
+to benchmarks/runs/papers/<cell>/. An interrupted cell resumes with the methods and seeds it had finished.
+
+Equal compute: centralized trains rounds x local_epochs epochs on the pooled training images, FedAvg
+runs `rounds` rounds of `local_epochs` epochs at each site, and each site alone trains the same
+rounds x local_epochs epochs on its own images (together they make the same sample passes).
+
+Baselines are trained in the iid cells only. Centralized training does not depend on the partition:
+it uses the pooled training side of split.json (the same in both cells: made from seed 0 over the same
+data), the per-seed seed and the same settings, so the Dirichlet cell's centralized model would be the
+iid cell's again. The Dirichlet cells therefore run FedAvg alone (baselines=False), and the table
+pairs each Dirichlet FedAvg seed with the iid cell's centralized model of the same seed (paired t
+across seeds) after checking that the two cells' split.json and seeds are identical. What this skips:
+each site alone under the Dirichlet partition (skewed sites, a weaker baseline than the iid sites);
+"best site alone" in the table is the iid cell's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from federated import CONVERGED, LITE0, config_for, run_and_record  # noqa: E402
+
+from leukfed.common.stats import across_seeds, paired_t  # noqa: E402
+from leukfed.simulations.bench.measure import (experiment_parser, pending_experiments,  # noqa: E402
+                                               recorded_experiments)
+from leukfed.simulations.config import SimulateConfig  # noqa: E402
+
+RESULTS = HERE / "results" / "papers.jsonl"
+RUNS = HERE / "runs" / "papers"
+DATASET = "all_taleqani"
+SEEDS = "0,1,2"
+PARTITIONS = {"iid": "iid", "dirichlet0.5": "dirichlet:0.5"}
+
+
+@dataclass(frozen=True)
+class Paper:
+    paper: str                 # the seed paper (/work/shared/seeds/README.md), or "ref"
+    model: str                 # `leuk models` name
+    label: str                 # what the row calls it
+    claim: str                 # the paper's own headline number, as the paper states it
+    settings: dict             # the SimulateConfig settings of the model (both partitions)
+    minutes: tuple[int, int]   # estimated wall minutes of the (iid, Dirichlet) cell on an idle 2-core CPU
+
+
+# Settings sized for the 2-core CPU (no GPU). Speeds on an idle machine at batch 32, measured for
+# Lite0 (96 px ~60 img/s; a federated round of 4 sites x 485 images ~32 s) and smallcnn (~450 img/s,
+# federated.jsonl), and scaled for the others from a 1-thread probe of all of them side by side
+# (training img/s relative to Lite0 96 px: smallcnn 50 px ~13x, dscnet 96 px 1.5x, resnet50 64 px
+# 0.66x, efficientnet_b0_attn 96 px ~3x (its lower backbone is frozen), inception_v3 75 px 1.15x,
+# vgg16 48 px 0.15x). Train split = 1938 images, test = 415. Per seed, an iid cell trains 3 x E
+# epochs of 1938 images (FedAvg + centralized + 4 sites alone, E = rounds x local epochs) plus
+# ~3 s a federated round and ~1.5 min of start-up, scoring and bootstrap; a Dirichlet cell FedAvg only.
+# Estimates: minutes per cell of 3 seeds, (iid, Dirichlet); a shared machine takes 2-3x as long.
+# Total ~9 h iid + ~3.6 h Dirichlet = ~12.6 h on an idle machine.
+SCRATCH = dict(pretrained="none", optimizer="adam", augment="flip", batch_size=32, lr=1e-3, local_epochs=1)
+MODELS: dict[str, Paper] = {p.model: p for p in (
+    # Run order: cheapest first, so that the table fills up early; the table itself is in paper order.
+    # smallcnn: federated.py's converged recipe (60 x 1 at batch 64; paper 003 trains 30 epochs, ours had
+    # not plateaued at 60). ~450 img/s: iid ~17 min/seed, Dirichlet ~8 min/seed (60 federated rounds).
+    Paper("003", "smallcnn", "modified CNN, 50 px grayscale + median blur (scratch)", "97.6 %",
+          dict(CONVERGED, pretrained="none", seeds=SEEDS, evaluate_every=10), (52, 25)),
+    # efficientnet_lite0 at 96 px with the offline ImageNet package: federated.py's LITE0 recipe
+    # (10 x 1, lr 5e-4); measured ~16.5 min/seed iid (FedAvg 320-410 s, centralized 262 s, sites 270 s).
+    Paper("ref", "efficientnet_lite0", "EfficientNet-Lite0, 96 px, ImageNet (offline package): pretrained "
+          "reference", "— (no paper)", dict(LITE0, seeds=SEEDS), (50, 21)),
+    # efficientnet_b0_attn from scratch (no offline B0 weights): the paper's recipe freezes the backbone
+    # below its top layers, so from scratch 2.3 M of its 5.7 M parameters stay at their random
+    # initialisation (random features) and only the top ~3.4 M train. ~180 img/s, 20 x 1:
+    # iid ~13 min/seed, Dirichlet ~6 min/seed.
+    Paper("002", "efficientnet_b0_attn", "EfficientNet-B0 + self-attention, 96 px (scratch; frozen lower "
+          "backbone stays random)", "94.06 % val (inconsistent: its confusion matrix gives 56 %)",
+          dict(SCRATCH, model="efficientnet_b0_attn", image_size=96, rounds=20, seeds=SEEDS, evaluate_every=4),
+          (40, 17)),
+    # inception_v3 from scratch at its minimum input, 75 px. ~70 img/s, 10 x 1: iid ~16 min/seed,
+    # Dirichlet ~6 min/seed.
+    Paper("001", "inception_v3", "Inception-v3, 75 px (scratch; the paper fine-tunes ImageNet weights)",
+          "< 94 % (no accuracy given; sens. 84 %, spec. 76 %)",
+          dict(SCRATCH, model="inception_v3", image_size=75, rounds=10, seeds=SEEDS, evaluate_every=2), (48, 18)),
+    # dscnet at 96 px: CE loss (SimulateConfig has no loss setting and simulate's baselines use CE; with
+    # one-hot targets the paper's KL-divergence equals CE, so the gradients are the same), BatchNorm
+    # recalibration over 50 batches after every local epoch (benchmarks/dscnet_stability.py).
+    # 15 x 1 (paper 20; our centralized run reached 99.5 % at 15). ~60 img/s with the recalibration:
+    # iid ~26 min/seed, Dirichlet ~10 min/seed.
+    Paper("004", "dscnet", "DSCNet, 96 px (scratch; paper 224 px)", "99.85 %",
+          dict(SCRATCH, model="dscnet", image_size=96, rounds=15, bn_recalibration=50, seeds=SEEDS,
+               evaluate_every=3), (79, 29)),
+    # resnet50 from scratch at the paper's 64 px (no offline ResNet weights). ~40 img/s, 10 x 1:
+    # iid ~26 min/seed, Dirichlet ~10 min/seed.
+    Paper("000", "resnet50", "ResNet-50, 64 px (scratch)", "99.42 %",
+          dict(SCRATCH, model="resnet50", image_size=64, rounds=10, seeds=SEEDS, evaluate_every=2), (79, 29)),
+    # vgg16 from scratch (no offline weights; the paper fine-tunes ImageNet weights at 224 px): 134 M
+    # parameters (the 7x7 fully-connected layer dominates at any input size), no BatchNorm, so lr 1e-4.
+    # ~9 img/s at 48 px, 6 x 1: iid ~68 min/seed, Dirichlet ~25 min/seed. Each site's update is 0.54 GB:
+    # a 2-site, 1-round smoke run at 32 px raised the machine's used memory by up to ~13 GB (of 23 GiB;
+    # other jobs were running), so run the vgg16 cells last and alone. FedAvg trains first in a cell,
+    # so running out of memory shows within minutes; then add transfer_dtype="float16" here.
+    Paper("001", "vgg16", "VGG16, 48 px (scratch; the paper fine-tunes ImageNet weights)", "94 %",
+          dict(SCRATCH, model="vgg16", image_size=48, lr=1e-4, rounds=6, seeds=SEEDS, evaluate_every=2),
+          (205, 74)),
+)}
+TABLE_ORDER = ("resnet50", "vgg16", "inception_v3", "efficientnet_b0_attn", "smallcnn", "dscnet",
+               "efficientnet_lite0")
+
+
+def cell_name(model: str, partition: str) -> str:
+    return f"{model}-{partition}"
+
+
+def cell_spec(model: str, partition: str) -> dict:
+    """The federated.py-style experiment spec of one cell."""
+    settings = {k: v for k, v in MODELS[model].settings.items() if k != "seed"}
+    return dict(dataset=DATASET, sites=4, partition=PARTITIONS[partition], strategies=("fedavg",),
+                baselines=partition == "iid", seed=0, **settings)
+
+
+CELLS: dict[str, dict] = {cell_name(m, p): cell_spec(m, p) for m in MODELS for p in PARTITIONS}
+
+
+def command(name: str) -> str:
+    return "python benchmarks/papers.py --only " + shlex.quote(name)
+
+
+def split_sha256(out: Path) -> str | None:
+    """Digest of the cell's split.json: two cells pair seed by seed only on the same test images."""
+    path = out / "split.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+def latest_rows(path: Path) -> dict[str, dict]:
+    """The last row of every cell in the results file."""
+    rows: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["experiment"]] = row
+    return rows
+
+
+def accuracy(method: dict) -> dict | None:
+    return method.get("across_seeds", {}).get("accuracy")
+
+
+def best_site_alone(methods: dict) -> dict | None:
+    """Per seed the best of the sites alone (chosen on the test set: an optimistic upper bound for a
+    site on its own), then mean and 95 % CI across the seeds."""
+    sites = [accuracy(m)["values"] for name, m in methods.items() if name.startswith("local-site-") and accuracy(m)]
+    if not sites:
+        return None
+    per_seed = [max((v for v in values if v is not None), default=None) for values in zip(*sites)]
+    return across_seeds(per_seed)
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def interval(stats: dict | None) -> str:
+    """`mean [low, high]` in %, or the mean alone where the interval is undefined (one seed)."""
+    if not stats or stats.get("mean") is None:
+        return "–"
+    ci = stats.get("ci")
+    return pct(stats["mean"]) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci and None not in ci else "")
+
+
+def difference(paired: dict | None) -> str:
+    if not paired or paired.get("diff") is None:
+        return ""
+    ci = paired.get("ci")
+    text = f"Δ {100 * paired['diff']:+.1f}"
+    if ci and None not in ci:
+        text += f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+    return text + (f", p={paired['p']:.2g}" if paired.get("p") is not None else "")
+
+
+def not_run(name: str) -> str:
+    return f"not run: `{command(name)}`"
+
+
+def settings_text(model: str) -> str:
+    s = MODELS[model].settings
+    return (f"{s['rounds']}×{s['local_epochs']} ep, batch {s['batch_size']}, lr {s['lr']:g}"
+            + (f", BN recal. {s['bn_recalibration']}" if s.get("bn_recalibration") else ""))
+
+
+def federated_cell(row: dict | None, name: str, centralized: dict | None) -> str:
+    """FedAvg's accuracy and its difference to the iid cell's centralized model, paired by seed when the
+    two cells scored the same test images (split.json) with the same seeds."""
+    if row is None:
+        return not_run(name)
+    fedavg = accuracy(row["methods"].get("federated-fedavg", {}))
+    text = interval(fedavg)
+    if fedavg is None or centralized is None:
+        return text
+    iid_row = centralized["row"]
+    if iid_row.get("split_sha256") != row.get("split_sha256") or iid_row.get("seeds") != row.get("seeds"):
+        return text + "<br>(not paired: split or seeds differ from the iid cell's)"
+    found = difference(paired_t(fedavg["values"], accuracy(centralized["method"])["values"]))
+    return text + (f"<br>{found}" if found else "")
+
+
+def render_table(path: Path = RESULTS) -> str:
+    rows = latest_rows(path)
+    lines = ["| paper | model | settings | paper's claim | centralized | FedAvg 4 sites iid | "
+             "FedAvg 4 sites Dirichlet 0.5 | best site alone (iid) |",
+             "|---|---|---|---|---|---|---|---|"]
+    overridden = []
+    for model in TABLE_ORDER:
+        paper = MODELS[model]
+        iid_name, dir_name = cell_name(model, "iid"), cell_name(model, "dirichlet0.5")
+        iid, dirichlet = rows.get(iid_name), rows.get(dir_name)
+        overridden += [f"{r['experiment']} ({', '.join(f'{k}={v}' for k, v in r['overrides'].items())})"
+                       for r in (iid, dirichlet) if r and r.get("overrides")]
+        centralized = None
+        if iid is not None and "centralized" in iid["methods"]:
+            centralized = {"row": iid, "method": iid["methods"]["centralized"]}
+        cells = [paper.paper, f"`{model}`: {paper.label}", settings_text(model), paper.claim,
+                 interval(accuracy(centralized["method"])) if centralized else not_run(iid_name),
+                 federated_cell(iid, iid_name, centralized),
+                 federated_cell(dirichlet, dir_name, centralized),
+                 interval(best_site_alone(iid["methods"])) if iid else not_run(iid_name)]
+        lines.append("| " + " | ".join(cells) + " |")
+    tested = sorted({r.get("test_images") for r in rows.values() if r.get("test_images")})
+    lines += ["", f"Test accuracy (%) on the same {DATASET} test images (4 classes, "
+              f"{'/'.join(map(str, tested)) or 415} images) for every "
+              "method and seed: mean over seeds 0, 1, 2 [95 % t-interval across seeds]; Δ: FedAvg minus "
+              "centralized, paired by seed (paired t), in points. Equal compute: centralized and each site "
+              "alone train rounds × local epochs epochs, FedAvg the same sample passes in total. Centralized "
+              "and the sites alone are trained in the iid cell; the Dirichlet column is paired with the iid "
+              "cell's centralized (same split.json and seeds: checked). Best site alone: per seed the best of "
+              "the 4 iid sites on the test set (optimistic). Run cells with `LEUK_DATA_ROOT=../shared/datasets`."]
+    if overridden:
+        lines += ["", "Settings overridden (not the grid's): " + "; ".join(overridden) + "."]
+    return "\n".join(lines)
+
+
+# -- running ------------------------------------------------------------------------------------
+
+def parse_overrides(items: list[str]) -> dict:
+    """`KEY=VALUE` settings of SimulateConfig, typed like the field's default (for smoke runs)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SimulateConfig)}
+    found = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            sys.exit(f"error: --override takes KEY=VALUE with KEY a simulate setting, not {item!r}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            found[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, tuple):
+            found[key] = tuple(v for v in value.split(",") if v)
+        else:
+            found[key] = type(default)(value)
+    return found
+
+
+def selected(only: list[str] | None) -> list[str] | None:
+    """--only names: cells, or models (both of their cells)."""
+    if not only:
+        return None
+    return [cell for name in only for cell in ([cell_name(name, p) for p in PARTITIONS] if name in MODELS else [name])]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = experiment_parser(__doc__, choices=[*CELLS, *MODELS])
+    parser.add_argument("--table", action="store_true", help="print the markdown table of the results and exit")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default: %(default)s)")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="folder of the cells' runs (default: %(default)s)")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="change settings of every selected cell (smoke runs only; needs --results)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of centralized/local training "
+                        "(0: torch's default; each federated site uses cpus_per_site)")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(render_table(args.results))
+        return
+    if args.list:
+        from leukfed.models import resolve_data_config
+
+        done = recorded_experiments(args.results)
+        for name, spec in CELLS.items():
+            model, partition = spec["model"], name.removeprefix(spec["model"] + "-")
+            minutes = MODELS[model].minutes[partition != "iid"]
+            print(f"{name:36} {'done' if name in done else 'not run':8} ~{minutes:3d} min  "
+                  f"{resolve_data_config(model, spec.get('image_size') or None).input_size[1]} px, {settings_text(model)}, pretrained {spec['pretrained']}")
+        return
+    overrides = parse_overrides(args.override)
+    if overrides and args.results == RESULTS:
+        sys.exit("error: --override writes rows that are not the grid's: give --results (and --runs) elsewhere")
+    root = os.environ.get("LEUK_DATA_ROOT")
+    if not root:
+        sys.exit(f"error: set LEUK_DATA_ROOT to the folder holding {DATASET}/")
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
+    cells = {name: {**spec, **overrides} for name, spec in CELLS.items()}
+    for name in pending_experiments(cells, selected(args.only), args.results):
+        cfg = config_for(name, Path(root), cells, args.runs)
+        run_and_record(name, cfg, args.results, command(name),
+                       extra=lambda found, cfg=cfg, name=name: {
+                           "model": cfg.model, "partition": cfg.partition, "seeds": found.get("seeds", [cfg.seed]),
+                           "split_sha256": split_sha256(Path(cfg.out)),
+                           "test_images": found["data"]["split"]["test"], "overrides": overrides})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""benchmarks/papers.py without training: every cell's settings validate, and the table renders from a
+results file with finished and missing cells."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from leukfed.models import resolve_data_config
+from leukfed.simulations.config import SimulateConfig
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "papers.py"
+
+
+@pytest.fixture(scope="module")
+def papers():
+    spec = importlib.util.spec_from_file_location("papers_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["papers_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_cell_builds_a_valid_config(papers, tmp_path):
+    assert len(papers.CELLS) == 2 * len(papers.MODELS) == 14
+    assert set(papers.TABLE_ORDER) == set(papers.MODELS)
+    for name in papers.CELLS:
+        cfg = papers.config_for(name, tmp_path, papers.CELLS, tmp_path / "runs")
+        assert isinstance(cfg, SimulateConfig)
+        assert cfg.data == str(tmp_path / "all_taleqani") and cfg.out == str(tmp_path / "runs" / name)
+        assert cfg.seed_list() == (0, 1, 2) and cfg.seed == 0 and cfg.sites == 4
+        assert cfg.strategies == ("fedavg",)
+        assert cfg.partition == ("iid" if name.endswith("-iid") else "dirichlet:0.5")
+        assert cfg.baselines == name.endswith("-iid")    # Dirichlet pairs with the iid cell's centralized
+        resolve_data_config(cfg.model, cfg.image_size or None)   # a known model at a size it accepts
+        assert cfg.pretrained == ("package" if cfg.model == "efficientnet_lite0" else "none")
+    assert papers.config_for("dscnet-iid", tmp_path, papers.CELLS).bn_recalibration == 50
+    assert papers.config_for("inception_v3-iid", tmp_path, papers.CELLS).image_size >= 75
+
+
+def test_list_and_only(papers, tmp_path, capsys):
+    papers.main(["--list", "--results", str(tmp_path / "none.jsonl")])
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == list(papers.CELLS)
+    assert all("not run" in line for line in listed)
+    assert papers.selected(["dscnet", "vgg16-iid"]) == ["dscnet-iid", "dscnet-dirichlet0.5", "vgg16-iid"]
+
+
+def _across(values):
+    from leukfed.common.stats import across_seeds
+    return {"accuracy": across_seeds(values)}
+
+
+def _row(name, methods, split="abc", seeds=(0, 1, 2)):
+    return {"experiment": name, "methods": {m: {"across_seeds": _across(v), "sample_passes": 1, "seconds": 1.0}
+                                            for m, v in methods.items()},
+            "seeds": list(seeds), "split_sha256": split, "test_images": 415, "overrides": {}}
+
+
+def _write(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_table_marks_missing_cells_not_run(papers, tmp_path):
+    iid = _row("smallcnn-iid", {"federated-fedavg": [0.80, 0.82, 0.84], "centralized": [0.90, 0.91, 0.92],
+                                "local-site-0": [0.70, 0.75, 0.72], "local-site-1": [0.78, 0.71, 0.70],
+                                "local-site-2": [0.60, 0.60, 0.60], "local-site-3": [0.65, 0.66, 0.67]})
+    table = papers.render_table(_write(tmp_path / "papers.jsonl", [iid]))
+    lines = table.splitlines()
+    assert lines[0].startswith("| paper | model |") and len(lines[2:2 + len(papers.MODELS)]) == 7
+    row = next(line for line in lines if "`smallcnn`" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == "97.6 %"
+    assert cells[4].startswith("91.0 [")                       # centralized mean [95 % CI]
+    assert cells[5].startswith("82.0 [") and "Δ -9.0" in cells[5]
+    assert cells[6] == "not run: `python benchmarks/papers.py --only smallcnn-dirichlet0.5`"
+    assert cells[7].startswith("75.0 [")                       # per seed the best site: 0.78, 0.75, 0.72
+    dscnet = next(line for line in lines if "`dscnet`" in line)
+    assert dscnet.count("not run") == 4 and "--only dscnet-iid" in dscnet and "99.85 %" in dscnet
+    for claim in ("99.42 %", "94 %", "94.06 % val"):
+        assert claim in table
+
+
+def test_dirichlet_pairs_with_the_iid_centralized_only_on_the_same_split(papers, tmp_path):
+    iid = _row("resnet50-iid", {"federated-fedavg": [0.9, 0.9, 0.9], "centralized": [0.95, 0.96, 0.97]})
+    same = _row("resnet50-dirichlet0.5", {"federated-fedavg": [0.85, 0.86, 0.87]})
+    row = next(line for line in papers.render_table(_write(tmp_path / "a.jsonl", [iid, same])).splitlines()
+               if "`resnet50`" in line)
+    assert "86.0" in row and "Δ -10.0" in row
+    other = _row("resnet50-dirichlet0.5", {"federated-fedavg": [0.85, 0.86, 0.87]}, split="other")
+    row = next(line for line in papers.render_table(_write(tmp_path / "b.jsonl", [iid, other])).splitlines()
+               if "`resnet50`" in line)
+    assert "not paired" in row and "Δ -10.0" not in row
+
+
+def test_overrides_are_typed_and_kept_out_of_the_grid_results(papers, tmp_path):
+    assert papers.parse_overrides(["sites=2", "rounds=1", "seeds=0,1", "baselines=false", "lr=0.01"]) == \
+        {"sites": 2, "rounds": 1, "seeds": "0,1", "baselines": False, "lr": 0.01}
+    with pytest.raises(SystemExit):
+        papers.main(["--only", "smallcnn-iid", "--override", "rounds=1"])   # would write the grid's file
+    with pytest.raises(SystemExit):
+        papers.parse_overrides(["no_such_setting=1"])
