@@ -205,7 +205,7 @@ def markdown_table() -> str:
         for r in csv.DictReader(f):
             rows.setdefault(r["recipe"], {}).setdefault(r["protocol"], {})[r["metric"]] = r
     out = ["| recipe | CV AUC [95 % CI] | CV sens / spec | temporal AUC [95 % CI] | temporal sens / spec | "
-           "temporal ECE (raw -> scaled) | CV seconds |", "|---|---|---|---|---|---|---|"]
+           "temporal ECE (raw -> scaled) | CV folds | CV seconds |", "|---|---|---|---|---|---|---|---|"]
 
     def auc(m: dict) -> str:
         a = m["auc"]
@@ -220,7 +220,8 @@ def markdown_table() -> str:
         ece = (f"{float(tp['ece_uncalibrated']['value']):.3f} -> {float(tp['ece_calibrated']['value']):.3f}"
                if tp else "")
         out.append(f"| {name} | {auc(cv) if cv else ''} | {ss(cv) if cv else ''} | {auc(tp) if tp else ''} | "
-                   f"{ss(tp) if tp else ''} | {ece} | {cv['auc']['seconds'] if cv else ''} |")
+                   f"{ss(tp) if tp else ''} | {ece} | {cv['auc']['folds'] if cv else ''} | "
+                   f"{cv['auc']['seconds'] if cv else ''} |")
     return "\n".join(out)
 
 
