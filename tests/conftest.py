@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,14 +134,3 @@ def synthetic_patients(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
         root, layout="patient_folders", per_class=60, patients_per_class=12, size=24, seed=5
     )
     return scan_dataset(root)
-
-
-def lenient_policy() -> dict[str, str]:
-    """Node config for in-process tasks on tiny data: a site policy that lets metrics on one example out
-    (the safe default floor is 10). Import with `from conftest import lenient_policy`."""
-    from leukfed.client.policy import SitePolicy
-
-    path = Path(tempfile.gettempdir()) / f"leukfed-lenient-policy-{os.getpid()}.toml"
-    if not path.exists():
-        path.write_text(SitePolicy(min_metric_examples=1).to_toml())
-    return {"site-policy": str(path)}

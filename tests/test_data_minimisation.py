@@ -15,7 +15,7 @@ from leukfed.common.flower.wire import PACKED_KEY, encode_state, record_digest, 
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.models import create_model
-from conftest import lenient_policy
+from site_policies import lenient_policy
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.site import build_site_model
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.server.server_app import initial_model
-from conftest import lenient_policy
+from site_policies import lenient_policy
 
 FED = FedConfig(model="tinycnn", image_size=16, batch_size=8, class_names="Benign,Early,Pre,Pro",
                 dp_noise_multiplier=1.0, min_metric_examples=1)

@@ -17,7 +17,7 @@ from leukfed.common.flower.wire import encode_state, record_digest, unpack_recor
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.server.server_app import initial_model
-from conftest import lenient_policy
+from site_policies import lenient_policy
 
 CLASSES = "AML,APL"
 

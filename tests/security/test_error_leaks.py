@@ -14,7 +14,7 @@ from leukfed.common.flower.wire import encode_state
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.models import create_model
-from conftest import lenient_policy
+from site_policies import lenient_policy
 
 PATIENT_FILE = "Patient_SMITH_JOHN_1970-01-01.jpg"
 SECRETS = ("SMITH", "JOHN", "1970-01-01", "Patient_")

@@ -16,7 +16,7 @@ from leukfed.common.flower.wire import encode_state, npy_header_for, pack_record
 from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.common.fedconfig import FedConfig
 from leukfed.models import create_model
-from conftest import lenient_policy
+from site_policies import lenient_policy
 
 FED = FedConfig(model="tinycnn", image_size=16, class_names="AML,APL", min_metric_examples=1)
 HUGE = (200_000, 100_000)   # 80 GB of float32 if anything believed the header
