@@ -139,7 +139,7 @@ def train(
 def train_patients_cmd(
     data: Path = typer.Option(..., "--data", help="Patient folders (Patient_XX/<cell type>/<image>) with patients.csv."),
     out: Path = typer.Option(..., "--out", help="Run directory to create."),
-    recipe: str = typer.Option("lite0-meanpool", "--recipe", help="Patient recipe (see benchmarks/RESULTS.md, APL)."),
+    recipe: str = typer.Option("lite0-meanprob", "--recipe", help="Patient recipe (see benchmarks/RESULTS.md, APL)."),
     positive: str = typer.Option("APL", "--positive", help="The diagnosis to detect."),
 ) -> None:
     """Train a patient-level model (frozen features + patient head; threshold and temperature from validation)."""
