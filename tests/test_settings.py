@@ -21,7 +21,7 @@ TRAIN_TO_RUN = {"epochs": "local_epochs", "batch_size": "batch_size", "lr": "lr"
                 "weight_decay": "weight_decay", "loss": "loss", "label_smoothing": "label_smoothing",
                 "class_weights": "class_weights", "image_size": "image_size", "augment": "augment",
                 "pretrained": "pretrained", "weights": "pretrained", "seed": "seed", "group_by": "site_group_by",
-                "model": "model", "resume": "resume"}
+                "model": "model", "resume": "resume", "bn_recalibration": "bn_recalibration"}
 NOT_FEDERATED = {"data": "each site's own folder (leuk-client --data)", "out": "leuk-server --state",
                  "device": "each site's own (leuk-client --device)", "split": "each site splits its own data",
                  "skip_bad": "a site refuses bad data (leuk-client checks it before joining)",
