@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,8 @@ from leukfed.common.metrics import binary_auc
 from leukfed.common.patient_features import load_feature_cache
 from leukfed.common.patient_model import PatientRecipe, bag_features, cell_type_of, ensemble_logits, fit_ensemble
 from leukfed.common.patient_protocol import (PatientFold, expected_calibration_error, patient_bootstrap_ci,
-                                             reliability_bins, repeated_cv, sensitivity_specificity, sigmoid,
-                                             temporal_split)
+                                             reliability_bins, repeated_cv, sigmoid, temporal_split)
+from leukfed.simulations.bench.measure import append_csv, recorded_keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from apl_features import cache_path  # noqa: E402
@@ -168,22 +167,6 @@ def protocol_folds(cohort: Cohort, protocol: str, repeats: int) -> list[PatientF
     raise SystemExit(f"unknown protocol {protocol}")
 
 
-def done_pairs() -> set[tuple[str, str]]:
-    if not CSV_PATH.exists():
-        return set()
-    with CSV_PATH.open() as f:
-        return {(r["recipe"], r["protocol"]) for r in csv.DictReader(f)}
-
-
-def append_rows(rows: list[dict]) -> None:
-    new = not CSV_PATH.exists()
-    with CSV_PATH.open("a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot_reliability(name: str) -> Path:
     """Reliability diagram of a recipe's calibrated probabilities (CV and temporal) from apl-predictions.jsonl."""
     from leukfed.common.plots import plot_curves
@@ -193,7 +176,7 @@ def plot_reliability(name: str) -> Path:
         row = json.loads(line)
         if row["recipe"] == name:
             series[row["protocol"]] = [(b["mean_prob"], b["positive_rate"]) for b in row["reliability"] if b["count"]]
-    out = RESULTS / f"apl-reliability-{name}.png"
+    out = RESULTS.parent.parent / "docs" / "figures" / f"apl-reliability-{name}.png"  # plots live under docs/
     return plot_curves(series, out, xlabel="predicted APL probability (5 bins)", ylabel="observed APL rate",
                        title=f"{name}: reliability (temperature-scaled)")
 
@@ -243,7 +226,7 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     cohort = Cohort(args.data, args.cache)
-    done = done_pairs()
+    done = recorded_keys(CSV_PATH, "recipe", "protocol")
     command = "python benchmarks/apl.py " + " ".join(sys.argv[1:])
     for name in args.recipes.split(","):
         for protocol in args.protocols.split(","):
@@ -258,7 +241,7 @@ def main() -> None:
             y = np.array(detail["label"])
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             load = f"{os.getloadavg()[0]:.1f}"
-            append_rows([{"timestamp": stamp, "recipe": name, "protocol": protocol, "metric": m,
+            append_csv(CSV_PATH, FIELDS, [{"timestamp": stamp, "recipe": name, "protocol": protocol, "metric": m,
                           "value": _fmt(v), "ci_low": _fmt(lo), "ci_high": _fmt(hi), "n_patients": len(y),
                           "n_positive": int(y.sum()), "folds": len(folds), "seconds": seconds, "load": load,
                           "command": command} for m, (v, lo, hi) in metrics.items()])

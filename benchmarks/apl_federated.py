@@ -67,6 +67,7 @@ from leukfed.common.patient_model import PatientRecipe, ensemble_logits, fit_ens
 from leukfed.common.patient_protocol import (fit_temperature, patient_bootstrap_ci, sensitivity_specificity,
                                              sigmoid, temporal_split)
 from leukfed.common.stats import across_seeds, paired_bootstrap
+from leukfed.simulations.bench.measure import append_csv, recorded_keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from apl import RECIPES, Cohort  # noqa: E402
@@ -266,22 +267,6 @@ def paired_auc(y: np.ndarray, prob: np.ndarray, reference: np.ndarray) -> tuple[
     return out["diff"], out["ci"][0], out["ci"][1], out["p"]
 
 
-def done_pairs() -> set[tuple[str, str]]:
-    if not CSV_PATH.exists():
-        return set()
-    with CSV_PATH.open() as f:
-        return {(r["method"], r["seed"]) for r in csv.DictReader(f)}
-
-
-def append_rows(rows: list[dict]) -> None:
-    new = not CSV_PATH.exists()
-    with CSV_PATH.open("a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def _fmt(v) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
@@ -340,7 +325,7 @@ def run_seed(cohort: Cohort, name: str, seed: int, fed: FedSettings, num_sites: 
             metrics["train_patients"] = (float(len(sites[int(method[5:])][1])), None, None)
             metrics["train_apl"] = (float(sites[int(method[5:])][1].sum()), None, None)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        append_rows([{"timestamp": stamp, "method": method, "seed": seed, "metric": m, "value": _fmt(v),
+        append_csv(CSV_PATH, FIELDS, [{"timestamp": stamp, "method": method, "seed": seed, "metric": m, "value": _fmt(v),
                       "ci_low": _fmt(lo), "ci_high": _fmt(hi), "n_patients": len(y_test),
                       "n_positive": int(y_test.sum()), "seconds": seconds, "command": command}
                      for m, (v, lo, hi) in metrics.items()])
@@ -418,7 +403,7 @@ def main() -> None:
     cohort = Cohort(args.data, args.cache)
     command = "python benchmarks/apl_federated.py " + " ".join(sys.argv[1:])
     for seed in (int(s) for s in args.seeds.split(",")):
-        run_seed(cohort, args.recipe, seed, fed, args.sites, command, done_pairs())
+        run_seed(cohort, args.recipe, seed, fed, args.sites, command, recorded_keys(CSV_PATH, "method", "seed"))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from leukfed.common.train import (evaluate, make_loss, make_optimizer, prepare_m
                                   seed_everything, select_hardware, train_epoch)
 from leukfed.models.dscnet import DSCNet
 from leukfed.models.registry import resolve_data_config
+from leukfed.simulations.bench.measure import append_csv
 
 RESULTS = Path(__file__).parent / "results" / "dscnet_stability.csv"
 FIELDS = ("variant", "seed", "epoch", "metric", "value", "train_images", "val_images", "image_size",
@@ -134,15 +135,6 @@ def drop_rows(path: Path, variant: str, seed: int) -> None:
     os.replace(tmp, path)
 
 
-def append_rows(path: Path, rows: list[dict]) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def run(name: str, seed: int, args, manifest, split, command: str) -> None:
     variant = VARIANTS[name]
     seed_everything(seed)
@@ -187,7 +179,7 @@ def run(name: str, seed: int, args, manifest, split, command: str) -> None:
                 metrics[key] = evaluate(recal, val_loader, hardware, manifest.class_names)["accuracy"]
         wall = round(time.perf_counter() - start, 1)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        append_rows(RESULTS, [{"variant": name, "seed": seed, "epoch": epoch, "metric": k, "value": round(v, 5),
+        append_csv(RESULTS, FIELDS, [{"variant": name, "seed": seed, "epoch": epoch, "metric": k, "value": round(v, 5),
                                "train_images": len(train_set), "val_images": len(val_set),
                                "image_size": args.image_size, "wall_s": wall, "finished": stamp,
                                "command": command} for k, v in metrics.items()])

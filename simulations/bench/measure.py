@@ -97,6 +97,29 @@ def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
             log.write(json.dumps(entry, default=str) + "\n")
 
 
+def append_csv(path: Path, fields: Sequence[str], rows: Iterable[dict]) -> None:
+    """Append long-format rows to a CSV results file, writing its header when the file is new."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def recorded_keys(path: Path, *columns: str) -> set[tuple[str, ...]]:
+    """The distinct values of `columns` over the rows of a CSV results file (what a resumed benchmark skips)."""
+    import csv
+
+    if not path.exists():
+        return set()
+    with open(path, newline="", encoding="utf-8") as f:
+        return {tuple(row[c] for c in columns) for row in csv.DictReader(f)}
+
+
 def recorded_experiments(path: Path) -> set[str]:
     """The `experiment` of every row already in a results file (what a resumed benchmark skips)."""
     if not path.exists():
