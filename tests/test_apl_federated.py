@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 import torch
 
 from leukfed.common.errors import LeukError
@@ -16,16 +15,9 @@ from leukfed.common.metrics import binary_auc
 from leukfed.common.patient_heads import continue_training, head_scores, make_head
 from leukfed.common.patient_protocol import fit_temperature, sensitivity_specificity, threshold_for_sensitivity
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "apl_federated.py"
-
-
 @pytest.fixture(scope="module")
 def fed():
-    spec = importlib.util.spec_from_file_location("apl_federated", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["apl_federated"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("apl_federated", "apl_federated")
 
 
 @pytest.fixture(scope="module")

@@ -2,26 +2,18 @@
 results file with finished and missing cells."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 from leukfed.models import resolve_data_config
 from leukfed.simulations.config import SimulateConfig
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "papers.py"
-
-
 @pytest.fixture(scope="module")
 def papers():
-    spec = importlib.util.spec_from_file_location("papers_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["papers_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("papers", "papers_bench")
 
 
 def test_every_cell_builds_a_valid_config(papers, tmp_path):
