@@ -18,6 +18,9 @@ from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.client.secagg import refuse_plain_training, secure_train
 from leukfed.common.site import (load_site_data, local_evaluate, local_train, site_class_names, site_model,
                                  suppress_small)
+from leukfed.common.train import batchnorm_keys
+
+LOCAL_BATCHNORM = "local-batchnorm"  # FedBN: this site's own BatchNorm entries, in Flower's per-site state
 
 
 class AuditedClientApp(ClientApp):
@@ -113,17 +116,28 @@ def train(msg: Message, context: Context) -> Message:
     data = load_site_data(fed, site)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 1)) + int(config.get("round-offset", 0))
-    state = decode_state(msg.content["arrays"])
+    state = with_local_batchnorm(fed, context, decode_state(msg.content["arrays"]))
     model = site_model(fed, site, data, state)
     # The server asks for the previous round's scores here rather than in a message of their own.
     scores = score_first(fed, site, data, state, model) if config.get("evaluate-first") else {}
     # BudgetSpent is a refusal: AuditedClientApp sends its text and logs it as one.
     result = local_train(fed, site, data, state, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)),
                          run_id=msg.metadata.run_id, model=model)
+    if fed.local_batchnorm:
+        own = {k: result.state[k] for k in batchnorm_keys(model) if k in result.state}  # none under DP (GroupNorm)
+        context.state[LOCAL_BATCHNORM] = encode_state(own)
     metrics = {**result.metrics, "load_seconds": data.load_seconds, **scores}
     arrays = encode_state(result.state, fed.transfer_dtype)
     return _reply(msg, fed, num_examples=result.num_examples, metrics=metrics,
                   arrays=arrays, started=started)
+
+
+def with_local_batchnorm(fed: FedConfig, context: Context, state: dict) -> dict:
+    """FedBN: the global weights with this site's own BatchNorm entries from its last round, when it has them."""
+    if not fed.local_batchnorm or LOCAL_BATCHNORM not in context.state.array_records:
+        return state
+    own = decode_state(context.state[LOCAL_BATCHNORM])
+    return {**state, **{k: v for k, v in own.items() if k in state}}
 
 
 def score_first(fed: FedConfig, site: SiteConfig, data, state, model) -> dict[str, float]:
@@ -145,7 +159,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     fed, site = _settings(context, msg)
     data = load_site_data(fed, site)
-    result = local_evaluate(fed, site, data, decode_state(msg.content["arrays"]))
+    state = with_local_batchnorm(fed, context, decode_state(msg.content["arrays"]))
+    result = local_evaluate(fed, site, data, state)
     return _reply(msg, fed, num_examples=result.num_examples,
                   metrics=result.metrics, started=started)
 

@@ -34,6 +34,8 @@ class FedConfig:
     label_smoothing: float = setting(0.0, "Label smoothing.")
     class_weights: bool = setting(False, "Weight each site's loss by the inverse class frequency of its training images.")
     augment: str = setting("paper002", "Training augmentation: paper002, flip or none.")
+    local_batchnorm: bool = setting(False, "FedBN: each site keeps its own BatchNorm weights and statistics from "
+                                    "round to round (Flower's per-site state); the exported model's are the average.")
     bn_recalibration: int = setting(0, "After local training, recompute BatchNorm statistics over up to N training "
                                     "batches with the new weights (0: off; steadies DSCNet).")
     proximal_mu: float = setting(0.01, "FedProx mu.")

@@ -176,6 +176,12 @@ def train_epoch(model: nn.Module, loader: Batches, optimizer: torch.optim.Optimi
     return EpochStats(float(total_loss) / seen, int(correct) / seen, seen, steps, time.perf_counter() - start)
 
 
+def batchnorm_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of the model's BatchNorm layers (weights, biases, running statistics)."""
+    return [f"{name}.{key}" for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) for key in module.state_dict()]
+
+
 def recalibrate_batchnorm(model: nn.Module, loader: Batches, hardware: Hardware, max_batches: int) -> int:
     """Recompute BatchNorm running statistics over up to `max_batches` training batches with the current
     weights ("precise BN"): a plain average instead of the momentum average of past weights, which lags

@@ -39,6 +39,7 @@ class SimulateConfig:
     weight_decay: float = _run("weight_decay")
     augment: str = _run("augment")
     bn_recalibration: int = _run("bn_recalibration")
+    local_batchnorm: bool = _run("local_batchnorm")
     pretrained: str = _run("pretrained")
     seed: int = _run("seed")
     split: str = setting("", "Split JSON (default: make one).", "simulation")

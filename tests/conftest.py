@@ -134,3 +134,13 @@ def synthetic_patients(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
         root, layout="patient_folders", per_class=60, patients_per_class=12, size=24, seed=5
     )
     return scan_dataset(root)
+
+
+@pytest.fixture(autouse=True)
+def hospital_share_source():
+    """After each test, sites read a hospital's own folder again: importing the simulation's ClientApp
+    (tests/inprocess_federation.py) switches this process's sites to the simulation's partition file."""
+    yield
+    from leukfed.common.site import hospital_share, use_share_source
+
+    use_share_source(hospital_share)

@@ -37,14 +37,18 @@ class QueuedGrid(InProcessGrid):
 
 
 def run_federation(out: Path, monkeypatch, *, sites: int = 2, rounds: int = 2, tracking: str = "",
-                   **extra) -> tuple[Path, list[str]]:
+                   contexts_out: dict | None = None, **extra) -> tuple[Path, list[str]]:
     """`leuk simulate`'s data and federated run settings, the ServerApp's main in-process; returns the
-    state dir and the ServerApp's log lines."""
+    state dir and the ServerApp's log lines (and fills `contexts_out` with each site's Flower Context)."""
     from leukfed.server import server_app
     from leukfed.simulations import client_app as simulation_app
     from leukfed.simulations.config import SimulateConfig
+    from leukfed.common.site import use_share_source
     from leukfed.simulations.simulate import fed_config, prepare_data, simulation_sites
 
+    # The simulation's ClientApp points this process's sites at its partition (only on its import);
+    # tests/conftest.py points them back at a hospital's own folder after each test.
+    use_share_source(simulation_app.partition_share)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
     monkeypatch.setattr(TaskIdentity, "_node_id", 1)
@@ -57,6 +61,8 @@ def run_federation(out: Path, monkeypatch, *, sites: int = 2, rounds: int = 2, t
     run_config = {**fed.to_run_config(), **simulation_sites(out)}
     nodes = {1000 + 17 * k: k for k in range(sites)}           # Flower node ids; partition K is site-K
     contexts = {n: Context(RUN_ID, n, {"partition-id": k}, RecordDict(), run_config) for n, k in nodes.items()}
+    if contexts_out is not None:
+        contexts_out.update(contexts)
     grid = QueuedGrid({n: partial(run_client_app, simulation_app.app, context=contexts[n]) for n in nodes},
                       run_id=RUN_ID)
     server_app.main(grid, Context(RUN_ID, 0, {}, RecordDict(), run_config))
