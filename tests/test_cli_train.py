@@ -2,28 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from cli_errors import assert_one_line_error
+from cli_errors import assert_one_line_error, leuk
 from leukfed.common.synthetic import make_synthetic_dataset
 
-LEUK = [sys.executable, "-c", "from leukfed.cli import main; main()"]
 TRAIN = ["--model", "tinycnn", "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--device", "cpu"]
 
-
-def leuk(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LEUK_NO_PROGRESS": "1"}
-    result = subprocess.run([*LEUK, *args], capture_output=True, text=True, env=env, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"leuk {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from cli_errors import assert_one_line_error
+from cli_errors import assert_one_line_error, leuk
 from leukfed.common.data import scan_dataset
 from leukfed.common.errors import LeukError
 from leukfed.common.gallery import GALLERY_KEY
@@ -21,16 +18,8 @@ from leukfed.common.synthetic import make_synthetic_dataset
 
 pytestmark = pytest.mark.slow   # one 1-epoch training and a handful of `leuk` processes, shared by the module
 
-LEUK = [sys.executable, "-c", "from leukfed.cli import main; main()"]
 TOP = 4
 
-
-def leuk(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LEUK_NO_PROGRESS": "1"}
-    result = subprocess.run([*LEUK, *args], capture_output=True, text=True, env=env, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"leuk {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 @pytest.fixture(scope="module")
