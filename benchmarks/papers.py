@@ -13,6 +13,9 @@ A cell is one (model, partition) `leuk simulate --seeds 0,1,2` comparison (FedAv
 seed 0), and each seed draws its own partition, initialisation and data order. Rows go to
 benchmarks/results/papers.jsonl (one per finished cell); each cell's folder (report.md, per-seed runs)
 to benchmarks/runs/papers/<cell>/. An interrupted cell resumes with the methods and seeds it had finished.
+A cell that benchmarks/federated.py already ran with the same training settings (its rows in
+benchmarks/results/federated.jsonl; the Lite0 cells are its 3-seed headline) is taken from there, not
+trained again (`--list` says "done (federated.py)"; the table names the command).
 
 Equal compute: centralized trains rounds x local_epochs epochs on the pooled training images, FedAvg
 runs `rounds` rounds of `local_epochs` epochs at each site, and each site alone trains the same
@@ -48,6 +51,7 @@ from leukfed.simulations.bench.measure import (experiment_parser, pending_experi
 from leukfed.simulations.config import SimulateConfig  # noqa: E402
 
 RESULTS = HERE / "results" / "papers.jsonl"
+FEDERATED_RESULTS = HERE / "results" / "federated.jsonl"   # rows of benchmarks/federated.py a cell can reuse
 RUNS = HERE / "runs" / "papers"
 DATASET = "all_taleqani"
 SEEDS = "0,1,2"
@@ -151,7 +155,7 @@ def split_sha256(out: Path) -> str | None:
 # -- the table ----------------------------------------------------------------------------------
 
 def latest_rows(path: Path) -> dict[str, dict]:
-    """The last row of every cell in the results file."""
+    """The last row of every experiment in a results file."""
     rows: dict[str, dict] = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -159,6 +163,40 @@ def latest_rows(path: Path) -> dict[str, dict]:
                 row = json.loads(line)
                 rows[row["experiment"]] = row
     return rows
+
+
+def training_settings(config: dict) -> dict:
+    """What a comparison's models depend on, comparable between the benchmark scripts' rows: every
+    setting but where it ran, which extra strategies and baselines it trained, and its statistics."""
+    skipped = {"out", "data", "strategies", "baselines", "bootstrap", "tracking"}
+    defaults = {f.name: f.default for f in dataclasses.fields(SimulateConfig)}  # settings added after the row ran
+    return {k: v for k, v in {**defaults, **config}.items() if k not in skipped} | {"dataset": Path(config["data"]).name}
+
+
+def covers(row_config: dict, cell_config: dict) -> bool:
+    """A row of another benchmark measured this cell: the same training settings, at least the cell's
+    strategies, and baselines when the cell trains them."""
+    return (training_settings(row_config) == training_settings(cell_config)
+            and set(cell_config["strategies"]) <= set(row_config["strategies"])
+            and (row_config["baselines"] or not cell_config["baselines"]))
+
+
+def measured_elsewhere(path: Path) -> dict[str, dict]:
+    """Cells that benchmarks/federated.py already ran with identical settings (the Lite0 headline over 3
+    seeds is the Lite0 cells): its rows, named after the cell, so that nothing is trained twice."""
+    found = {}
+    rows = latest_rows(path).values()
+    for name in CELLS:
+        cell_config = dataclasses.asdict(config_for(name, Path("/data"), CELLS, RUNS))
+        for row in rows:
+            if covers(row["config"], cell_config):
+                found[name] = {**row, "experiment": name, "measured_by": row["command"]}
+    return found
+
+
+def grid_rows(results: Path, elsewhere: Path | None) -> dict[str, dict]:
+    """The cells' rows: the grid's own, else another benchmark's with the same settings."""
+    return {**(measured_elsewhere(elsewhere) if elsewhere else {}), **latest_rows(results)}
 
 
 def accuracy(method: dict) -> dict | None:
@@ -214,6 +252,8 @@ def federated_cell(row: dict | None, name: str, centralized: dict | None) -> str
         return not_run(name)
     fedavg = accuracy(row["methods"].get("federated-fedavg", {}))
     text = interval(fedavg)
+    if "centralized" in row["methods"]:   # trained in the same comparison: same test images and seeds
+        centralized = {"row": row, "method": row["methods"]["centralized"]}
     if fedavg is None or centralized is None:
         return text
     iid_row = centralized["row"]
@@ -223,8 +263,8 @@ def federated_cell(row: dict | None, name: str, centralized: dict | None) -> str
     return text + (f"<br>{found}" if found else "")
 
 
-def render_table(path: Path = RESULTS) -> str:
-    rows = latest_rows(path)
+def render_table(path: Path = RESULTS, elsewhere: Path | None = FEDERATED_RESULTS) -> str:
+    rows = grid_rows(path, elsewhere)
     lines = ["| paper | model | settings | paper's claim | centralized | FedAvg 4 sites iid | "
              "FedAvg 4 sites Dirichlet 0.5 | best site alone (iid) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -253,6 +293,10 @@ def render_table(path: Path = RESULTS) -> str:
               "and the sites alone are trained in the iid cell; the Dirichlet column is paired with the iid "
               "cell's centralized (same split.json and seeds: checked). Best site alone: per seed the best of "
               "the 4 iid sites on the test set (optimistic). Run cells with `LEUK_DATA_ROOT=../shared/datasets`."]
+    borrowed = [f"{name} from `{row['measured_by']}`" for name, row in rows.items() if row.get("measured_by")]
+    if borrowed:
+        lines += ["", "Measured by benchmarks/federated.py with the same settings (its own centralized model pairs "
+                  "with its FedAvg; not trained twice): " + "; ".join(sorted(borrowed)) + "."]
     if overridden:
         lines += ["", "Settings overridden (not the grid's): " + "; ".join(overridden) + "."]
     return "\n".join(lines)
@@ -290,22 +334,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", action="store_true", help="print the markdown table of the results and exit")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default: %(default)s)")
     parser.add_argument("--runs", type=Path, default=RUNS, help="folder of the cells' runs (default: %(default)s)")
+    parser.add_argument("--elsewhere", type=Path, default=FEDERATED_RESULTS,
+                        help="benchmarks/federated.py's results: cells it ran with the same settings are not run "
+                        "again (default: %(default)s)")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="change settings of every selected cell (smoke runs only; needs --results)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of centralized/local training "
                         "(0: torch's default; each federated site uses cpus_per_site)")
     args = parser.parse_args(argv)
     if args.table:
-        print(render_table(args.results))
+        print(render_table(args.results, args.elsewhere))
         return
     if args.list:
         from leukfed.models import resolve_data_config
 
-        done = recorded_experiments(args.results)
+        done, elsewhere = recorded_experiments(args.results), measured_elsewhere(args.elsewhere)
         for name, spec in CELLS.items():
             model, partition = spec["model"], name.removeprefix(spec["model"] + "-")
             minutes = MODELS[model].minutes[partition != "iid"]
-            print(f"{name:36} {'done' if name in done else 'not run':8} ~{minutes:3d} min  "
+            state = "done" if name in done else "done (federated.py)" if name in elsewhere else "not run"
+            print(f"{name:36} {state:8} ~{minutes:3d} min  "
                   f"{resolve_data_config(model, spec.get('image_size') or None).input_size[1]} px, {settings_text(model)}, pretrained {spec['pretrained']}")
         return
     overrides = parse_overrides(args.override)
@@ -318,7 +366,11 @@ def main(argv: list[str] | None = None) -> None:
         import torch
         torch.set_num_threads(args.threads)
     cells = {name: {**spec, **overrides} for name, spec in CELLS.items()}
+    elsewhere = measured_elsewhere(args.elsewhere) if not overrides else {}
     for name in pending_experiments(cells, selected(args.only), args.results):
+        if name in elsewhere:
+            print(f"== {name}: measured by `{elsewhere[name]['measured_by']}` with the same settings; not run again")
+            continue
         cfg = config_for(name, Path(root), cells, args.runs)
         run_and_record(name, cfg, args.results, command(name),
                        extra=lambda found, cfg=cfg, name=name: {

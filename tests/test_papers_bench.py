@@ -34,7 +34,7 @@ def test_every_cell_builds_a_valid_config(papers, tmp_path):
 
 
 def test_list_and_only(papers, tmp_path, capsys):
-    papers.main(["--list", "--results", str(tmp_path / "none.jsonl")])
+    papers.main(["--list", "--results", str(tmp_path / "none.jsonl"), "--elsewhere", str(tmp_path / "none.jsonl")])
     listed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in listed] == list(papers.CELLS)
     assert all("not run" in line for line in listed)
@@ -61,7 +61,7 @@ def test_table_marks_missing_cells_not_run(papers, tmp_path):
     iid = _row("smallcnn-iid", {"federated-fedavg": [0.80, 0.82, 0.84], "centralized": [0.90, 0.91, 0.92],
                                 "local-site-0": [0.70, 0.75, 0.72], "local-site-1": [0.78, 0.71, 0.70],
                                 "local-site-2": [0.60, 0.60, 0.60], "local-site-3": [0.65, 0.66, 0.67]})
-    table = papers.render_table(_write(tmp_path / "papers.jsonl", [iid]))
+    table = papers.render_table(_write(tmp_path / "papers.jsonl", [iid]), elsewhere=None)
     lines = table.splitlines()
     assert lines[0].startswith("| paper | model |") and len(lines[2:2 + len(papers.MODELS)]) == 7
     row = next(line for line in lines if "`smallcnn`" in line)
@@ -96,3 +96,23 @@ def test_overrides_are_typed_and_kept_out_of_the_grid_results(papers, tmp_path):
         papers.main(["--only", "smallcnn-iid", "--override", "rounds=1"])   # would write the grid's file
     with pytest.raises(SystemExit):
         papers.parse_overrides(["no_such_setting=1"])
+
+
+def test_a_cell_that_federated_py_ran_with_the_same_settings_is_reused(papers, tmp_path, capsys):
+    import dataclasses
+
+    config = dataclasses.asdict(papers.config_for("efficientnet_lite0-dirichlet0.5", Path("/x"), papers.CELLS))
+    config = {k: v for k, v in config.items() if k != "local_batchnorm"}   # a row from before the setting existed
+    wider = dict(config, strategies=["fedavg", "fedprox"], baselines=True, out="/elsewhere/run")
+    row = dict(_row("taleqani-dirichlet-3seeds", {"federated-fedavg": [0.95, 0.96, 0.97],
+                                                  "centralized": [0.99, 0.99, 0.99]}, split=None),
+               config=wider, command="python benchmarks/federated.py --only taleqani-dirichlet-3seeds")
+    other = dict(row, experiment="other", config=dict(wider, lr=0.01), command="python other")
+    elsewhere = _write(tmp_path / "federated.jsonl", [row, other])
+    assert set(papers.measured_elsewhere(elsewhere)) == {"efficientnet_lite0-dirichlet0.5"}
+    table = papers.render_table(tmp_path / "none.jsonl", elsewhere)
+    lite0 = next(line for line in table.splitlines() if "`efficientnet_lite0`" in line)
+    assert "96.0 [" in lite0 and "Δ -3.0" in lite0       # paired with the same row's own centralized
+    assert "--only taleqani-dirichlet-3seeds" in table and "python other" not in table
+    papers.main(["--list", "--results", str(tmp_path / "none.jsonl"), "--elsewhere", str(elsewhere)])
+    assert "efficientnet_lite0-dirichlet0.5      done (federated.py)" in capsys.readouterr().out
