@@ -150,6 +150,17 @@ def histogram_auc(histogram: np.ndarray) -> float | None:
     return float((pos * (below + neg / 2)).sum() / (pos.sum() * neg.sum()))
 
 
+def histogram_rates(histogram: np.ndarray, threshold: float, low: float = LOW,
+                    high: float = HIGH) -> tuple[float, float]:
+    """Sensitivity and specificity of flagging logits >= `threshold` (a bin edge, or -inf) on binned logits."""
+    bins = histogram.shape[1]
+    first = 0 if threshold == -math.inf else int(round((threshold - low) / (high - low) * bins))
+    neg, pos = histogram[0], histogram[1]
+    sens = float(pos[first:].sum() / pos.sum()) if pos.sum() else float("nan")
+    spec = float(neg[:first].sum() / neg.sum()) if neg.sum() else float("nan")
+    return sens, spec
+
+
 # ---- a site's own validation patients --------------------------------------------------------------
 
 def split_patients(y: Sequence[int], fraction: float, seed: int) -> np.ndarray:
