@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from leukfed.common.fedconfig import FedConfig
 from leukfed.common.patient_federated import (Moments, histogram_calibration, histogram_rates, logit_histogram,
                                               split_patients, standardisation)
 from leukfed.common.patient_model import evaluate_patient_run, load_patient_model, predict_patient_folders
+from leukfed.simulations.loopback import ENV, LoopbackFederation, cli
 
 CELLS = 8                                     # per patient: 5 patients x 8 cells = 40 cells per site
 SITES = {"h0": (2, 3), "h1": (2, 3), "h2": (2, 3), "cells-only": (1, 1)}   # (APL, AML) patients per site
@@ -176,6 +178,27 @@ def test_unsupported_patient_runs_are_refused_in_one_line(settings: dict, messag
     with pytest.raises(LeukError, match=message) as caught:
         FedConfig(state_dir="x", **({"task": "patients"} | settings))
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_leuk_server_and_leuk_client_processes_train_and_export_the_patient_model(site_folders, tmp_path) -> None:
+    """The deployment path: real leuk-server and three leuk-client processes (TLS, site keys, approvals,
+    forked tasks), then `leuk evaluate` on the export."""
+    fed = LoopbackFederation(tmp_path, ["h0", "h1", "h2"],
+                             site_policy=("--min-sites", "2", "--min-metric-examples", "1", "--tasks", "cells,patients"))
+    try:
+        server = fed.server("--task", "patients", "--rounds", "2", "--local-epochs", "2", "--lr", "0.1",
+                            "--batch-size", "64", "--min-sites", "3", "--site-val-fraction", "0.4")
+        fed.wait_submitted()
+        clients = [fed.client(site, site_folders[site]) for site in ("h0", "h1", "h2")]
+        assert fed.wait_server(server, clients, 400) == 0, fed.log("server.log")
+    finally:
+        fed.close()
+    assert "patient model exported to" in fed.log("server.log")
+    assert (tmp_path / "site-h0" / "image-cache" / "patient-features-efficientnet_lite0-160.npz").is_file()
+    evaluated = subprocess.run([*cli("cli"), "evaluate", "--model", str(fed.state / "patient-model"),
+                                "--data", str(site_folders["h2"])], capture_output=True, text=True, env=ENV)
+    assert evaluated.returncode == 0 and "sensitivity" in evaluated.stdout, evaluated.stderr
 
 
 def test_moments_histograms_and_split_are_plain_aggregates() -> None:
