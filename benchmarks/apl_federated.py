@@ -69,8 +69,7 @@ from leukfed.common.patient_federated import (Moments, histogram_calibration, lo
 from leukfed.common.patient_federated import initial_head as federated_initial_head
 from leukfed.common.patient_heads import PatientHead, continue_training, head_scores
 from leukfed.common.patient_model import PatientRecipe, ensemble_logits, fit_ensemble
-from leukfed.common.patient_protocol import (fit_temperature, patient_bootstrap_ci, sensitivity_specificity,
-                                             sigmoid, temporal_split)
+from leukfed.common.patient_protocol import patient_bootstrap_ci, sensitivity_specificity, sigmoid, temporal_split
 from leukfed.common.stats import across_seeds, paired_bootstrap
 from leukfed.simulations.bench.measure import append_csv, recorded_keys
 
