@@ -92,9 +92,12 @@ def run(grid: Grid, fed: FedConfig, class_names: tuple[str, ...], sites: Registe
                                                        "patients-positive": total.patients[1]}))
     if not history or not any(row["sites_replied"] for row in history):
         raise LeukError("no round completed: no site sent a usable update")
+    center, scale = head.center.clone(), head.scale.clone()
     final = {k: torch.from_numpy(np.array(v.numpy(), copy=True)).float() for k, v in result.arrays.items()}
     head.load_state_dict(final)
-    histograms = ask_histograms(grid, fed, sites, result.arrays, config)
+    head.center.copy_(center)   # the standardisation is the server's own, from the moments: what the sites
+    head.scale.copy_(scale)     # sent back for it (unchanged by local training) is not trusted
+    histograms = ask_histograms(grid, fed, sites, encode_state(head.state_dict()), config)
     export(state_dir, fed, recipe, head, class_names, total, per_site, histograms, len(history))
     write_status(state_dir, phase="finished", rounds_completed=len(history))
     log(f"finished {len(history)} rounds; patient model exported to {state_dir / EXPORT_DIR}")
