@@ -7,7 +7,9 @@
 
 This is an IN-PROCESS FedAvg of a patient head on frozen ImageNet EfficientNet-Lite0 features (one
 process, sites are lists of patients): NOT the Flower pipeline (no clients, no network, no secure
-aggregation, no differential privacy), and the backbone is frozen, so only the head is federated.
+aggregation, no differential privacy), and the backbone is frozen, so only the head is federated. The
+algorithm's pieces (moments, initial head, step size, histograms, calibration) are common/patient_federated.py,
+which `leuk-server --task patients` runs over real sites.
 
 Protocol (for each partition seed s; everything below is seeded by s):
 * test: the temporal split's latest 21 patients; training: the 61 earlier ones (as benchmarks/apl.py).
@@ -62,10 +64,12 @@ import torch
 
 from leukfed.common.metrics import binary_auc
 from leukfed.common.partition import partition_samples
-from leukfed.common.patient_heads import PatientHead, continue_training, head_scores, make_head
+from leukfed.common.patient_federated import (Moments, histogram_calibration, logit_histogram, moments,
+                                              round_lr, standardisation)
+from leukfed.common.patient_federated import initial_head as federated_initial_head
+from leukfed.common.patient_heads import PatientHead, continue_training, head_scores
 from leukfed.common.patient_model import PatientRecipe, ensemble_logits, fit_ensemble
-from leukfed.common.patient_protocol import (fit_temperature, patient_bootstrap_ci, sensitivity_specificity,
-                                             sigmoid, temporal_split)
+from leukfed.common.patient_protocol import patient_bootstrap_ci, sensitivity_specificity, sigmoid, temporal_split
 from leukfed.common.stats import across_seeds, paired_bootstrap
 from leukfed.simulations.bench.measure import append_csv, recorded_keys
 
@@ -96,12 +100,12 @@ class FedSettings:
 
 def federated_standardisation(sites: Sequence[Site]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std (ddof 1) of all sites' cells from per-site count, sum and sum of squares."""
-    n = sum(sum(len(b) for b in bags) for bags, _ in sites)
-    total = sum(sum(b.astype(np.float64).sum(0) for b in bags) for bags, _ in sites)
-    squares = sum(sum((b.astype(np.float64) ** 2).sum(0) for b in bags) for bags, _ in sites)
-    mean = total / n
-    std = np.sqrt(np.maximum(squares - n * mean ** 2, 0) / max(n - 1, 1))
-    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32).clamp_min(1e-4)
+    return standardisation(_summed_moments(sites))
+
+
+def _summed_moments(sites: Sequence[Site]) -> Moments:
+    per_site = [moments(bags, y) for bags, y in sites]
+    return sum(per_site[1:], per_site[0])
 
 
 def initial_head(kind: str, sites: Sequence[Site], seed: int) -> PatientHead:
@@ -109,17 +113,7 @@ def initial_head(kind: str, sites: Sequence[Site], seed: int) -> PatientHead:
     if kind == "attention":
         raise SystemExit("the federated benchmark covers the linear heads (meanprob, meanpool): the attention "
                          "head's PCA projection would need a federated PCA")
-    torch.manual_seed(seed)
-    head = make_head(kind, sites[0][0][0].shape[1])
-    center, scale = federated_standardisation(sites)
-    head.center.copy_(center)
-    head.scale.copy_(scale)
-    return head.eval()
-
-
-def round_lr(lr: float, r: int, rounds: int) -> float:
-    """The local step size the server sends in round r: cosine decay from `lr` (round 0) towards 0."""
-    return lr * 0.5 * (1 + math.cos(math.pi * r / rounds))
+    return federated_initial_head(kind, _summed_moments(sites), seed)
 
 
 def fedavg(init: PatientHead, sites: Sequence[Site], *, rounds: int, epochs: int, weight_decay: float,
@@ -153,39 +147,6 @@ def site_folds(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         fold[members] = (np.arange(len(members)) + offset) % k
         offset += len(members)
     return fold
-
-
-# ---- threshold and temperature from histograms -----------------------------------------------------
-
-def logit_histogram(logits: np.ndarray, y: np.ndarray, bins: int, low: float, high: float) -> np.ndarray:
-    """(2, bins) counts of non-APL (row 0) and APL (row 1) patients per equal-width logit bin on
-    [low, high]; logits outside fall in the outer bins. What a site sends instead of its scores."""
-    which = np.clip(np.floor((np.asarray(logits) - low) / (high - low) * bins).astype(np.int64), 0, bins - 1)
-    out = np.zeros((2, bins), dtype=np.int64)
-    np.add.at(out, (np.asarray(y, dtype=np.int64), which), 1)
-    return out
-
-
-def histogram_calibration(histograms: Sequence[np.ndarray], low: float, high: float,
-                          target: float = 0.9) -> tuple[float, float]:
-    """The server's (logit threshold, temperature) from summed site histograms: the threshold is the lower
-    edge of the highest bin at or above which >= `target` of the APL patients lie (-inf for the bottom bin,
-    which is open), so validation sensitivity >= target as with threshold_for_sensitivity, and at most one
-    bin lower than the pooled scores' threshold; the temperature minimises the log loss of the bin centres."""
-    total = np.sum(histograms, axis=0)
-    bins = total.shape[1]
-    edges = np.linspace(low, high, bins + 1)
-    positives = total[1]
-    if positives.sum() == 0:
-        raise ValueError("no APL validation patients in the histograms")
-    needed = max(math.ceil(target * positives.sum() - 1e-9), 1)
-    above = np.cumsum(positives[::-1])[::-1]  # APL patients in bin b or higher
-    b = int(np.flatnonzero(above >= needed).max())
-    threshold = float(edges[b]) if b > 0 else -math.inf
-    centres = (edges[:-1] + edges[1:]) / 2
-    z = np.concatenate([np.repeat(centres, total[0]), np.repeat(centres, total[1])])
-    t = np.concatenate([np.zeros(total[0].sum()), np.ones(total[1].sum())])
-    return threshold, fit_temperature(z, t)
 
 
 # ---- the methods -------------------------------------------------------------------------------------

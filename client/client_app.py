@@ -8,6 +8,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from leukfed.client import patient_tasks
 from leukfed.client.audit import append_entry, task_entry
 from leukfed.client.policy import check_task
 from leukfed.common.flower.wire import decode_state, encode_state, packed_arrays_mod
@@ -113,6 +114,8 @@ def train(msg: Message, context: Context) -> Message:
     refuse_plain_training(msg, context)  # node config secure-aggregation="required": never in the clear
     started = time.perf_counter()
     fed, site = _settings(context, msg)
+    if fed.task == "patients":
+        return patient_tasks.train(msg, context, fed, site)
     data = load_site_data(fed, site)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 1)) + int(config.get("round-offset", 0))
@@ -158,6 +161,8 @@ def train_secagg(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     fed, site = _settings(context, msg)
+    if fed.task == "patients":
+        return patient_tasks.evaluate(msg, context, fed, site)
     data = load_site_data(fed, site)
     state = with_local_batchnorm(fed, context, decode_state(msg.content["arrays"]))
     result = local_evaluate(fed, site, data, state)
@@ -173,3 +178,10 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"info": ConfigRecord({"class-names": list(classes)})}),
                    reply_to=msg)
 
+
+
+@app.query("moments")
+def moments(msg: Message, context: Context) -> Message:
+    """--task patients: the moments of the site's training patients' cell features (aggregates only)."""
+    fed, site = _settings(context, msg)
+    return patient_tasks.moments(msg, context, fed, site)

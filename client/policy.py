@@ -19,6 +19,9 @@ class SitePolicy:
 
     min_sites: int = setting(3, "Never train in a run that aggregates fewer sites (a lone update would be exposed).", "site")
     min_metric_examples: int = setting(10, "Never release a metric computed on fewer examples.", "site")
+    tasks: str = setting("cells", "Comma-separated tasks this site takes part in: cells (cell classifiers) and/or "
+                         "patients (the APL patient model: reads patients.csv, sends feature moments, head updates "
+                         "and a validation logit histogram). Default: cells only.", "site")
     models: str = setting("", "Comma-separated models this site trains (empty: every registered model).", "site")
     max_image_size: int = setting(1024, "Largest input size in px this site accepts.", "site")
     max_model_parameters: int = setting(200_000_000, "Largest model (parameters) this site builds.", "site")
@@ -32,6 +35,10 @@ class SitePolicy:
     def __post_init__(self) -> None:
         if self.min_sites < 1 or self.min_metric_examples < 0 or not 0 < self.dp_delta < 1:
             raise LeukError("site policy: min-sites must be >= 1, min-metric-examples >= 0 and dp-delta in (0, 1)")
+
+    @property
+    def allowed_tasks(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.tasks.split(",") if t.strip())
 
     @property
     def allowed_models(self) -> tuple[str, ...]:
@@ -80,6 +87,10 @@ def violations(policy: SitePolicy, fed: FedConfig, run_config: Mapping[str, Any]
     if fed.min_metric_examples < policy.min_metric_examples:
         problems.append(f"min-metric-examples {fed.min_metric_examples} is below this site's floor of "
                         f"{policy.min_metric_examples}")
+    if fed.task not in policy.allowed_tasks:
+        return problems + [f"task {fed.task!r} is not among this site's tasks ({', '.join(policy.allowed_tasks) or 'none'})"]
+    if fed.task == "patients":
+        return problems + _patient_violations(policy, fed) + _dp_violations(policy, fed)
     if policy.allowed_models and fed.model not in policy.allowed_models:
         problems.append(f"model {fed.model!r} is not among this site's models ({', '.join(policy.allowed_models)})")
     if fed.local_epochs > policy.max_local_epochs:
@@ -91,6 +102,24 @@ def violations(policy: SitePolicy, fed: FedConfig, run_config: Mapping[str, Any]
     problems += _dp_violations(policy, fed)
     if not problems:  # only a run that passed the cheap rules gets its model looked at
         problems += _model_violations(policy, fed)
+    return problems
+
+
+def _patient_violations(policy: SitePolicy, fed: FedConfig) -> list[str]:
+    """The patient task: the recipe's frozen backbone and its input size, the head's local work."""
+    from leukfed.common.patient_model import recipe_named
+
+    recipe = recipe_named(fed.patient_recipe)   # FedConfig checked it can be federated
+    problems = []
+    if policy.allowed_models and recipe.backbone not in policy.allowed_models:
+        problems.append(f"backbone {recipe.backbone!r} of recipe {fed.patient_recipe} is not among this site's "
+                        f"models ({', '.join(policy.allowed_models)})")
+    if recipe.image_size > policy.max_image_size:
+        problems.append(f"image-size {recipe.image_size} px exceeds this site's maximum of {policy.max_image_size} px")
+    if fed.local_epochs > policy.max_local_epochs:
+        problems.append(f"local-epochs {fed.local_epochs} exceeds this site's maximum of {policy.max_local_epochs}")
+    if fed.batch_size > policy.max_batch_size:
+        problems.append(f"batch-size {fed.batch_size} exceeds this site's maximum of {policy.max_batch_size}")
     return problems
 
 

@@ -36,7 +36,10 @@ def record_sha256(record: ArrayRecord) -> str:
 
 
 def expected_layout(fed, num_classes: int) -> Layout:
-    """Keys, shapes and dtypes of the model this site builds for the run (on the meta device: no memory)."""
+    """Keys, shapes and dtypes of the model this site builds for the run (on the meta device: no memory);
+    with --task patients, the patient head over the recipe's frozen features."""
+    if fed.task == "patients":
+        return patient_head_layout(fed.patient_recipe)
     key = (fed.model, fed.image_size, fed.dp, num_classes)
     if key not in _LAYOUTS:
         import torch
@@ -50,6 +53,16 @@ def expected_layout(fed, num_classes: int) -> Layout:
             model = build_site_model(fed, num_classes)
         _LAYOUTS[key] = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
                          for k, v in model.state_dict().items()}
+    return _LAYOUTS[key]
+
+
+def patient_head_layout(recipe_name: str) -> Layout:
+    key = ("patients", recipe_name)
+    if key not in _LAYOUTS:
+        from leukfed.common.patient_federated import feature_dim, federable_recipe, head_layout
+
+        recipe = federable_recipe(recipe_name)
+        _LAYOUTS[key] = head_layout(recipe.head, feature_dim(recipe.backbone, recipe.image_size))
     return _LAYOUTS[key]
 
 

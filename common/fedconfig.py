@@ -11,6 +11,7 @@ from leukfed.common.settings import from_mapping, kebab, setting
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 TRANSFER_DTYPES = ("float32", "float16", "bfloat16")
+TASKS = ("cells", "patients")
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,15 @@ class FedConfig:
     """Run-wide settings, identical for every site; travels as Flower's run config. Each field is
     declared once (type, default, help, owner); leuk-server's and leuk simulate's options derive from it."""
 
+    task: str = setting("cells", "What the run trains: cells (a cell-image classifier; --model ...) or patients (the "
+                        "APL patient model: a linear head over frozen ImageNet features of each patient's cells, "
+                        "FedAvg over the head, threshold and temperature from the sites' logit histograms).")
+    patient_recipe: str = setting("lite0-meanprob", "--task patients: the `leuk train-patients` recipe whose head is "
+                                  "federated (lite0-meanprob, lite0-meanpool, lite0-96-...; linear heads only). The "
+                                  "head's L2 penalty is the recipe's; --lr, --batch-size, --rounds and --local-epochs "
+                                  "drive its local SGD (measured: --lr 0.1 --batch-size 256 --rounds 100 "
+                                  "--local-epochs 2).")
+    positive: str = setting("APL", "--task patients: the diagnosis the patient model flags (patients.csv).")
     model: str = setting("tinycnn", "Model name (see `leuk models`).")
     class_names: str = setting("", "Comma-separated class names (default: asked from the sites).", flag="--classes")
     image_size: int = setting(0, "Input size in px (0: the model's default).")
@@ -105,6 +115,10 @@ class FedConfig:
                             "use fedavg, fedprox, fedadam or fedyogi")
         if self.secure_aggregation and self.min_sites < 2:
             problems.append("secure aggregation needs min-sites >= 2 (>= 3 to survive a dropout)")
+        if self.task not in TASKS:
+            problems.append(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        elif self.task == "patients":
+            problems += _patient_task_problems(self)
         try:
             object.__setattr__(self, "tracking", _absolute_tracking(self.tracking))   # the ServerApp's cwd differs
         except LeukError as exc:
@@ -134,6 +148,23 @@ class FedConfig:
         ignore = {"rounds", "round_timeout", "resume", "state_dir", "min_sites", "registered_sites",
                   "max_examples_per_site", "max_update_norm", "tracking"}   # coordinator policy, may change on resume
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignore}
+
+
+def _patient_task_problems(fed: FedConfig) -> list[str]:
+    """What --task patients does not support (one phrase each)."""
+    from leukfed.common.patient_federated import federable_recipe
+
+    problems = []
+    try:
+        federable_recipe(fed.patient_recipe)
+    except LeukError as exc:
+        problems.append(str(exc))
+    unsupported = {"strategy " + fed.strategy: fed.strategy != "fedavg", "secure aggregation": fed.secure_aggregation,
+                   "DP-SGD": fed.dp, "local-batchnorm": fed.local_batchnorm, "resume": fed.resume,
+                   "eval-data": bool(fed.eval_data)}
+    problems += [f"--task patients does not support {what} (FedAvg of the head only)"
+                 for what, used in unsupported.items() if used]
+    return problems
 
 
 TRACKING_KINDS = ("tensorboard", "mlflow")

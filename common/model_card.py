@@ -61,6 +61,13 @@ def weights_origin(source: str) -> str:
     return f"initial weights from {source}, fine-tuned"
 
 
+def _origin(card: ModelCard) -> str:
+    """weights_origin, but a patient model's backbone is frozen: only its head was trained."""
+    origin = weights_origin(card.weights_origin)
+    return origin.replace(", fine-tuned", ", frozen (only the patient head was trained)") if "patient" in card.kind \
+        else origin
+
+
 def _interval(metrics: Mapping[str, Any], key: str) -> tuple[float, float] | None:
     """A 95 % interval from `<key>_ci` or `ci[<key>]`: [low, high] or {low/lower, high/upper}."""
     ci = metrics.get(f"{key}_ci")
@@ -93,7 +100,7 @@ def render(card: ModelCard) -> str:
     title = f"# Model card: {card.model} ({card.kind})"
     lines = [title, "", f"Written by leukfed on {card.created}.", "", "## Model", "",
              f"- Architecture: `{card.model}`, {len(card.class_names)} classes: {', '.join(card.class_names)}",
-             f"- Weights origin: {weights_origin(card.weights_origin)}", "",
+             f"- Weights origin: {_origin(card)}", "",
              "## Data", "", *(f"- {line}" for line in card.data)]
     if card.sites:
         lines += ["", "Sites (counts are the aggregates each site itself reported):", "",
@@ -228,6 +235,33 @@ def patient_card(description: Mapping[str, Any], *, data_dir: str, command: str,
     model = f"{recipe['backbone']} + {recipe['head']} head"
     return ModelCard("patient", model, description.get("backbone_source", ""), tuple(description["class_names"]),
                      data, training, privacy, dict(description.get("validation", {})), command)
+
+
+def federated_patient_card(description: Mapping[str, Any], *, command: str) -> ModelCard:
+    """The card of a patient model trained by `leuk-server --task patients`: one FedAvg federation of the head."""
+    recipe, fed = description["recipe"], description["federation"]
+    sites = {name: dict(counts) for name, counts in fed["sites"].items()}
+    validation = description["validation"]
+    data = (f"{len(sites)} sites' own patient folders: {fed['train_patients']} training patients "
+            f"({fed['train_positive']} {description['positive']}), {fed['cells']} cells; each site kept "
+            f"{fed['site_val_fraction']:.0%} of its patients per diagnosis for validation",
+            f"Metrics below: the {validation['num_patients']} validation patients of the sites that released a "
+            "histogram, from binned logits (no separate test set: score a later cohort with `leuk evaluate`)")
+    training = (f"Frozen {recipe['backbone']} features at {recipe['image_size']} px, cells: {recipe['cells']}, "
+                f"head: {recipe['head']}, L2 {recipe['weight_decay']}; ONE FedAvg federation of the head (no fold "
+                f"ensemble, unlike `leuk train-patients`): {fed['rounds']} rounds x {fed['local_epochs']} local "
+                f"epochs of SGD (step {fed['lr']:g}, cosine-decayed; batch {fed['batch_size']} cells), averaged by "
+                "training patients; standardisation and class weights from the sites' summed moments and counts",
+                f"Temperature {description['temperature']:.3f}; threshold {description['threshold']:.4f}: "
+                f"{description['threshold_rule']}")
+    privacy = ("No differential privacy and no secure aggregation. What left each site: its training patients' "
+               "cell count, feature sums and sums of squares and patients per diagnosis; the head's parameters "
+               "each round; one histogram of its validation patients' logits (withheld below "
+               f"{fed['min_metric_examples']} patients). No image, feature vector or per-patient score left a site.",)
+    model = f"{recipe['backbone']} + {recipe['head']} head (federated)"
+    return ModelCard("federated patient", model, description.get("backbone_source", ""),
+                     tuple(description["class_names"]), data, training, privacy,
+                     {k: v for k, v in validation.items() if isinstance(v, (int, float))}, command, sites)
 
 
 def config_defaults(cls) -> dict:

@@ -129,12 +129,17 @@ def serve(
         app_dir = write_app_dir(state / "app")
         write_status(state, phase="submitting", total_rounds=rounds)
         run_id = link.submit(app_dir, write_run_config(state / "run_config.toml", fed))
-        _say(f"run {run_id} submitted: {rounds} rounds of {fed.strategy}, waiting for {fed.min_sites} sites")
+        what = f"FedAvg over the {fed.patient_recipe} patient head" if fed.task == "patients" else fed.strategy
+        _say(f"run {run_id} submitted: {rounds} rounds of {what}, waiting for {fed.min_sites} sites")
         status = _follow(link, run_id, state, rounds)
         if status != "finished:completed":
             write_status(state, phase=f"ended {status}")
             details = str(link.run_info(run_id).get("status-details", "")).strip()
             raise LeukError(f"the run ended {status}: {details.splitlines()[-1] if details else 'see ' + str(link.log_path)}")
+        if fed.task == "patients":
+            _say(f"finished: patient model exported to {state / 'patient-model'} (patient_model.json, "
+                 f"heads.safetensors, MODEL_CARD.md; `leuk evaluate --model {state / 'patient-model'} --data DIR`)")
+            return
         metrics = json.loads((state / "metrics.json").read_text()) if (state / "metrics.json").exists() else {}
         _say(f"finished: model exported to {state} (model.safetensors, model.json, metrics.json, history.json, "
              "MODEL_CARD.md)")

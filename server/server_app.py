@@ -222,6 +222,11 @@ def main(grid: Grid, context: Context) -> None:
     resumed: Resumed | None = load_resumed(state_dir, fed) if fed.resume else None
     class_names = resumed.class_names if resumed else ask_class_names(grid, fed, sites)
     fed = FedConfig.from_run_config({**fed.to_run_config(), "class-names": ",".join(class_names)})
+    if fed.task == "patients":   # the APL patient model: moments, FedAvg of a head, calibration, export
+        from leukfed.server import patient_federation
+
+        patient_federation.run(PromptGrid(grid), fed, class_names, sites, state_dir)
+        return
     seed_everything(fed.seed)  # the initial global model is the same for the same seed
     model = initial_model(fed, len(class_names))
     if resumed:

@@ -18,14 +18,17 @@ def guard_settings(fed: FedConfig) -> GuardSettings:
     # Sites can score the model inside the train task only when every site trains every round and sees
     # the plain train message.
     with_train = fed.evaluate_with_train and fed.fraction_train >= 1.0 and not fed.secure_aggregation
+    patients = fed.task == "patients"   # scored once, in the calibration round (server/patient_federation.py)
     return GuardSettings(min_noise_multiplier=fed.dp_min_noise_multiplier, max_examples=fed.max_examples_per_site,
-                         max_update_norm=fed.max_update_norm, evaluate_every=fed.evaluate_every, rounds=fed.rounds,
-                         evaluate_with_train=with_train)
+                         max_update_norm=fed.max_update_norm, evaluate_every=0 if patients else fed.evaluate_every,
+                         rounds=fed.rounds,
+                         evaluate_with_train=with_train and not patients)
 
 
 def make_strategy(fed: FedConfig) -> GuardedStrategy:
     """The named Flower strategy, wrapped in the guard for the run's registered sites."""
-    common = dict(fraction_train=fed.fraction_train, fraction_evaluate=1.0, min_train_nodes=fed.min_sites,
+    evaluate = 0.0 if fed.task == "patients" else 1.0   # the patient task's calibration round is its own
+    common = dict(fraction_train=fed.fraction_train, fraction_evaluate=evaluate, min_train_nodes=fed.min_sites,
                   min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites)
     extra = {"fedprox": {"proximal_mu": fed.proximal_mu}, "fedadam": {"eta": fed.server_lr},
              "fedyogi": {"eta": fed.server_lr}, "fedtrimmedavg": {"beta": fed.trim_beta},

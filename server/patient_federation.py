@@ -1,0 +1,218 @@
+"""The coordinator's half of `leuk-server --task patients`: the APL patient model trained by FedAvg.
+
+The algorithm of benchmarks/apl_federated.py (its pieces in common/patient_federated.py), run over real
+sites with the ServerApp's machinery (registered sites, prompt grid, guarded FedAvg, history, status):
+
+1. moments: each site sends its training patients' cell count, feature sums and sums of squares and its
+   patients per diagnosis; the server sums them into the standardisation and the class weights;
+2. the seeded initial head (recipe --patient-recipe) with that standardisation;
+3. --rounds FedAvg rounds over the head (each site: --local-epochs of SGD at a cosine-decayed --lr;
+   average weighted by training patients; every reply checked by the guard);
+4. calibration: each site scores its validation patients with the final head and sends only a histogram
+   of their logits per diagnosis; the summed histogram gives the threshold (>= the recipe's target
+   sensitivity) and the temperature;
+5. export: STATE/patient-model, a patient run directory as `leuk train-patients` writes it (for
+   `leuk evaluate --model STATE/patient-model` and `leuk predict`), with its MODEL_CARD.md.
+
+One FedAvg federation, not the fold ensemble of `leuk train-patients` (and of the benchmark): the model
+is one head, and its validation patients are each site's own held-out share (--site-val-fraction).
+
+    leuk-server --certs certs --task patients --patient-recipe lite0-meanprob --rounds 100 --local-epochs 2 \\
+        --lr 0.1 --batch-size 256 --min-sites 3 --site-val-fraction 0.25 --state state
+    leuk-client --server HOST:9092 --data /data/apl --site a --certs certs/sites/a --tasks cells,patients
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from leukfed import __version__
+from leukfed.common.atomic import atomic_write_json
+from leukfed.common.errors import LeukError
+from leukfed.common.fedconfig import FedConfig
+from leukfed.common.flower.wire import encode_state
+from leukfed.common.patient_federated import (BINS, HIGH, LOW, Moments, feature_dim, federable_recipe,
+                                              histogram_auc, histogram_calibration, histogram_rates, initial_head)
+from leukfed.common.patient_model import PATIENT_RUN_FORMAT, PatientModel, save_patient_model
+from leukfed.common.patient_protocol import sigmoid
+from leukfed.common.runs import HISTORY_JSON
+from leukfed.server.registered_sites import RegisteredSites
+from leukfed.server.run_status import write_status
+from leukfed.server.server_app import log, print_round, round_row, wait_for_sites
+from leukfed.server.strategies import make_strategy
+
+EXPORT_DIR = "patient-model"
+MOMENTS = f"{MessageType.QUERY}.moments"
+HISTOGRAM_KEYS = ("histogram-negative", "histogram-positive")   # client/patient_tasks.py
+
+
+def run(grid: Grid, fed: FedConfig, class_names: tuple[str, ...], sites: RegisteredSites, state_dir: Path) -> None:
+    """Moments, rounds, calibration and export (`grid` already restricted to the registered sites)."""
+    recipe = federable_recipe(fed.patient_recipe)
+    if fed.positive not in class_names or len(class_names) != 2:
+        raise LeukError(f"--task patients needs two diagnoses, one of them {fed.positive!r}; the sites report "
+                        f"{list(class_names)}")
+    config = {"class-names": ",".join(class_names)}
+    write_status(state_dir, phase="moments")
+    dim = feature_dim(recipe.backbone, recipe.image_size)
+    per_site = ask_moments(grid, fed, sites, dim, config)
+    total = sum(per_site.values(), Moments(0, np.zeros(dim), np.zeros(dim), (0, 0)))
+    if min(total.patients) < 1:
+        raise LeukError(f"the sites' training patients hold one diagnosis only ({total.patients[0]} other, "
+                        f"{total.patients[1]} {fed.positive}): both are needed")
+    log(f"moments from {len(per_site)} sites: {sum(total.patients)} training patients ({total.patients[1]} "
+        f"{fed.positive}), {total.cells} cells")
+    head = initial_head(recipe.head, total, fed.seed)
+    strategy = make_strategy(fed)
+    strategy.sites = sites
+    history: list[dict] = []
+
+    def after_round(current_round: int, arrays: ArrayRecord):
+        if current_round == 0:
+            return None
+        row = round_row(current_round, strategy, None, 0.0, time.perf_counter() - strategy.log.started)
+        history.append(row)
+        atomic_write_json(state_dir / HISTORY_JSON, history)
+        print_round(row, fed.rounds)
+        write_status(state_dir, phase="training" if current_round < fed.rounds else "calibrating",
+                     round=min(current_round + 1, fed.rounds), rounds_completed=current_round)
+        return None
+
+    write_status(state_dir, phase="training", round=1, rounds_completed=0)
+    result = strategy.start(grid=grid, initial_arrays=encode_state(head.state_dict()), num_rounds=fed.rounds,
+                            timeout=fed.round_timeout, evaluate_fn=after_round,
+                            train_config=ConfigRecord({**config, "patients-negative": total.patients[0],
+                                                       "patients-positive": total.patients[1]}))
+    if not history or not any(row["sites_replied"] for row in history):
+        raise LeukError("no round completed: no site sent a usable update")
+    center, scale = head.center.clone(), head.scale.clone()
+    final = {k: torch.from_numpy(np.array(v.numpy(), copy=True)).float() for k, v in result.arrays.items()}
+    head.load_state_dict(final)
+    head.center.copy_(center)   # the standardisation is the server's own, from the moments: what the sites
+    head.scale.copy_(scale)     # sent back for it (unchanged by local training) is not trusted
+    histograms = ask_histograms(grid, fed, sites, encode_state(head.state_dict()), config)
+    export(state_dir, fed, recipe, head, class_names, total, per_site, histograms, len(history))
+    write_status(state_dir, phase="finished", rounds_completed=len(history))
+    log(f"finished {len(history)} rounds; patient model exported to {state_dir / EXPORT_DIR}")
+
+
+def ask_moments(grid: Grid, fed: FedConfig, sites: RegisteredSites, dim: int, config: dict) -> dict[str, Moments]:
+    """Each site's moments by site name; unusable replies logged and ignored; fewer than min-sites: LeukError."""
+    nodes = wait_for_sites(grid, fed.min_sites, sites)
+    messages = [Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=n, message_type=MOMENTS)
+                for n in nodes]
+    found: dict[str, Moments] = {}
+    for reply in grid.send_and_receive(messages, timeout=fed.round_timeout):
+        node = reply.metadata.src_node_id
+        if node not in nodes:
+            continue
+        sites.note_reply(reply)
+        moments, problem = read_moments(reply, dim)
+        if moments is None:
+            log(f"moments: ignored the reply of {sites.label(node)}: {problem}")
+        else:
+            found[sites.site_name(node)] = moments
+    if len(found) < fed.min_sites:
+        raise LeukError(f"only {len(found)} sites sent usable moments; the run needs min-sites {fed.min_sites}")
+    return found
+
+
+def read_moments(reply: Message, dim: int) -> tuple[Moments | None, str]:
+    """A site's moments, or (None, why not): untrusted input, checked for shapes, finiteness and counts."""
+    if reply.has_error():
+        return None, reply.error.reason.strip().splitlines()[-1][:300] if reply.error.reason else "error reply"
+    arrays = reply.content.array_records.get("moments")
+    metrics = reply.content.metric_records.get("metrics")
+    if arrays is None or metrics is None or set(arrays.keys()) != {"total", "squares"}:
+        return None, "no moments in the reply"
+    total, squares = arrays["total"].numpy().astype(np.float64), arrays["squares"].numpy().astype(np.float64)
+    if total.shape != (dim,) or squares.shape != (dim,) or not (np.isfinite(total).all() and np.isfinite(squares).all()):
+        return None, f"feature sums must be {dim} finite numbers"
+    counts = [metrics.get(k) for k in ("cells", "patients-negative", "patients-positive")]
+    if not all(isinstance(c, int) and c >= 0 for c in counts) or counts[0] < 1 or counts[1] + counts[2] < 1 \
+            or (squares < 0).any():
+        return None, "counts must be whole numbers, with at least one cell and one patient"
+    return Moments(counts[0], total, squares, (counts[1], counts[2])), ""
+
+
+def ask_histograms(grid: Grid, fed: FedConfig, sites: RegisteredSites, arrays: ArrayRecord,
+                   config: dict) -> dict[str, tuple[int, np.ndarray | None]]:
+    """The calibration round: per site, its number of validation patients and its histogram (None: withheld)."""
+    nodes = [n for n in grid.get_node_ids()]
+    messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=n,
+                        message_type=MessageType.EVALUATE) for n in nodes]
+    found: dict[str, tuple[int, np.ndarray | None]] = {}
+    for reply in grid.send_and_receive(messages, timeout=fed.round_timeout):
+        node = reply.metadata.src_node_id
+        if node not in nodes:
+            continue
+        name = sites.site_name(node)
+        if reply.has_error():
+            log(f"calibration: {sites.label(node)} failed: {(reply.error.reason or '?').strip().splitlines()[-1][:300]}")
+            continue
+        metrics = dict(reply.content.metric_records.get("metrics") or {})
+        count = metrics.get("num-examples")
+        rows = [metrics.get(k) for k in HISTOGRAM_KEYS]
+        if not isinstance(count, int) or count < 0:
+            log(f"calibration: ignored the reply of {sites.label(node)}: no patient count")
+        elif rows[0] is None and rows[1] is None:
+            log(f"calibration: {sites.label(node)} withheld its histogram ({count} validation patients, "
+                f"min-metric-examples {fed.min_metric_examples})")
+            found[name] = (count, None)
+        elif not all(isinstance(r, list) and len(r) == BINS and all(isinstance(v, int) and v >= 0 for v in r)
+                     for r in rows) or sum(map(sum, rows)) != count:
+            log(f"calibration: ignored the reply of {sites.label(node)}: not a histogram of {BINS} bins per "
+                "diagnosis summing to its patient count")
+        else:
+            found[name] = (count, np.asarray(rows, dtype=np.int64))
+    return found
+
+
+def export(state_dir: Path, fed: FedConfig, recipe, head, class_names: tuple[str, ...], total: Moments,
+           per_site: dict[str, Moments], histograms: dict[str, tuple[int, np.ndarray | None]], rounds: int) -> Path:
+    """STATE/patient-model: heads.safetensors, patient_model.json and MODEL_CARD.md (train-patients' format)."""
+    from leukfed.common.model_card import federated_patient_card, server_command, write_model_card
+
+    released = [h for _, h in histograms.values() if h is not None]
+    if not released or sum(h[1].sum() for h in released) == 0:
+        raise LeukError(f"no site released a histogram with {fed.positive} validation patients: a site withholds "
+                        f"it below min-metric-examples ({fed.min_metric_examples}) validation patients; raise "
+                        "--site-val-fraction or lower --min-metric-examples where the sites' policies allow")
+    summed = np.sum(released, axis=0)
+    logit_threshold, temperature = histogram_calibration(released, LOW, HIGH, recipe.target_sensitivity)
+    threshold = 0.0 if logit_threshold == -math.inf else float(sigmoid(logit_threshold / temperature))
+    sensitivity, specificity = histogram_rates(summed, logit_threshold)
+    description = {
+        "format": PATIENT_RUN_FORMAT, "kind": "patient", "recipe": {**asdict(recipe), "ensemble": "single"},
+        "class_names": list(class_names), "positive": fed.positive, "cell_types": [],
+        "feature_dim": int(total.total.shape[0]), "num_heads": 1, "temperature": temperature, "threshold": threshold,
+        "threshold_rule": f"lower edge of the highest logit bin at or above which >= {recipe.target_sensitivity:.0%} "
+                          f"of the sites' {fed.positive} validation patients lie ({BINS} bins on [{LOW:g}, {HIGH:g}], "
+                          "summed site histograms)",
+        "validation": {"auc": histogram_auc(summed), "sensitivity": sensitivity, "specificity": specificity,
+                       "num_patients": int(summed.sum()), "num_positive": int(summed[1].sum()), "binned": True},
+        "federation": {
+            "rounds": rounds, "local_epochs": fed.local_epochs, "lr": fed.lr, "batch_size": fed.batch_size,
+            "seed": fed.seed, "site_val_fraction": fed.site_val_fraction,
+            "min_metric_examples": fed.min_metric_examples, "cells": total.cells,
+            "train_patients": sum(total.patients), "train_positive": total.patients[1],
+            "sites": {name: {"train": sum(m.patients), "evaluate": histograms.get(name, (0, None))[0]}
+                      for name, m in per_site.items()},
+            "histograms_released": len(released)},
+        "backbone_source": f"package:{recipe.backbone}",   # feature_backbone: the offline ImageNet weights package
+        "leukfed_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = state_dir / EXPORT_DIR
+    save_patient_model(out, PatientModel(recipe, [head.eval()], (), temperature, threshold, description))
+    write_model_card(out, federated_patient_card(description, command=server_command(fed)))
+    log(f"calibration: {int(summed.sum())} validation patients from {len(released)} sites; temperature "
+        f"{temperature:.3f}, threshold {threshold:.4f} (validation sensitivity {sensitivity:.2f}, specificity "
+        f"{specificity:.2f}, binned)")
+    return out
