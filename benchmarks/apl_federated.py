@@ -5,11 +5,12 @@
     python benchmarks/apl_federated.py --seeds 0,1,2
     python benchmarks/apl_federated.py --table
 
-This is an IN-PROCESS FedAvg of a patient head on frozen ImageNet EfficientNet-Lite0 features (one
-process, sites are lists of patients): NOT the Flower pipeline (no clients, no network, no secure
-aggregation, no differential privacy), and the backbone is frozen, so only the head is federated. The
-algorithm's pieces (moments, initial head, step size, histograms, calibration) are common/patient_federated.py,
-which `leuk-server --task patients` runs over real sites.
+The methods federated and pooled-sgd are an IN-PROCESS FedAvg of a patient head on frozen ImageNet
+EfficientNet-Lite0 features (one process, sites are lists of patients): NOT the Flower pipeline (no
+clients, no network, no secure aggregation, no differential privacy), and the backbone is frozen, so only
+the head is federated. The algorithm's pieces (moments, initial head, step size, histograms, calibration)
+are common/patient_federated.py, which `leuk-server --task patients` runs over real sites; the method
+flower-fedavg measures that product path on the same protocol (below).
 
 Protocol (for each partition seed s; everything below is seeded by s):
 * test: the temporal split's latest 21 patients; training: the 61 earlier ones (as benchmarks/apl.py).
@@ -34,6 +35,27 @@ Protocol (for each partition seed s; everything below is seeded by s):
 * site-k: fit_ensemble on site k's patients alone (inner folds = min(5, its smaller diagnosis count)).
 * pooled-sgd (control): the federated code with ONE site holding all 61 patients, same R x E: what
   the local optimiser and budget cost without any federation.
+* flower-fedavg: the PRODUCT path, `leuk-server --task patients` (server/patient_federation.py) over each
+  site's `leuk-client --tasks cells,patients` ClientApp (client/patient_tasks.py), same partition: each
+  site gets its own data folder under --work (its patients' images hard-linked from apl_aml, since leukfed
+  refuses symlinks leading out of a data folder, and a patients.csv of just their rows). The product's
+  ServerApp `main` runs in this process against the product ClientApp of the 4 sites, every message and
+  reply through Flower's protobuf form (tests/inprocess_federation.py's QueuedGrid, the mechanism of
+  tests/test_patient_federation.py): no TLS, no separate processes, otherwise the deployed code. Settings:
+  recipe lite0-meanprob, --rounds R --local-epochs E --lr 0.1 --batch-size 256 --seed s, --site-val-fraction
+  0.25 and --min-metric-examples 4 (run and site policies). With 3-4 APL among a site's 15-16 patients,
+  every fraction from 1/6 to 1/2 keeps exactly one APL patient per site for calibration; 0.25 (deploy/
+  GUIDE.md's value) keeps 1 APL + 3 AML per site: 16 validation patients (4 APL), 45 training ones (9
+  APL). 4 is the strictest floor under which all four sites still release their histogram. Each site's
+  feature cache is this benchmark's .npz (the same extract_features of the same images; the site checks
+  paths and sha256), so the sites do not extract features again; the test patients' features ARE
+  extracted by the scoring, which is the product's: evaluate_patient_run on a folder of the 21 test
+  patients, i.e. `leuk evaluate --model WORK/seed-s/state/patient-model --data WORK/seed-s/data/test
+  --bootstrap 2000`. Differences from `federated`, by design of the product: ONE head from ONE
+  federation (no fold ensemble), trained on 45 patients, not 4/5 of 61 per fold head; threshold and
+  temperature from the histograms of 16 held-out site validation patients (4 APL), not of 61 out-of-fold
+  ones; val_auc is that binned histogram's AUC. seconds: the whole method (site trees, federation,
+  scoring with test-feature extraction); federation_seconds: the federation alone.
 
 R = 100, E = 2 and the step size 0.1 were chosen on the TRAINING objective only (61 patients, seed-0
 partition): they bring the 4-site FedAvg's weighted, penalised training loss to 0.265 against 0.261 for
@@ -44,15 +66,18 @@ Metrics on the 21 test patients: patient AUC with a stratified patient bootstrap
 and specificity at the validation-chosen threshold, and per method the paired difference of AUC
 minus centralized's (same seed), CI and p from common.stats.paired_bootstrap (the same resampled
 patients score both). Long-format rows go to benchmarks/results/apl_federated.csv; (method, seed)
-pairs already there are skipped (R, E and the other settings are in the command column only).
+pairs already there are skipped (R, E and the other settings are in the command column only; centralized
+is refitted, deterministically, as the paired reference of a method still to run).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import csv
+import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -62,10 +87,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leukfed.common.atomic import atomic_write_text
 from leukfed.common.metrics import binary_auc
 from leukfed.common.partition import partition_samples
-from leukfed.common.patient_federated import (Moments, histogram_calibration, logit_histogram, moments,
-                                              round_lr, standardisation)
+from leukfed.common.patient_federated import (Moments, federable_recipe, histogram_calibration, logit_histogram,
+                                              moments, round_lr, standardisation)
 from leukfed.common.patient_federated import initial_head as federated_initial_head
 from leukfed.common.patient_heads import PatientHead, continue_training, head_scores
 from leukfed.common.patient_model import PatientRecipe, ensemble_logits, fit_ensemble
@@ -75,6 +101,7 @@ from leukfed.simulations.bench.measure import append_csv, recorded_keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from apl import RECIPES, Cohort  # noqa: E402
+from apl_features import cache_path  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV_PATH = RESULTS / "apl_federated.csv"
@@ -207,6 +234,144 @@ def partition_sites(cohort: Cohort, train: Sequence[str], sites: int, seed: int)
     return [sorted({index[path].patient for path in part}, key=order.__getitem__) for part in parts]
 
 
+# ---- the product path: leuk-server --task patients over leuk-client's ClientApp ------------------------
+
+PRODUCT_RECIPES = {"lite0-160-meanprob": "lite0-meanprob"}   # this benchmark's recipe -> the product's name
+TESTS = Path(__file__).resolve().parents[1] / "tests"       # the in-process grid of tests/test_patient_federation.py
+
+
+@dataclass(frozen=True)
+class FlowerSettings:
+    site_val_fraction: float = 0.25   # 1 APL + 3 AML of each site's 15-16 patients kept for calibration
+    min_metric_examples: int = 4      # every site then holds exactly 4 validation patients: all release
+    work: Path = Path("/tmp/leukfed-apl-flower")   # site trees, state and export, per seed (replaced)
+
+
+def site_tree(source: Path, patients: Sequence[str], folder: Path) -> Path:
+    """A hospital's own data folder: its patients' folders (hard links to `source`'s images, copies across
+    file systems; leukfed refuses symlinks leading out of a data folder) and a patients.csv of their rows."""
+    with (source / "patients.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], {r["patient"]: r for r in reader}
+    missing = [p for p in patients if p not in rows]
+    if missing:
+        raise SystemExit(f"{source / 'patients.csv'} has no row for {', '.join(missing)}")
+    for patient in patients:
+        for image in sorted(p for p in (source / patient).rglob("*") if p.is_file()):
+            target = folder / image.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(image, target)
+            except OSError:
+                shutil.copyfile(image, target)
+    lines = [",".join(fields)] + [",".join(rows[p][k] for k in fields) for p in patients]
+    atomic_write_text(folder / "patients.csv", "\n".join(lines) + "\n")
+    return folder
+
+
+def run_product_federation(site_folders: dict[str, Path], state: Path, fed: FedSettings, flower: FlowerSettings,
+                           recipe: str, seed: int, feature_cache: Path | None) -> list[str]:
+    """The product ServerApp's main against the product ClientApp of each site, in this process, every
+    message through protobuf (tests/inprocess_federation.py's QueuedGrid, as tests/test_patient_federation.py
+    runs it); `feature_cache`: a leukfed feature cache of these images put in each site's image cache (the
+    site then skips extracting its features). Returns the coordinator's log lines."""
+    import pytest
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from leukfed.client.client_app import app
+    from leukfed.client.policy import SitePolicy
+    from leukfed.common.fedconfig import FedConfig
+    from leukfed.common.patient_site import FEATURES_FILE
+    from leukfed.server import patient_federation, server_app
+
+    sys.path.insert(0, str(TESTS))
+    from inprocess_federation import RUN_ID, QueuedGrid
+    from inprocess_grid import run_client_app
+
+    nodes = {3000 + 41 * k: name for k, name in enumerate(site_folders)}
+    config = FedConfig(task="patients", patient_recipe=recipe, state_dir=str(state), rounds=fed.rounds,
+                       local_epochs=fed.epochs, lr=fed.lr, batch_size=fed.batch, seed=seed, min_sites=len(nodes),
+                       min_metric_examples=flower.min_metric_examples, site_val_fraction=flower.site_val_fraction,
+                       round_timeout=600, registered_sites=",".join(f"{n}={node}" for node, n in nodes.items()))
+    run_config = config.to_run_config()
+    contexts = {}
+    for node, name in nodes.items():
+        home = state.parent / f"site-{name}"
+        policy = home / "policy.toml"
+        policy.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(policy, SitePolicy(min_metric_examples=flower.min_metric_examples,
+                                             tasks="cells,patients").to_toml())
+        if feature_cache is not None:
+            product = federable_recipe(recipe)
+            cached = home / "image-cache" / FEATURES_FILE.format(backbone=product.backbone, size=product.image_size)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(feature_cache.resolve(), cached)   # read only: a mismatch is extracted and replaces it
+        node_config = {"data-path": str(site_folders[name]), "site-name": name, "site-policy": str(policy),
+                       "audit-log": str(home / "audit.jsonl"), "image-cache": str(home / "image-cache")}
+        contexts[node] = Context(RUN_ID, node, node_config, RecordDict(), run_config)
+    grid = QueuedGrid({n: (lambda m, n=n: run_client_app(app, m, contexts[n])) for n in nodes}, run_id=RUN_ID)
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if not line.startswith("round ") or line.startswith((f"round {fed.rounds}/", "round 1/")):
+            print(f"  [leukfed] {line}", flush=True)
+
+    flwr_log, level = logging.getLogger("flwr"), logging.getLogger("flwr").level
+    flwr_log.setLevel(logging.WARNING)   # not Flower's report of every round
+    try:
+        with pytest.MonkeyPatch.context() as patch:   # the task identity Flower's runtime would set
+            patch.setattr(TaskIdentity, "_task_id", 1)
+            patch.setattr(TaskIdentity, "_run_id", RUN_ID)
+            patch.setattr(TaskIdentity, "_node_id", 1)
+            patch.setattr(server_app, "log", log)
+            patch.setattr(patient_federation, "log", log)
+            server_app.main(grid, Context(RUN_ID, 0, {}, RecordDict(), run_config))
+    finally:
+        flwr_log.setLevel(level)
+    return lines
+
+
+def flower_fedavg(cohort: Cohort, recipe_name: str, parts: Sequence[Sequence[str]], test: Sequence[str],
+                  fed: FedSettings, flower: FlowerSettings, seed: int) -> tuple[dict, np.ndarray]:
+    """Site trees of the partition, one product federation (`--task patients`), then `leuk evaluate
+    --model STATE/patient-model --data TEST --bootstrap 2000` (evaluate_patient_run) on the test patients;
+    the metrics as `evaluate` records them and the probabilities in `test` order."""
+    from leukfed.common.patient_model import evaluate_patient_run, load_patient_model
+
+    work = flower.work / f"seed-{seed}"
+    if work.exists():
+        shutil.rmtree(work)
+    source = Path(cohort.manifest.root)
+    sites = {f"site-{k}": site_tree(source, part, work / "data" / f"site-{k}") for k, part in enumerate(parts)}
+    test_folder = site_tree(source, test, work / "data" / "test")
+    state = work / "state"
+    start = time.perf_counter()
+    run_product_federation(sites, state, fed, flower, PRODUCT_RECIPES[recipe_name], seed,
+                           cache_path(cohort.cache, RECIPES[recipe_name][0]))
+    federation_seconds = time.perf_counter() - start
+    scored = evaluate_patient_run(state / "patient-model", test_folder, bootstrap=RESAMPLES)
+    print(f"  leuk evaluate --model {state / 'patient-model'} --data {test_folder} --bootstrap {RESAMPLES}: "
+          f"AUC {scored['auc']:.4f}, CI {scored['ci'].get('auc')}", flush=True)
+    by_patient = {r["patient"]: r["probability"] for r in scored["patients"]}
+    prob = np.array([by_patient[p] for p in test])
+    model = load_patient_model(state / "patient-model")
+    described = model.description
+    label = {r["patient"]: r["label"] for r in scored["patients"]}
+    y = np.array([int(label[p] == described["positive"]) for p in test])
+    low, high = patient_bootstrap_ci(y, prob, resamples=RESAMPLES)
+    metrics = {"auc": (binary_auc(y, prob), low, high),
+               "sensitivity_at_val_threshold": (scored["sensitivity"], None, None),
+               "specificity_at_val_threshold": (scored["specificity"], None, None),
+               "threshold_prob": (model.threshold, None, None), "temperature": (model.temperature, None, None),
+               "val_auc": (described["validation"]["auc"], None, None),
+               "val_patients": (float(described["validation"]["num_patients"]), None, None),
+               "train_patients": (float(described["federation"]["train_patients"]), None, None),
+               "federation_seconds": (federation_seconds, None, None)}
+    return metrics, prob
+
+
 # ---- running and recording ---------------------------------------------------------------------------
 
 def evaluate(fitted: Fitted, test_bags: Sequence[np.ndarray], y: np.ndarray) -> tuple[dict, np.ndarray]:
@@ -233,7 +398,7 @@ def _fmt(v) -> str:
 
 
 def run_seed(cohort: Cohort, name: str, seed: int, fed: FedSettings, num_sites: int, command: str,
-             done: set[tuple[str, str]]) -> None:
+             done: set[tuple[str, str]], flower: FlowerSettings = FlowerSettings()) -> None:
     variant, views, recipe = RECIPES[name]
     if views:
         raise SystemExit(f"{name} trains on augmented views: not covered here")
@@ -258,20 +423,27 @@ def run_seed(cohort: Cohort, name: str, seed: int, fed: FedSettings, num_sites: 
         folds = int(min(5, *np.bincount(sites[k][1], minlength=2)))
         return fit_pooled(replace(recipe, inner_folds=folds), *sites[k])
 
-    methods = {"centralized": centralized,
-               "federated": lambda: fit_federated(recipe, sites, fed, seed),
-               "pooled-sgd": lambda: fit_federated(recipe, [pooled], fed, seed)}
-    methods |= {f"site-{k}": (lambda k=k: site_alone(k)) for k in range(num_sites)}
+    def scored(fit) -> tuple[dict, np.ndarray]:
+        return evaluate(fit(), test_bags, y_test)
+
+    methods = {"centralized": lambda: scored(centralized),
+               "federated": lambda: scored(lambda: fit_federated(recipe, sites, fed, seed)),
+               "pooled-sgd": lambda: scored(lambda: fit_federated(recipe, [pooled], fed, seed))}
+    methods |= {f"site-{k}": (lambda k=k: scored(lambda: site_alone(k))) for k in range(num_sites)}
+    if name in PRODUCT_RECIPES:
+        methods["flower-fedavg"] = lambda: flower_fedavg(cohort, name, parts, split.test, fed, flower, seed)
+    else:
+        print(f"flower-fedavg: recipe {name} has no product recipe (known: {', '.join(PRODUCT_RECIPES)}): skipped")
     if all((m, str(seed)) in done for m in methods):
         print(f"seed {seed}: every method already in {CSV_PATH.name}")
         return
     reference: np.ndarray | None = None
-    for method, fit in methods.items():
+    for method, run in methods.items():
         if (method, str(seed)) in done and method != "centralized":
             print(f"{method} seed {seed}: already in {CSV_PATH.name}")
             continue
         start = time.perf_counter()
-        metrics, prob = evaluate(fit(), test_bags, y_test)
+        metrics, prob = run()
         seconds = round(time.perf_counter() - start, 1)
         if method == "centralized":
             reference = prob
@@ -340,6 +512,10 @@ def markdown_table() -> str:
             return f.format(s["mean"]) + (f" ± {s['sd']:.3f}" if s["sd"] is not None else "")
         out.append(f"| {group} | {len(ms)} | {stat('auc')} | {stat('sensitivity_at_val_threshold').split(' ')[0]} | "
                    f"{stat('specificity_at_val_threshold').split(' ')[0]} | {stat('auc_minus_centralized', True)} |")
+    if "flower-fedavg" in rows:
+        out += ["", "flower-fedavg: the product's `leuk-server --task patients` over 4 ClientApps (one head; "
+                "threshold and temperature from 16 site validation patients, val AUC binned); federated: the "
+                "in-process FedAvg (5 fold heads, calibrated on 61 out-of-fold patients)."]
     return "\n".join(out)
 
 
@@ -354,6 +530,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=FedSettings.epochs, help="local epochs per round")
     parser.add_argument("--lr", type=float, default=FedSettings.lr)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--site-val-fraction", type=float, default=FlowerSettings.site_val_fraction,
+                        help="flower-fedavg: each site's share of patients kept for calibration")
+    parser.add_argument("--min-metric-examples", type=int, default=FlowerSettings.min_metric_examples,
+                        help="flower-fedavg: the run's and the sites' floor for releasing a histogram")
+    parser.add_argument("--work", type=Path, default=FlowerSettings.work,
+                        help="flower-fedavg: site trees, server state and patient-model (per seed, replaced)")
     parser.add_argument("--table", action="store_true", help="only print the markdown table of apl_federated.csv")
     args = parser.parse_args()
     if args.table:
@@ -364,7 +546,8 @@ def main() -> None:
     cohort = Cohort(args.data, args.cache)
     command = "python benchmarks/apl_federated.py " + " ".join(sys.argv[1:])
     for seed in (int(s) for s in args.seeds.split(",")):
-        run_seed(cohort, args.recipe, seed, fed, args.sites, command, recorded_keys(CSV_PATH, "method", "seed"))
+        run_seed(cohort, args.recipe, seed, fed, args.sites, command, recorded_keys(CSV_PATH, "method", "seed"),
+                 FlowerSettings(args.site_val_fraction, args.min_metric_examples, args.work))
 
 
 if __name__ == "__main__":

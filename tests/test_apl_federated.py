@@ -101,3 +101,30 @@ def test_histogram_threshold_matches_pooled_scores_when_bins_are_fine(fed, bags)
     h = fed.logit_histogram(np.array([-50.0, 50.0, 0.0]), np.array([1, 0, 1]), 10, low, high)
     assert h[1, 0] == 1 and h[0, 9] == 1 and h[1, 5] == 1
     assert fed.histogram_calibration([h], low, high, 0.9)[0] == -math.inf
+
+
+@pytest.mark.realdata
+def test_flower_site_trees_hold_exactly_the_partitions_patients_and_their_rows(fed, data_root: Path,
+                                                                                 tmp_path: Path) -> None:
+    """flower-fedavg's sites: partition_sites' patients dealt into folders of their own (hard-linked images,
+    a patients.csv of just their rows) that leukfed reads as patient folders."""
+    from leukfed.common.data import scan_dataset
+
+    source = data_root / "apl_aml"
+    with (source / "patients.csv").open() as f:
+        rows = {r["patient"]: r for r in csv.DictReader(f)}
+    chosen = [p for p, r in rows.items() if r["diagnosis"] == "APL"][:3] + \
+             [p for p, r in rows.items() if r["diagnosis"] != "APL"][:3]
+    cohort = fed.Cohort(fed.site_tree(source, chosen, tmp_path / "cohort"), tmp_path / "no-features")
+    parts = fed.partition_sites(cohort, cohort.patients, 2, 0)
+    assert sorted(p for part in parts for p in part) == sorted(chosen) and all(parts)
+    for k, part in enumerate(parts):
+        tree = fed.site_tree(cohort.manifest.root, part, tmp_path / f"site-{k}")
+        assert sorted(d.name for d in tree.iterdir() if d.is_dir()) == sorted(part)
+        with (tree / "patients.csv").open() as f:
+            assert list(csv.DictReader(f)) == [rows[p] for p in part]
+        manifest = scan_dataset(tree)
+        assert manifest.has_patients() and sorted({s.patient for s in manifest.samples}) == sorted(part)
+        images = sorted(s.path for s in cohort.manifest.samples if s.path.split("/")[0] in part)
+        assert sorted(s.path for s in manifest.samples) == images
+        assert (tree / images[0]).samefile(source / images[0])   # hard links: no copies of the images
