@@ -40,7 +40,7 @@ Protocol (for each partition seed s; everything below is seeded by s):
   site gets its own data folder under --work (its patients' images hard-linked from apl_aml, since leukfed
   refuses symlinks leading out of a data folder, and a patients.csv of just their rows). The product's
   ServerApp `main` runs in this process against the product ClientApp of the 4 sites, every message and
-  reply through Flower's protobuf form (tests/inprocess_federation.py's QueuedGrid, the mechanism of
+  reply through Flower's protobuf form (common/flower/inprocess.py's QueuedGrid, the mechanism of
   tests/test_patient_federation.py): no TLS, no separate processes, otherwise the deployed code. Settings:
   recipe lite0-meanprob, --rounds R --local-epochs E --lr 0.1 --batch-size 256 --seed s, --site-val-fraction
   0.25 and --min-metric-examples 4 (run and site policies). With 3-4 APL among a site's 15-16 patients,
@@ -237,7 +237,7 @@ def partition_sites(cohort: Cohort, train: Sequence[str], sites: int, seed: int)
 # ---- the product path: leuk-server --task patients over leuk-client's ClientApp ------------------------
 
 PRODUCT_RECIPES = {"lite0-160-meanprob": "lite0-meanprob"}   # this benchmark's recipe -> the product's name
-TESTS = Path(__file__).resolve().parents[1] / "tests"       # the in-process grid of tests/test_patient_federation.py
+RUN_ID = 7                                                   # the in-process federation's Flower run id
 
 
 @dataclass(frozen=True)
@@ -272,12 +272,12 @@ def site_tree(source: Path, patients: Sequence[str], folder: Path) -> Path:
 def run_product_federation(site_folders: dict[str, Path], state: Path, fed: FedSettings, flower: FlowerSettings,
                            recipe: str, seed: int, feature_cache: Path | None) -> list[str]:
     """The product ServerApp's main against the product ClientApp of each site, in this process, every
-    message through protobuf (tests/inprocess_federation.py's QueuedGrid, as tests/test_patient_federation.py
+    message through protobuf (common/flower/inprocess.py's QueuedGrid, as tests/test_patient_federation.py
     runs it); `feature_cache`: a leukfed feature cache of these images put in each site's image cache (the
     site then skips extracting its features). Returns the coordinator's log lines."""
-    import pytest
+    from unittest import mock
+
     from flwr.app import Context, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from leukfed.client.client_app import app
     from leukfed.client.policy import SitePolicy
@@ -285,9 +285,7 @@ def run_product_federation(site_folders: dict[str, Path], state: Path, fed: FedS
     from leukfed.common.patient_site import FEATURES_FILE
     from leukfed.server import patient_federation, server_app
 
-    sys.path.insert(0, str(TESTS))
-    from inprocess_federation import RUN_ID, QueuedGrid
-    from inprocess_grid import run_client_app
+    from leukfed.common.flower.inprocess import QueuedGrid, run_client_app, set_task_identity
 
     nodes = {3000 + 41 * k: name for k, name in enumerate(site_folders)}
     config = FedConfig(task="patients", patient_recipe=recipe, state_dir=str(state), rounds=fed.rounds,
@@ -321,12 +319,8 @@ def run_product_federation(site_folders: dict[str, Path], state: Path, fed: FedS
     flwr_log, level = logging.getLogger("flwr"), logging.getLogger("flwr").level
     flwr_log.setLevel(logging.WARNING)   # not Flower's report of every round
     try:
-        with pytest.MonkeyPatch.context() as patch:   # the task identity Flower's runtime would set
-            patch.setattr(TaskIdentity, "_task_id", 1)
-            patch.setattr(TaskIdentity, "_run_id", RUN_ID)
-            patch.setattr(TaskIdentity, "_node_id", 1)
-            patch.setattr(server_app, "log", log)
-            patch.setattr(patient_federation, "log", log)
+        set_task_identity(RUN_ID)   # what Flower's runtime sets before it runs the apps
+        with mock.patch.object(server_app, "log", log), mock.patch.object(patient_federation, "log", log):
             server_app.main(grid, Context(RUN_ID, 0, {}, RecordDict(), run_config))
     finally:
         flwr_log.setLevel(level)

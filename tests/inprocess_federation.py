@@ -2,38 +2,16 @@
 ClientApp, every message through protobuf): history, logs, tracking and model card in seconds."""
 from __future__ import annotations
 
-import uuid
 from functools import partial
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from inprocess_grid import InProcessGrid, run_client_app, wire
+from leukfed.common.flower.inprocess import QueuedGrid, run_client_app
 
 RUN_ID = 7
-
-
-class QueuedGrid(InProcessGrid):
-    """push_messages delivers at once and keeps the reply for pull_messages (what PromptGrid calls)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.waiting: dict[str, Message] = {}
-
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())   # as Flower's grids do
-            reply = self.deliver(wire(message))
-            if reply is not None:
-                self.waiting[message.metadata.message_id] = wire(reply)
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.waiting.pop(i) for i in list(message_ids) if i in self.waiting]
 
 
 def run_federation(out: Path, monkeypatch, *, sites: int = 2, rounds: int = 2, tracking: str = "",

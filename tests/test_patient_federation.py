@@ -2,7 +2,7 @@
 
 Three hospitals, each its own patient folders copied from apl_aml (5 patients, 8 cells each), plus a
 fourth whose policy allows the cell task only; the ServerApp's main runs in this process and every
-message goes through protobuf (tests/inprocess_federation.py's QueuedGrid)."""
+message goes through protobuf (common/flower/inprocess.py's QueuedGrid)."""
 from __future__ import annotations
 
 import csv
@@ -18,8 +18,8 @@ import torch
 from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from inprocess_federation import RUN_ID, QueuedGrid, run_federation
-from inprocess_grid import run_client_app
+from inprocess_federation import RUN_ID, run_federation
+from leukfed.common.flower.inprocess import QueuedGrid, run_client_app
 from leukfed.client.policy import SitePolicy, violations
 from leukfed.client.wire_checks import expected_layout
 from leukfed.common.errors import LeukError

@@ -31,7 +31,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
-from inprocess_grid import InProcessGrid, run_client_app
+from leukfed.common.flower.inprocess import InProcessGrid, run_client_app
 from leukfed.common.flower.wire import record_digest
 from leukfed.client.secagg import refuse_plain_training, secure_train
 from leukfed.common import secagg as core

@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
-import inprocess_grid
+from leukfed.common.flower import inprocess as inprocess_grid
 
 from leukfed.common.fedconfig import FedConfig
 from leukfed.server.strategies import make_strategy

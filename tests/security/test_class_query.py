@@ -7,7 +7,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
-from inprocess_grid import InProcessGrid
+from leukfed.common.flower.inprocess import InProcessGrid
 
 from leukfed.client.client_app import app
 from leukfed.common.errors import LeukError

@@ -22,7 +22,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
-from inprocess_grid import InProcessGrid, run_client_app
+from leukfed.common.flower.inprocess import InProcessGrid, run_client_app
 from leukfed.client.secagg import secure_train
 from leukfed.common.errors import LeukError
 from leukfed.common.secagg import (

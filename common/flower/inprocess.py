@@ -1,11 +1,14 @@
-"""A fake `flwr.serverapp.Grid` for in-process federations: every message and reply goes through protobuf."""
+"""The ServerApp's main against ClientApps in this process (tests, benchmarks): every message and reply
+through Flower's protobuf form, as a SuperLink carries them, without Flower's runtime processes."""
 from __future__ import annotations
 
+import uuid
 from typing import Callable, Iterable, Mapping, Optional
 
 from flwr.app import Context, Error, Message
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
 Site = Callable[[Message], Optional[Message]]   # a site's answer to one message; None = the reply is lost
 
@@ -73,3 +76,30 @@ class InProcessGrid(Grid):
                 self.received.append(answer)
                 replies.append(answer)
         return replies
+
+
+class QueuedGrid(InProcessGrid):
+    """push_messages delivers at once and keeps the reply for pull_messages (what PromptGrid calls)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiting: dict[str, Message] = {}
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())   # as Flower's grids do
+            reply = self.deliver(wire(message))
+            if reply is not None:
+                self.waiting[message.metadata.message_id] = wire(reply)
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.waiting.pop(i) for i in list(message_ids) if i in self.waiting]
+
+
+def set_task_identity(run_id: int, node_id: int = 1, task_id: int = 1) -> None:
+    """What Flower's runtime sets before it runs an app (flwr.server.compat.app does the same): the
+    ServerApp's and ClientApps' code reads it, so an in-process federation sets it first."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task_id, run_id, node_id
