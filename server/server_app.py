@@ -191,9 +191,10 @@ def print_round(row: dict, total_rounds: int) -> None:
     acc_text = f" accuracy {acc:.4f}" if isinstance(acc, float) else ""
     if row.get("privacy"):
         acc_text += f", site epsilon <= {row['privacy']['max_epsilon']:.2f} (delta {row['privacy']['delta']:g})"
+    loss = row["train"].get("train_loss")   # none from the patient task's sites
+    loss_text = f" train loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
     log(f"round {row['round']}/{total_rounds}: {row['sites_replied']}/{row['sites_sampled']} sites"
-        f" ({shown_names(list(row['sites']))}),"
-        f" train loss {row['train'].get('train_loss', float('nan')):.4f}{acc_text},"
+        f" ({shown_names(list(row['sites']))}),{loss_text}{acc_text}{',' if loss_text or acc_text else ''}"
         f" {row['round_seconds']:.1f}s" + (f", {len(row['failures'])} failures" if row["failures"] else "")
         + (f", {len(row['rejected'])} updates rejected" if row["rejected"] else ""))
     for entry in row["failures"]:
