@@ -39,7 +39,8 @@ from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.flower.wire import encode_state
 from leukfed.common.patient_federated import (BINS, HIGH, LOW, Moments, feature_dim, federable_recipe,
-                                              histogram_auc, histogram_calibration, histogram_rates, initial_head)
+                                              histogram_auc, histogram_calibration, histogram_rates, initial_head,
+                                              schedule_advice)
 from leukfed.common.patient_model import PATIENT_RUN_FORMAT, PatientModel, save_patient_model
 from leukfed.common.patient_protocol import sigmoid
 from leukfed.common.runs import HISTORY_JSON
@@ -60,6 +61,8 @@ def run(grid: Grid, fed: FedConfig, class_names: tuple[str, ...], sites: Registe
         raise LeukError(f"--task patients needs two diagnoses, one of them {fed.positive!r}; the sites report "
                         f"{list(class_names)}")
     config = {"class-names": ",".join(class_names)}
+    if advice := schedule_advice(fed.rounds, fed.local_epochs, fed.lr, fed.batch_size):
+        log(advice)
     write_status(state_dir, phase="moments")
     dim = feature_dim(recipe.backbone, recipe.image_size)
     per_site = ask_moments(grid, fed, sites, dim, config)

@@ -215,3 +215,11 @@ def test_moments_histograms_and_split_are_plain_aggregates() -> None:
     val = split_patients(np.array([0] * 5 + [1] * 3), 0.4, seed=1)
     assert val.sum() == 3 and val[:5].sum() == 2 and val[5:].sum() == 1
     assert (split_patients(np.array([0, 1]), 0.4, seed=1) == [False, False]).all()   # keeps a training patient
+
+
+def test_the_coordinator_is_told_when_the_schedule_is_not_the_measured_one():
+    from leukfed.common.patient_federated import MEASURED_SCHEDULE, schedule_advice
+
+    assert schedule_advice(**MEASURED_SCHEDULE) is None
+    advice = schedule_advice(rounds=3, local_epochs=1, lr=1e-3, batch_size=32)   # the cell classifiers' defaults
+    assert "--rounds 100 --local-epochs 2 --lr 0.1 --batch-size 256" in advice and "--lr 0.001" in advice
