@@ -93,13 +93,7 @@ def violations(policy: SitePolicy, fed: FedConfig, run_config: Mapping[str, Any]
         return problems + _patient_violations(policy, fed) + _dp_violations(policy, fed)
     if policy.allowed_models and fed.model not in policy.allowed_models:
         problems.append(f"model {fed.model!r} is not among this site's models ({', '.join(policy.allowed_models)})")
-    if fed.local_epochs > policy.max_local_epochs:
-        problems.append(f"local-epochs {fed.local_epochs} exceeds this site's maximum of {policy.max_local_epochs}")
-    if fed.local_steps > policy.max_local_steps:
-        problems.append(f"local-steps {fed.local_steps} exceeds this site's maximum of {policy.max_local_steps}")
-    if fed.batch_size > policy.max_batch_size:
-        problems.append(f"batch-size {fed.batch_size} exceeds this site's maximum of {policy.max_batch_size}")
-    problems += _dp_violations(policy, fed)
+    problems += _local_work_violations(policy, fed) + _dp_violations(policy, fed)
     if not problems:  # only a run that passed the cheap rules gets its model looked at
         problems += _model_violations(policy, fed)
     return problems
@@ -116,11 +110,15 @@ def _patient_violations(policy: SitePolicy, fed: FedConfig) -> list[str]:
                         f"models ({', '.join(policy.allowed_models)})")
     if recipe.image_size > policy.max_image_size:
         problems.append(f"image-size {recipe.image_size} px exceeds this site's maximum of {policy.max_image_size} px")
-    if fed.local_epochs > policy.max_local_epochs:
-        problems.append(f"local-epochs {fed.local_epochs} exceeds this site's maximum of {policy.max_local_epochs}")
-    if fed.batch_size > policy.max_batch_size:
-        problems.append(f"batch-size {fed.batch_size} exceeds this site's maximum of {policy.max_batch_size}")
-    return problems
+    return problems + _local_work_violations(policy, fed)
+
+
+def _local_work_violations(policy: SitePolicy, fed: FedConfig) -> list[str]:
+    """Local epochs, local steps and batch size against the site's maxima (the patient head uses no steps)."""
+    asked = (("local-epochs", fed.local_epochs, policy.max_local_epochs),
+             ("local-steps", fed.local_steps, policy.max_local_steps),
+             ("batch-size", fed.batch_size, policy.max_batch_size))
+    return [f"{name} {value} exceeds this site's maximum of {limit}" for name, value, limit in asked if value > limit]
 
 
 def _dp_violations(policy: SitePolicy, fed: FedConfig) -> list[str]:
