@@ -15,6 +15,9 @@ from leukfed.server.run_status import read_status
 
 MAX_CARD_BYTES = 200_000
 RUN_FILES = ("history.json", "model.json")
+# Where `--task patients` exports (server/patient_federation.py, common/patient_model.py; named here so the
+# page needs no torch: tests/test_dashboard.py checks they match).
+PATIENT_EXPORT = ("patient-model", "heads.safetensors", "patient_model.json")
 # (curve, metric in a site's evaluate/train scores, metric in the round's aggregate, the server's own)
 CURVES = {"accuracy": ("eval_accuracy", "eval_accuracy", "accuracy"),
           "loss": ("eval_loss", "eval_loss", "loss")}
@@ -172,26 +175,39 @@ class Dashboard:
         return WebApp("dashboard.html", {"live": self.live, "runs": self.runs, "model": self.model})
 
 
+def export_files(folder: Path) -> tuple[Path, Path, Path]:
+    """(weights, description, model card) of the run's export: a cell model's in the folder itself, the
+    patient model's in its own subfolder."""
+    patient = folder / PATIENT_EXPORT[0]
+    if (patient / PATIENT_EXPORT[2]).exists():
+        return patient / PATIENT_EXPORT[1], patient / PATIENT_EXPORT[2], patient / "MODEL_CARD.md"
+    return folder / "model.safetensors", folder / "model.json", folder / "MODEL_CARD.md"
+
+
+def model_name(description: dict) -> str | None:
+    recipe = description.get("recipe")
+    return description.get("model") or description.get("name") or (
+        f"patient model: {recipe.get('backbone')} + {recipe.get('head')} head" if isinstance(recipe, dict) else None)
+
+
 def run_summary(folder: Path, state_dir: Path) -> dict:
     history = _read_json(folder / "history.json", [])
-    description = _read_json(folder / "model.json", {})
+    weights, description, card = export_files(folder)
     last = history[-1] if isinstance(history, list) and history else {}
     return {"name": "." if folder == state_dir else str(folder.relative_to(state_dir)),
             "rounds": len(history) if isinstance(history, list) else 0,
-            "finished": (folder / "model.safetensors").exists(), "last_round_time": last.get("time"),
+            "finished": weights.exists(), "last_round_time": last.get("time"),
             "metrics": {k: v for k, v in _read_json(folder / "metrics.json", {}).items()
                         if isinstance(v, (int, float))},
-            "model": description.get("model") or description.get("name"),
-            "model_card": (folder / "MODEL_CARD.md").exists()}
+            "model": model_name(_read_json(description, {})), "model_card": card.exists()}
 
 
 def exported_model(folder: Path) -> dict:
-    """The run export (model.json, metrics.json, MODEL_CARD.md) when present."""
-    weights = folder / "model.safetensors"
-    card = folder / "MODEL_CARD.md"
+    """The run export (description, metrics.json, MODEL_CARD.md) when present."""
+    weights, description, card = export_files(folder)
     card_text = card.read_bytes()[:MAX_CARD_BYTES].decode("utf-8", "replace") if card.exists() else None
     return {"exported": weights.exists(), "weights_bytes": weights.stat().st_size if weights.exists() else None,
-            "description": _read_json(folder / "model.json", {}), "metrics": _read_json(folder / "metrics.json", {}),
+            "description": _read_json(description, {}), "metrics": _read_json(folder / "metrics.json", {}),
             "model_card": card_text}
 
 

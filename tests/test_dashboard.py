@@ -123,3 +123,23 @@ def test_leuk_dashboard_serves_a_finished_state_folder_read_only(tmp_path: Path)
     missing = subprocess.run([*LEUK, "dashboard", str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "error:" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_patient_federations_export_is_shown(tmp_path: Path) -> None:
+    from leukfed.common.patient_heads import make_head
+    from leukfed.common.patient_model import (HEADS_FILE, PATIENT_MODEL_JSON, PatientModel, recipe_named,
+                                              save_patient_model)
+    from leukfed.server import dashboard
+    from leukfed.server.patient_federation import EXPORT_DIR
+
+    assert dashboard.PATIENT_EXPORT == (EXPORT_DIR, HEADS_FILE, PATIENT_MODEL_JSON)   # the writer's names
+    (tmp_path / "history.json").write_text(json.dumps(BY_NODE))
+    recipe = recipe_named("lite0-meanprob")
+    export = tmp_path / EXPORT_DIR
+    save_patient_model(export, PatientModel(recipe, [make_head("meanprob", 4)], (), 1.0, 0.4,
+                                            {"recipe": {"backbone": "efficientnet_lite0", "head": "meanprob"}}))
+    (export / "MODEL_CARD.md").write_text("# Model card: federated patient model\n")
+    board = Dashboard(tmp_path)
+    model = board.model()
+    assert model["exported"] and model["weights_bytes"] > 0 and model["model_card"].startswith("# Model card")
+    assert board.runs()[0]["finished"] and board.runs()[0]["model"] == "patient model: efficientnet_lite0 + meanprob head"
