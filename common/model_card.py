@@ -258,7 +258,7 @@ def federated_patient_card(description: Mapping[str, Any], *, command: str) -> M
                "cell count, feature sums and sums of squares and patients per diagnosis; the head's parameters "
                "each round; one histogram of its validation patients' logits (withheld below "
                f"{fed['min_metric_examples']} patients). No image, feature vector or per-patient score left a site.",)
-    model = f"{recipe['backbone']} + {recipe['head']} head (federated)"
+    model = f"{recipe['backbone']} + {recipe['head']} head"
     return ModelCard("federated patient", model, description.get("backbone_source", ""),
                      tuple(description["class_names"]), data, training, privacy,
                      {k: v for k, v in validation.items() if isinstance(v, (int, float))}, command, sites)
