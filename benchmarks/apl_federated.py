@@ -298,8 +298,9 @@ def run_product_federation(site_folders: dict[str, Path], state: Path, fed: FedS
         home = state.parent / f"site-{name}"
         policy = home / "policy.toml"
         policy.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(policy, SitePolicy(min_metric_examples=flower.min_metric_examples,
-                                             tasks="cells,patients").to_toml())
+        atomic_write_text(policy, SitePolicy(min_metric_examples=flower.min_metric_examples, tasks="cells,patients",
+                                             patient_val_fraction=flower.site_val_fraction,   # the site's own split,
+                                             patient_split_seed=seed).to_toml())               # as recorded
         if feature_cache is not None:
             product = federable_recipe(recipe)
             cached = home / "image-cache" / FEATURES_FILE.format(backbone=product.backbone, size=product.image_size)

@@ -2,26 +2,49 @@
 
 * query.moments: cell count, feature sums and sums of squares, patients per diagnosis of the site's
   training patients (refused below the run's min-metric-examples patients);
-* train: the head's arrays in, the locally trained head's arrays out, num-examples = training patients;
+* train: the head's arrays in, the locally trained head's arrays out, num-examples = training patients
+  (refused below min-metric-examples training patients, or with class counts the site cannot have been
+  part of);
 * evaluate: the per-class logit histogram of the site's validation patients under the received head
-  (withheld, only num-examples sent, below min-metric-examples patients); never a per-patient score."""
+  (withheld, only num-examples sent, below min-metric-examples patients); never a per-patient score;
+  answered once per run.
+
+The head's standardisation (center, scale) of the run's first train message is remembered in Flower's
+per-site state: a later train or evaluate message with another standardisation is refused, so a
+coordinator cannot probe the site with crafted heads."""
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from leukfed.client.policy import site_policy
+from leukfed.common.errors import SiteRefusal
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.flower.wire import decode_state, encode_state
-from leukfed.common.patient_site import load_site_patients, site_histogram, site_moments, site_train
+from leukfed.common.patient_site import (SitePatients, load_site_patients, require_training_patients,
+                                         site_histogram, site_moments, site_train)
 from leukfed.common.site import site_dp_settings, suppress_small
 
 HISTOGRAM_KEYS = ("histogram-negative", "histogram-positive")
+PATIENT_STATE = "patient-task"     # this run's record in Flower's per-site state (context.state)
+STANDARDISATION = ("center", "scale")
+# Most a run's class counts may differ (larger / smaller): beyond it a coordinator can weight one diagnosis
+# to almost nothing and read the other diagnosis's patients out of the site's head update.
+MAX_CLASS_RATIO = 50
+
+
+def site_patients(fed: FedConfig, site: SiteConfig) -> SitePatients:
+    """The site's patients, split by its own policy (patient-val-fraction, patient-split-seed)."""
+    policy = site_policy(site)
+    return load_site_patients(fed, site, (policy.patient_val_fraction, policy.patient_split_seed))
 
 
 def moments(msg: Message, context: Context, fed: FedConfig, site: SiteConfig) -> Message:
-    data = load_site_patients(fed, site)
+    data = site_patients(fed, site)
     m = site_moments(data, fed.min_metric_examples, site.name)
     metrics = MetricRecord({"num-examples": data.num_train, "cells": m.cells, "patients-negative": m.patients[0],
                             "patients-positive": m.patients[1]})
@@ -32,20 +55,82 @@ def moments(msg: Message, context: Context, fed: FedConfig, site: SiteConfig) ->
 def train(msg: Message, context: Context, fed: FedConfig, site: SiteConfig) -> Message:
     started = time.perf_counter()
     site_dp_settings(fed, site)   # a site that requires DP refuses: the head trains without it
-    data = load_site_patients(fed, site)
+    state = decode_state(msg.content["arrays"])
+    check_standardisation(context, state, site.name, "train")
+    data = site_patients(fed, site)
+    require_training_patients(data, fed.min_metric_examples, site.name, "train request")
     config = msg.content["config"]
-    counts = (int(config["patients-negative"]), int(config["patients-positive"])) \
-        if "patients-negative" in config and "patients-positive" in config else None
-    state, num = site_train(fed, site, data, decode_state(msg.content["arrays"]), int(config.get("server-round", 1)),
-                            counts)
+    counts = class_counts(config, own_class_counts(data), site.name)
+    state, num = site_train(fed, site, data, state, int(config.get("server-round", 1)), counts)
     metrics = MetricRecord({"num-examples": num, "client_seconds": time.perf_counter() - started})
     return Message(content=RecordDict({"metrics": metrics, "arrays": encode_state(state, fed.transfer_dtype)}),
                    reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context, fed: FedConfig, site: SiteConfig) -> Message:
-    data = load_site_patients(fed, site)
-    histogram, num = site_histogram(fed, data, decode_state(msg.content["arrays"]))
+    state = decode_state(msg.content["arrays"])
+    check_standardisation(context, state, site.name, "evaluate", first=False)
+    record_evaluation(context, site.name)
+    data = site_patients(fed, site)
+    histogram, num = site_histogram(fed, data, state)
     released = {key: [int(v) for v in row] for key, row in zip(HISTOGRAM_KEYS, histogram)} if num else {}
     released = suppress_small(released, num, max(fed.min_metric_examples, 1))
     return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": num, **released})}), reply_to=msg)
+
+
+def own_class_counts(data: SitePatients) -> tuple[int, int]:
+    """The site's training patients per diagnosis (negative, positive)."""
+    _, y = data.side(False)
+    counts = np.bincount(y, minlength=2)
+    return int(counts[0]), int(counts[1])
+
+
+def class_counts(config, own: tuple[int, int], site_name: str) -> tuple[int, int] | None:
+    """The run's training patients per diagnosis from the train config (None: absent, the site's own are
+    used); refused unless whole numbers >= 1, >= the site's own and within MAX_CLASS_RATIO of each other."""
+    keys = ("patients-negative", "patients-positive")
+    if not any(k in config for k in keys):
+        return None
+    values = [config.get(k) for k in keys]
+    if not all(type(v) is int and v >= max(o, 1) for v, o in zip(values, own)) \
+            or max(values) > MAX_CLASS_RATIO * min(values):
+        raise SiteRefusal(f"site {site_name} refused the train request: class counts {values[:2]!r} are not whole "
+                          f"numbers >= its own {list(own)} within a ratio of {MAX_CLASS_RATIO}")
+    return values[0], values[1]
+
+
+def standardisation_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the head's center and scale as float32."""
+    digest = hashlib.sha256()
+    for key in STANDARDISATION:
+        digest.update(np.ascontiguousarray(state[key].float().numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def _record(context: Context) -> ConfigRecord:
+    if PATIENT_STATE not in context.state.config_records:
+        context.state[PATIENT_STATE] = ConfigRecord()
+    return context.state.config_records[PATIENT_STATE]
+
+
+def check_standardisation(context: Context, state: dict[str, torch.Tensor], site_name: str, request: str,
+                          *, first: bool = True) -> None:
+    """Remember the run's first train standardisation (`first`); refuse any other one afterwards."""
+    if any(k not in state for k in STANDARDISATION):
+        raise SiteRefusal(f"site {site_name} refused the {request} request: the head has no center and scale")
+    record, digest = _record(context), standardisation_digest(state)
+    if "standardisation" not in record:
+        if not first:
+            raise SiteRefusal(f"site {site_name} refused the {request} request: no head was trained in this run")
+        record["standardisation"] = digest
+    elif record["standardisation"] != digest:
+        raise SiteRefusal(f"site {site_name} refused the {request} request: the head's center/scale differ "
+                          "from this run's first train round")
+
+
+def record_evaluation(context: Context, site_name: str) -> None:
+    """One calibration histogram per run: a second evaluate request is refused."""
+    record = _record(context)
+    if record.get("evaluated"):
+        raise SiteRefusal(f"site {site_name} refused the evaluate request: it answers one per run")
+    record["evaluated"] = True

@@ -31,10 +31,17 @@ class SitePolicy:
     max_local_epochs: int = setting(20, "Most local epochs per round.", "site")
     max_local_steps: int = setting(10_000, "Most local batches per round.", "site")
     max_batch_size: int = setting(1024, "Largest local batch size.", "site")
+    patient_val_fraction: float = setting(0.25, "--task patients: share of this site's patients (per diagnosis) kept "
+                                          "for calibration; the site's own, so no run can move one patient "
+                                          "between its training and validation sides.", "site")
+    patient_split_seed: int = setting(0, "--task patients: seed of this site's own training/validation split of "
+                                      "its patients.", "site")
 
     def __post_init__(self) -> None:
-        if self.min_sites < 1 or self.min_metric_examples < 0 or not 0 < self.dp_delta < 1:
-            raise LeukError("site policy: min-sites must be >= 1, min-metric-examples >= 0 and dp-delta in (0, 1)")
+        if self.min_sites < 1 or self.min_metric_examples < 0 or not 0 < self.dp_delta < 1 \
+                or not 0 <= self.patient_val_fraction < 1:
+            raise LeukError("site policy: min-sites must be >= 1, min-metric-examples >= 0, dp-delta in (0, 1) and "
+                            "patient-val-fraction in [0, 1)")
 
     @property
     def allowed_tasks(self) -> tuple[str, ...]:
@@ -161,6 +168,21 @@ def _parameter_count(model: str, image_size: int, num_classes: int) -> int:
     return sum(p.numel() for p in built.parameters())
 
 
+def node_violations(fed: FedConfig, site: SiteConfig, context) -> list[str]:
+    """The patient task against the site's node config: it has no secure aggregation and no DP, so a site
+    that requires either refuses all of it (moments and histograms included), not only its training."""
+    from leukfed.client.secagg import secagg_required
+
+    if fed.task != "patients":
+        return []
+    if secagg_required(context):
+        return ["task 'patients' has no secure aggregation, which this site requires (node config secure-aggregation)"]
+    if site.dp_budget > 0 or site.dp_noise_multiplier > 0:
+        return ["task 'patients' has no differential privacy, which this site requires (dp-budget or "
+                "dp-noise-multiplier in its node config)"]
+    return []
+
+
 def check_task(context) -> None:
     """Refuse (SiteRefusal) a task of a run that breaks this site's policy, before its data is touched.
     Call first in every ClientApp handler; `context` is Flower's Context (run and node config)."""
@@ -171,7 +193,7 @@ def check_task(context) -> None:
     except LeukError as exc:
         problems = [f"invalid run config: {exc}"]
     else:
-        problems = violations(policy, fed, context.run_config)
+        problems = violations(policy, fed, context.run_config) + node_violations(fed, site, context)
     if problems:
         message = f"site {site.name} refused run {context.run_id} by its policy: " + "; ".join(problems)
         print(f"refused: {message}", file=sys.stderr, flush=True)  # the one line at the site

@@ -62,7 +62,8 @@ class FedConfig:
     resume: bool = setting(False, "Continue from the last completed round in --state.")
     eval_data: str = setting("", "Optional held-out data at the coordinator.")
     eval_split: str = setting("", "Split JSON of --eval-data: score its test side only (default: all images).")
-    site_val_fraction: float = setting(0.15, "Fraction of each site's images kept for its local validation.")
+    site_val_fraction: float = setting(0.15, "Fraction of each site's images kept for its local validation "
+                                      "(--task cells; with --task patients each site's policy sets its own split).")
     site_group_by: str = setting("auto", "How each site splits off its validation images: auto, image, patient, block:N.")
     evaluate_every: int = setting(1, "Sites score the global model every N rounds and after the last (0: after the last only).")
     evaluate_with_train: bool = setting(

@@ -1,8 +1,9 @@
 """What one hospital does in a patient federation (`--task patients`): no Flower.
 
 The site reads its own patient folders (data-path with patients.csv), keeps a seeded, stratified share of
-its patients for validation (site-val-fraction), extracts frozen features once into its own feature cache
-(STATE/image-cache/patient-features-*.npz; never sent), and answers three requests with aggregates only:
+its patients for validation (its policy's patient-val-fraction and patient-split-seed: never the run's),
+extracts frozen features once into its own feature cache (STATE/image-cache/patient-features-*.npz; never
+sent; in memory only without an image cache), and answers three requests with aggregates only:
 the moments of its training patients' cells, a local update of the head, and the logit histogram of its
 validation patients under a given head."""
 from __future__ import annotations
@@ -49,22 +50,26 @@ _LOADED: dict[tuple, SitePatients] = {}   # one process serves a site's tasks in
 
 
 def feature_cache_file(site: SiteConfig, backbone: str, image_size: int) -> Path | None:
-    """The site's own feature cache: in its image cache folder (STATE/image-cache), else beside its audit
-    log; None when the site keeps neither (features are extracted again for every task)."""
-    folder = Path(site.image_cache) if site.image_cache else \
-        Path(site.audit_log).parent / "feature-cache" if site.audit_log else None
-    return None if folder is None else folder / FEATURES_FILE.format(backbone=backbone, size=image_size)
+    """The site's own feature cache, in its image cache folder (STATE/image-cache); None when the site keeps
+    no image cache (node config image-cache ""): its features then stay in memory, never on disk."""
+    if not site.image_cache:
+        return None
+    return Path(site.image_cache) / FEATURES_FILE.format(backbone=backbone, size=image_size)
 
 
-def load_site_patients(fed: FedConfig, site: SiteConfig) -> SitePatients:
-    """The site's patients, features from its cache when it matches the images (else extracted and cached)."""
+def load_site_patients(fed: FedConfig, site: SiteConfig, split: tuple[float, int]) -> SitePatients:
+    """The site's patients, features from its cache when it matches the images (else extracted and cached);
+    `split`: the site's own (validation fraction, seed) from its policy, never the run's (a run's seed or
+    site-val-fraction would let a coordinator move one patient between two runs' training sides and read
+    that patient's sums from the difference of their moments)."""
     from leukfed.common.patient_model import bag_features, cell_type_of, patient_cells
     from leukfed.common.site import cached_manifest, check_site_classes
 
     recipe = federable_recipe(fed.patient_recipe)
     if not site.data_path:
         raise LeukError(f"site {site.name} has no data-path in its node config")
-    key = (site.data_path, fed.patient_recipe, fed.positive, fed.seed, fed.site_val_fraction, fed.class_names)
+    fraction, seed = split
+    key = (site.data_path, fed.patient_recipe, fed.positive, fraction, seed, fed.class_names)
     if key in _LOADED:
         return _LOADED[key]
     manifest = cached_manifest(site.data_path)
@@ -80,7 +85,7 @@ def load_site_patients(fed: FedConfig, site: SiteConfig) -> SitePatients:
         bags.append(bag_features(features[idx], [cell_type_of(r) for r, _, _ in rows], recipe, ())[0])
         y.append(int(rows[0][2] == fed.positive))
     y_arr = np.asarray(y, dtype=np.int64)
-    _LOADED[key] = SitePatients(manifest.class_names, bags, y_arr, split_patients(y_arr, fed.site_val_fraction, fed.seed))
+    _LOADED[key] = SitePatients(manifest.class_names, bags, y_arr, split_patients(y_arr, fraction, seed))
     return _LOADED[key]
 
 
@@ -104,12 +109,18 @@ def site_features(manifest, backbone: str, image_size: int, cache: Path | None) 
     return features
 
 
+def require_training_patients(data: SitePatients, minimum: int, site_name: str, request: str) -> None:
+    """Refuse (SiteRefusal) `request` when the site has fewer training patients than the run's
+    min-metric-examples (at least 1): an aggregate over fewer would expose them."""
+    if data.num_train < max(minimum, 1):
+        raise SiteRefusal(f"site {site_name} refused the {request}: fewer training patients than the run's "
+                          f"min-metric-examples ({max(minimum, 1)})")
+
+
 def site_moments(data: SitePatients, minimum: int, site_name: str) -> Moments:
     """Moments of the training patients; refused when they are fewer than the run's min-metric-examples."""
+    require_training_patients(data, minimum, site_name, "moments request")
     bags, y = data.side(False)
-    if len(y) < max(minimum, 1):
-        raise SiteRefusal(f"site {site_name} refused the moments request: fewer training patients than the run's "
-                          f"min-metric-examples ({minimum})")
     return moments(bags, y)
 
 

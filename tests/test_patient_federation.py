@@ -84,7 +84,7 @@ def federation(site_folders: dict[str, Path], tmp_path_factory) -> tuple[Path, l
     for node, name in nodes.items():
         tasks = "cells" if name == "cells-only" else "cells,patients"
         policy = root / f"policy-{name}.toml"
-        policy.write_text(SitePolicy(min_metric_examples=1, tasks=tasks).to_toml())
+        policy.write_text(SitePolicy(min_metric_examples=1, tasks=tasks, patient_val_fraction=0.4).to_toml())
         node_config = {"data-path": str(site_folders[name]), "site-name": name, "site-policy": str(policy),
                        "audit-log": str(audits[name]), "image-cache": str(root / f"cache-{name}")}
         contexts[node] = Context(RUN_ID, node, node_config, RecordDict(), run_config)
