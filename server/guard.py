@@ -17,8 +17,8 @@ from leukfed.common.dp_settings import noise_problem
 from leukfed.common.flower.wire import decode_arrays
 from leukfed.server.fused_mean import FusedMean, FusedUpdate
 from leukfed.server.registered_sites import RegisteredSites
-from leukfed.server.reply_checks import (check_consistency, count_problem, keep_common_metrics, norm_problem,
-                                         reply_problem, reply_weight, split_evaluation, update_norm)
+from leukfed.server.reply_checks import (check_consistency, count_problem, frozen_problem, keep_common_metrics,
+                                         norm_problem, reply_problem, reply_weight, split_evaluation, update_norm)
 from leukfed.server.round_log import RoundLog
 
 
@@ -61,6 +61,7 @@ class GuardedStrategy(Strategy):
         self.round_offset = 0  # a resumed run's strategy counts its rounds from 1 again
         self.deferred_round = 0
         self._fused: FusedMean | None = None
+        self.frozen: dict[str, np.ndarray] = {}   # arrays fixed for the run: sent as they are, replies must keep them
 
     @property
     def weighted_by_key(self) -> str:
@@ -104,6 +105,8 @@ class GuardedStrategy(Strategy):
         if self.deferred_round:
             config = ConfigRecord({**dict(config), "evaluate-first": True})
             self.log.evaluated_round, self.deferred_round = self.deferred_round, 0
+        if self.frozen:
+            arrays = ArrayRecord({k: Array(self.frozen[k]) if k in self.frozen else v for k, v in arrays.items()})
         self.reference = {k: v.numpy() for k, v in arrays.items()}
         messages = self._to_registered(self.strategy.configure_train(server_round, arrays, config,
                                                                       self.sites.grid(grid)))
@@ -147,7 +150,10 @@ class GuardedStrategy(Strategy):
             if count_problem(scores, "num-examples", self.settings.max_examples) is None:
                 self.log.evaluate_in_train[node] = scores
             msg.content[name] = MetricRecord(metrics)
-        return node, record, metrics, count_problem(metrics, self.weighted_by_key, self.settings.max_examples)
+        problem = count_problem(metrics, self.weighted_by_key, self.settings.max_examples)
+        if problem is None and record is not None and self.frozen:
+            problem = frozen_problem(record, self.frozen)
+        return node, record, metrics, problem
 
     def _aggregate_train_fused(self, replies: list[Message]):
         """FedAvg's weighted mean of the replies that pass the guard, in one pass over their bytes.

@@ -4,21 +4,25 @@ The algorithm of benchmarks/apl_federated.py (its pieces in common/patient_feder
 sites with the ServerApp's machinery (registered sites, prompt grid, guarded FedAvg, history, status):
 
 1. moments: each site sends its training patients' cell count, feature sums and sums of squares and its
-   patients per diagnosis; the server sums them into the standardisation and the class weights;
+   patients per diagnosis (each reply checked: float arrays, bounded counts, consistent sums); the server
+   sums them into the standardisation and the class weights;
 2. the seeded initial head (recipe --patient-recipe) with that standardisation;
 3. --rounds FedAvg rounds over the head (each site: --local-epochs of SGD at a cosine-decayed --lr;
-   average weighted by training patients; every reply checked by the guard);
+   average weighted by training patients; every reply checked by the guard, which also sends the
+   standardisation unchanged every round and rejects an update that moved it);
 4. calibration: each site scores its validation patients with the final head and sends only a histogram
-   of their logits per diagnosis; the summed histogram gives the threshold (>= the recipe's target
-   sensitivity) and the temperature;
+   of their logits per diagnosis (once per run; at least --min-sites histograms needed); the summed
+   histogram gives the threshold (>= the recipe's target sensitivity) and the temperature;
 5. export: STATE/patient-model, a patient run directory as `leuk train-patients` writes it (for
    `leuk evaluate --model STATE/patient-model` and `leuk predict`), with its MODEL_CARD.md.
 
 One FedAvg federation, not the fold ensemble of `leuk train-patients` (and of the benchmark): the model
-is one head, and its validation patients are each site's own held-out share (--site-val-fraction).
+is one head, and its validation patients are each site's own held-out share, set by the site's policy
+(leuk-client --patient-val-fraction, --patient-split-seed): the run's --site-val-fraction and --seed do
+not move the sites' patient splits.
 
     leuk-server --certs certs --task patients --patient-recipe lite0-meanprob --rounds 100 --local-epochs 2 \\
-        --lr 0.1 --batch-size 256 --min-sites 3 --site-val-fraction 0.25 --state state
+        --lr 0.1 --batch-size 256 --min-sites 3 --state state
     leuk-client --server HOST:9092 --data /data/apl --site a --certs certs/sites/a --tasks cells,patients
 """
 from __future__ import annotations
@@ -72,9 +76,10 @@ def run(grid: Grid, fed: FedConfig, class_names: tuple[str, ...], sites: Registe
                         f"{total.patients[1]} {fed.positive}): both are needed")
     log(f"moments from {len(per_site)} sites: {sum(total.patients)} training patients ({total.patients[1]} "
         f"{fed.positive}), {total.cells} cells")
-    head = initial_head(recipe.head, total, fed.seed)
+    head = federation_head(recipe.head, total, fed.seed)
     strategy = make_strategy(fed)
     strategy.sites = sites
+    strategy.frozen = {k: np.array(getattr(head, k).numpy(), dtype=np.float32) for k in ("center", "scale")}
     history: list[dict] = []
 
     def after_round(current_round: int, arrays: ArrayRecord):
@@ -100,10 +105,20 @@ def run(grid: Grid, fed: FedConfig, class_names: tuple[str, ...], sites: Registe
     head.load_state_dict(final)
     head.center.copy_(center)   # the standardisation is the server's own, from the moments: what the sites
     head.scale.copy_(scale)     # sent back for it (unchanged by local training) is not trusted
-    histograms = ask_histograms(grid, fed, sites, encode_state(head.state_dict()), config)
+    trained = {name: sum(m.patients) for name, m in per_site.items()}
+    histograms = ask_histograms(grid, fed, sites, encode_state(head.state_dict()), config, trained)
     export(state_dir, fed, recipe, head, class_names, total, per_site, histograms, len(history))
     write_status(state_dir, phase="finished", rounds_completed=len(history))
     log(f"finished {len(history)} rounds; patient model exported to {state_dir / EXPORT_DIR}")
+
+
+def federation_head(kind: str, total: Moments, seed: int):
+    """The seeded initial head with the summed moments' standardisation; LeukError where it is not finite."""
+    with np.errstate(over="ignore", invalid="ignore"):   # overflowing sums are named below
+        head = initial_head(kind, total, seed)
+    if not (torch.isfinite(head.center).all() and torch.isfinite(head.scale).all()):
+        raise LeukError("the sites' summed moments give a non-finite center or scale (sums overflow)")
+    return head
 
 
 def ask_moments(grid: Grid, fed: FedConfig, sites: RegisteredSites, dim: int, config: dict) -> dict[str, Moments]:
@@ -127,27 +142,43 @@ def ask_moments(grid: Grid, fed: FedConfig, sites: RegisteredSites, dim: int, co
     return found
 
 
+MAX_CELLS = 10_000_000          # per site: the moments of more cells are not believed
+MAX_PATIENTS = 100_000          # per site and diagnosis
+SUM_TOLERANCE = 1e-6            # relative slack of sum(x)^2 <= n sum(x^2) (Cauchy-Schwarz) for rounding
+
+
 def read_moments(reply: Message, dim: int) -> tuple[Moments | None, str]:
-    """A site's moments, or (None, why not): untrusted input, checked for shapes, finiteness and counts."""
+    """A site's moments, or (None, why not): untrusted input, checked for dtypes, shapes, finiteness, bounded
+    counts and sums that some real cells could have."""
     if reply.has_error():
         return None, reply.error.reason.strip().splitlines()[-1][:300] if reply.error.reason else "error reply"
     arrays = reply.content.array_records.get("moments")
     metrics = reply.content.metric_records.get("metrics")
     if arrays is None or metrics is None or set(arrays.keys()) != {"total", "squares"}:
         return None, "no moments in the reply"
-    total, squares = arrays["total"].numpy().astype(np.float64), arrays["squares"].numpy().astype(np.float64)
+    try:
+        raw = [arrays[k].numpy() for k in ("total", "squares")]
+    except Exception:  # noqa: BLE001 - untrusted bytes
+        return None, "feature sums are not readable arrays"
+    if not all(a.dtype.kind == "f" for a in raw):
+        return None, f"feature sums must be floating point, not {raw[0].dtype}/{raw[1].dtype}"
+    total, squares = (a.astype(np.float64) for a in raw)
     if total.shape != (dim,) or squares.shape != (dim,) or not (np.isfinite(total).all() and np.isfinite(squares).all()):
         return None, f"feature sums must be {dim} finite numbers"
     counts = [metrics.get(k) for k in ("cells", "patients-negative", "patients-positive")]
-    if not all(isinstance(c, int) and c >= 0 for c in counts) or counts[0] < 1 or counts[1] + counts[2] < 1 \
-            or (squares < 0).any():
-        return None, "counts must be whole numbers, with at least one cell and one patient"
+    if not all(type(c) is int and c >= 0 for c in counts) or counts[0] < 1 or counts[1] + counts[2] < 1 \
+            or counts[0] > MAX_CELLS or max(counts[1:]) > MAX_PATIENTS:
+        return None, (f"counts must be whole numbers, with 1 to {MAX_CELLS} cells and at least one and at most "
+                      f"{MAX_PATIENTS} patients per diagnosis")
+    if (squares < 0).any() or (total ** 2 > squares * counts[0] * (1 + SUM_TOLERANCE)).any():
+        return None, "sums of squares too small for the feature sums (no cells have these moments)"
     return Moments(counts[0], total, squares, (counts[1], counts[2])), ""
 
 
-def ask_histograms(grid: Grid, fed: FedConfig, sites: RegisteredSites, arrays: ArrayRecord,
-                   config: dict) -> dict[str, tuple[int, np.ndarray | None]]:
-    """The calibration round: per site, its number of validation patients and its histogram (None: withheld)."""
+def ask_histograms(grid: Grid, fed: FedConfig, sites: RegisteredSites, arrays: ArrayRecord, config: dict,
+                   trained: dict[str, int]) -> dict[str, tuple[int, np.ndarray | None]]:
+    """The calibration round: per site, its number of validation patients and its histogram (None: withheld);
+    `trained`: each site's training patients from its moments (bounds its validation count)."""
     nodes = [n for n in grid.get_node_ids()]
     messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=n,
                         message_type=MessageType.EVALUATE) for n in nodes]
@@ -160,22 +191,45 @@ def ask_histograms(grid: Grid, fed: FedConfig, sites: RegisteredSites, arrays: A
         if reply.has_error():
             log(f"calibration: {sites.label(node)} failed: {(reply.error.reason or '?').strip().splitlines()[-1][:300]}")
             continue
-        metrics = dict(reply.content.metric_records.get("metrics") or {})
-        count = metrics.get("num-examples")
-        rows = [metrics.get(k) for k in HISTOGRAM_KEYS]
-        if not isinstance(count, int) or count < 0:
-            log(f"calibration: ignored the reply of {sites.label(node)}: no patient count")
-        elif rows[0] is None and rows[1] is None:
-            log(f"calibration: {sites.label(node)} withheld its histogram ({count} validation patients, "
-                f"min-metric-examples {fed.min_metric_examples})")
-            found[name] = (count, None)
-        elif not all(isinstance(r, list) and len(r) == BINS and all(isinstance(v, int) and v >= 0 for v in r)
-                     for r in rows) or sum(map(sum, rows)) != count:
-            log(f"calibration: ignored the reply of {sites.label(node)}: not a histogram of {BINS} bins per "
-                "diagnosis summing to its patient count")
+        entry, problem = read_histogram(dict(reply.content.metric_records.get("metrics") or {}), trained.get(name, 0))
+        if entry is None:
+            log(f"calibration: ignored the reply of {sites.label(node)}: {problem}")
         else:
-            found[name] = (count, np.asarray(rows, dtype=np.int64))
+            if entry[1] is None:
+                log(f"calibration: {sites.label(node)} withheld its histogram ({entry[0]} validation patients, "
+                    f"min-metric-examples {fed.min_metric_examples})")
+            found[name] = entry
     return found
+
+
+def read_histogram(metrics: dict, trained: int) -> tuple[tuple[int, np.ndarray | None] | None, str]:
+    """A site's (validation patients, histogram or None where withheld), or (None, why not): the count is
+    bounded by the site's training patients (at most 10 x them + 10, and MAX_PATIENTS)."""
+    count = metrics.get("num-examples")
+    rows = [metrics.get(k) for k in HISTOGRAM_KEYS]
+    if type(count) is not int or count < 0:
+        return None, "no patient count"
+    if count > min(10 * trained + 10, MAX_PATIENTS):
+        return None, f"{count} validation patients is out of bounds for a site with {trained} training patients"
+    if rows[0] is None and rows[1] is None:
+        return (count, None), ""
+    if not all(isinstance(r, list) and len(r) == BINS and all(type(v) is int and v >= 0 for v in r)
+               for r in rows) or sum(map(sum, rows)) != count:
+        return None, f"not a histogram of {BINS} bins per diagnosis summing to its patient count"
+    return (count, np.asarray(rows, dtype=np.int64)), ""
+
+
+def released_histograms(fed: FedConfig, histograms: dict[str, tuple[int, np.ndarray | None]]) -> list[np.ndarray]:
+    """The histograms calibration uses: from at least min-sites sites, with APL patients; LeukError otherwise."""
+    released = [h for _, h in histograms.values() if h is not None]
+    if len(released) < fed.min_sites:
+        raise LeukError(f"calibration needs histograms from at least min-sites ({fed.min_sites}) sites; "
+                        f"{len(released)} released one (a site withholds it below min-metric-examples "
+                        f"({fed.min_metric_examples}) validation patients)")
+    if sum(h[1].sum() for h in released) == 0:
+        raise LeukError(f"no site released a histogram with {fed.positive} validation patients: the sites raise "
+                        "their patient-val-fraction, or lower --min-metric-examples where their policies allow")
+    return released
 
 
 def export(state_dir: Path, fed: FedConfig, recipe, head, class_names: tuple[str, ...], total: Moments,
@@ -183,11 +237,7 @@ def export(state_dir: Path, fed: FedConfig, recipe, head, class_names: tuple[str
     """STATE/patient-model: heads.safetensors, patient_model.json and MODEL_CARD.md (train-patients' format)."""
     from leukfed.common.model_card import federated_patient_card, server_command, write_model_card
 
-    released = [h for _, h in histograms.values() if h is not None]
-    if not released or sum(h[1].sum() for h in released) == 0:
-        raise LeukError(f"no site released a histogram with {fed.positive} validation patients: a site withholds "
-                        f"it below min-metric-examples ({fed.min_metric_examples}) validation patients; raise "
-                        "--site-val-fraction or lower --min-metric-examples where the sites' policies allow")
+    released = released_histograms(fed, histograms)
     summed = np.sum(released, axis=0)
     logit_threshold, temperature = histogram_calibration(released, LOW, HIGH, recipe.target_sensitivity)
     threshold = 0.0 if logit_threshold == -math.inf else float(sigmoid(logit_threshold / temperature))
@@ -203,7 +253,7 @@ def export(state_dir: Path, fed: FedConfig, recipe, head, class_names: tuple[str
                        "num_patients": int(summed.sum()), "num_positive": int(summed[1].sum()), "binned": True},
         "federation": {
             "rounds": rounds, "local_epochs": fed.local_epochs, "lr": fed.lr, "batch_size": fed.batch_size,
-            "seed": fed.seed, "site_val_fraction": fed.site_val_fraction,
+            "seed": fed.seed, "validation_split": "each site's own (its policy's patient-val-fraction)",
             "min_metric_examples": fed.min_metric_examples, "cells": total.cells,
             "train_patients": sum(total.patients), "train_positive": total.patients[1],
             "sites": {name: {"train": sum(m.patients), "evaluate": histograms.get(name, (0, None))[0]}

@@ -4,9 +4,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from flwr.app import Message, MetricRecord
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
+
+from leukfed.common.flower.wire import BF16_SUFFIX, widen_bf16_bits
 
 
 def reply_problem(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> str | None:
@@ -21,6 +24,28 @@ def reply_problem(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray
             return f"array {key} has dtype {value.dtype}, expected {reference[key].dtype}"
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             return f"array {key} contains NaN or Inf"
+    return None
+
+
+def frozen_problem(record: ArrayRecord, frozen: dict[str, np.ndarray]) -> str | None:
+    """An update must carry the server's own values of the arrays it fixed (the patient head's center and
+    scale), to the precision the site sent them in: a site must not move what the others are sent next."""
+    for key, expected in frozen.items():
+        name = key + BF16_SUFFIX if key + BF16_SUFFIX in record else key
+        if name not in record:
+            return f"array {key} is missing"
+        try:
+            raw = record[name].numpy()
+        except Exception:  # noqa: BLE001 - untrusted bytes
+            return f"array {key} is not a readable array"
+        if name.endswith(BF16_SUFFIX) and raw.dtype == np.int16:
+            value, sent = widen_bf16_bits(raw), torch.from_numpy(expected).to(torch.bfloat16).float().numpy()
+        elif raw.dtype in (np.float16, np.float32):
+            value, sent = raw.astype(np.float32), expected.astype(raw.dtype).astype(np.float32)
+        else:
+            return f"array {key} has dtype {raw.dtype}, expected float32"
+        if value.shape != expected.shape or not np.array_equal(value, sent):
+            return f"array {key} differs from the value the server sent (it is fixed for the run)"
     return None
 
 
