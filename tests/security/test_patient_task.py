@@ -1,0 +1,262 @@
+"""--task patients attacks by a coordinator or a site: each is played and must fail (review H1-H3, M1-M4, L1-L2).
+
+The site runs the product ClientApp on patient folders copied from apl_aml; its frozen features are
+replaced by fixed pseudo-random ones per image (no backbone), so only the protocol is exercised."""
+from __future__ import annotations
+
+import csv
+import shutil
+import zlib
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from leukfed.client.client_app import app
+from leukfed.client.policy import SitePolicy
+from leukfed.common import patient_site
+from leukfed.common.errors import LeukError
+from leukfed.common.fedconfig import FedConfig, SiteConfig
+from flwr.supercore.task_identity import TaskIdentity
+
+from leukfed.common.flower.inprocess import QueuedGrid, run_client_app
+from leukfed.common.flower.wire import encode_state, unpack_message
+from leukfed.common.patient_federated import BINS, Moments, initial_head
+from leukfed.common.patient_heads import make_head
+from leukfed.server.patient_federation import (MAX_PATIENTS, federation_head, read_histogram, read_moments,
+                                               released_histograms)
+from leukfed.server.reply_checks import frozen_problem
+
+RUN_ID, NODE, DIM, CELLS = 7, 1234, 1280, 2
+PATIENTS = {"APL": 4, "AML": 6}
+
+
+@pytest.fixture(scope="module")
+def site_folder(tmp_path_factory, data_root: Path) -> Path:
+    source = data_root / "apl_aml"
+    with (source / "patients.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    chosen = [r for d, n in PATIENTS.items() for r in [r for r in rows if r["diagnosis"] == d][:n]]
+    folder = tmp_path_factory.mktemp("patient-site") / "site"
+    for row in chosen:
+        for cell in sorted((source / row["patient"]).rglob("*.jpg"))[:CELLS]:
+            target = folder / cell.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cell, target)
+    (folder / "patients.csv").write_text("patient,diagnosis\n" + "".join(f"{r['patient']},{r['diagnosis']}\n"
+                                                                         for r in chosen))
+    return folder
+
+
+def fake_features(manifest, backbone: str, image_size: int, cache) -> np.ndarray:
+    """Fixed features per image path (what the frozen backbone would give), cached nowhere."""
+    return np.stack([np.random.default_rng(zlib.crc32(s.path.encode())).normal(size=DIM).astype(np.float32)
+                     for s in manifest.samples])
+
+
+@pytest.fixture(autouse=True)
+def no_backbone(monkeypatch):
+    monkeypatch.setattr(patient_site, "site_features", fake_features)
+    monkeypatch.setattr(patient_site, "_LOADED", {})
+    for name, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", 1)):   # what Flower's runtime sets
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class Site:
+    """One site's ClientApp with its own context (its per-site state persists between messages)."""
+
+    def __init__(self, folder: Path, tmp: Path, fed: FedConfig, policy: SitePolicy | None = None, **node) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        path = tmp / "policy.toml"
+        path.write_text((policy or SitePolicy(min_metric_examples=1, tasks="patients")).to_toml())
+        config = {"data-path": str(folder), "site-name": "h0", "site-policy": str(path),
+                  "audit-log": str(tmp / "audit.jsonl"), "image-cache": "", **node}
+        self.context = Context(RUN_ID, NODE, config, RecordDict(), fed.to_run_config())
+        self.grid = QueuedGrid({NODE: partial(run_client_app, app, context=self.context)}, run_id=RUN_ID)
+
+    def ask(self, message_type: str, arrays: ArrayRecord | None = None, **config) -> Message:
+        content = RecordDict({"config": ConfigRecord({"class-names": "AML,APL", **config})})
+        if arrays is not None:
+            content["arrays"] = arrays
+        [reply] = self.grid.send_and_receive([Message(content, dst_node_id=NODE, message_type=message_type)])
+        return reply if reply.has_error() else unpack_message(reply)   # as the server's grid reads it
+
+
+def run(**settings) -> FedConfig:
+    return FedConfig(**({"task": "patients", "state_dir": "x", "min_sites": 3, "min_metric_examples": 1,
+                         "batch_size": 64, "local_epochs": 1} | settings))
+
+
+def head_arrays(shift: float = 0.0, scale: float = 1.0) -> ArrayRecord:
+    head = make_head("meanprob", DIM)
+    head.center.fill_(shift)
+    head.scale.fill_(scale)
+    return encode_state(head.state_dict())
+
+
+def refusal(reply: Message) -> str:
+    assert reply.has_error(), "the site answered"
+    return reply.error.reason
+
+
+# ---- H2: the run cannot move the site's patient split ---------------------------------------------
+
+def test_runs_with_other_seeds_and_fractions_get_the_same_training_patients_and_moments(site_folder, tmp_path):
+    answers = []
+    for k, fed in enumerate((run(seed=0, site_val_fraction=0.25), run(seed=9, site_val_fraction=0.3))):
+        patient_site._LOADED.clear()
+        site = Site(site_folder, tmp_path / str(k), fed)
+        reply = site.ask(f"{MessageType.QUERY}.moments")
+        assert not reply.has_error(), reply.error.reason
+        arrays = reply.content.array_records["moments"]
+        split = patient_site.load_site_patients(fed, SiteConfig.from_node_config(site.context.node_config),
+                                                (0.25, 0)).val
+        answers.append((split, arrays["total"].numpy(), arrays["squares"].numpy(),
+                        dict(reply.content.metric_records["metrics"])))
+    (split_a, total_a, squares_a, metrics_a), (split_b, total_b, squares_b, metrics_b) = answers
+    assert (split_a == split_b).all() and metrics_a == metrics_b
+    assert np.array_equal(total_a, total_b) and np.array_equal(squares_a, squares_b)   # no patient's sums to difference
+
+
+def test_the_split_is_the_sites_policy(site_folder, tmp_path):
+    fed = run()
+    site = SiteConfig.from_node_config(Site(site_folder, tmp_path, fed).context.node_config)
+    assert patient_site.load_site_patients(fed, site, (0.5, 0)).num_val == 5
+    assert patient_site.load_site_patients(fed, site, (0.25, 3)).num_val == 3   # round(1) APL + round(1.5) AML
+    with pytest.raises(LeukError, match="patient-val-fraction in"):
+        SitePolicy(patient_val_fraction=1.0)
+
+
+# ---- H1: training floor and the coordinator's class counts ---------------------------------------
+
+@pytest.mark.parametrize("counts", [(-(10**9 - 1), 10**9), (10**6, 3), (1, 1), (3.0, 3), ("9", 9)])
+def test_crafted_class_counts_are_refused(site_folder, tmp_path, counts):
+    site = Site(site_folder, tmp_path, run())
+    negative, positive = counts
+    reason = refusal(site.ask(MessageType.TRAIN, head_arrays(), **{"patients-negative": negative,
+                                                                   "patients-positive": positive}))
+    assert "class counts" in reason and "\n" not in reason
+
+
+def test_plausible_class_counts_train(site_folder, tmp_path):
+    site = Site(site_folder, tmp_path, run())
+    reply = site.ask(MessageType.TRAIN, head_arrays(), **{"patients-negative": 40, "patients-positive": 20})
+    assert not reply.has_error(), reply.error.reason
+
+
+def test_a_site_below_the_floor_refuses_training_without_a_moments_query(site_folder, tmp_path):
+    site = Site(site_folder, tmp_path, run(min_metric_examples=20))   # the site has 7 training patients
+    assert "fewer training patients" in refusal(site.ask(MessageType.TRAIN, head_arrays()))
+
+
+# ---- H3: one standardisation per run, one histogram per run -----------------------------------------
+
+def test_a_second_evaluate_is_refused(site_folder, tmp_path):
+    site = Site(site_folder, tmp_path, run())
+    assert not site.ask(MessageType.TRAIN, head_arrays()).has_error()
+    first = site.ask(MessageType.EVALUATE, head_arrays())
+    assert not first.has_error() and first.content.metric_records["metrics"]["num-examples"] == 3
+    assert "one per run" in refusal(site.ask(MessageType.EVALUATE, head_arrays()))
+
+
+def test_a_head_with_another_standardisation_is_refused(site_folder, tmp_path):
+    site = Site(site_folder, tmp_path, run())
+    assert "no head was trained" in refusal(site.ask(MessageType.EVALUATE, head_arrays()))
+    assert not site.ask(MessageType.TRAIN, head_arrays()).has_error()
+    assert "center/scale differ" in refusal(site.ask(MessageType.TRAIN, head_arrays(shift=0.5)))
+    assert "center/scale differ" in refusal(site.ask(MessageType.EVALUATE, head_arrays(scale=1e-3)))
+    assert not site.ask(MessageType.EVALUATE, head_arrays()).has_error()   # the refused probes left no trace
+
+
+# ---- M4: a site that requires secure aggregation or DP answers nothing ----------------------------
+
+@pytest.mark.parametrize("node, rule", [({"secure-aggregation": "required"}, "no secure aggregation"),
+                                        ({"dp-budget": 1.0}, "no differential privacy")])
+def test_a_site_requiring_secagg_or_dp_refuses_every_patient_request(site_folder, tmp_path, node, rule):
+    site = Site(site_folder, tmp_path, run(), **node)
+    for message_type in (f"{MessageType.QUERY}.moments", MessageType.EVALUATE, MessageType.TRAIN):
+        assert rule in refusal(site.ask(message_type, head_arrays()))
+
+
+# ---- M1, M2: hostile replies at the coordinator ----------------------------------------------------
+
+def moments_reply(total, squares, cells=16, negative=3, positive=4) -> Message:
+    content = RecordDict({"moments": ArrayRecord({"total": Array(np.asarray(total)), "squares": Array(np.asarray(squares))}),
+                          "metrics": MetricRecord({"cells": cells, "patients-negative": negative,
+                                                   "patients-positive": positive})})
+    return Message(content, dst_node_id=NODE, message_type=f"{MessageType.QUERY}.moments")
+
+
+@pytest.mark.parametrize("total, squares, counts, problem", [
+    (np.array(["a"] * 4), np.ones(4), {}, "floating point"),
+    (np.ones(4, dtype=np.int64), np.ones(4), {}, "floating point"),
+    (np.ones(4), np.ones(4), {"cells": 10**12}, "counts must be"),
+    (np.ones(4), np.ones(4), {"negative": MAX_PATIENTS + 1}, "counts must be"),
+    (np.full(4, 1e6), np.ones(4), {}, "sums of squares too small"),
+    (np.ones(4), -np.ones(4), {}, "sums of squares too small"),
+])
+def test_hostile_moments_are_ignored(total, squares, counts: dict, problem: str) -> None:
+    moments, why = read_moments(moments_reply(total, squares, **counts), 4)
+    assert moments is None and problem in why
+
+
+def test_consistent_moments_are_read() -> None:
+    cells = np.random.default_rng(0).normal(size=(16, 4))
+    moments, why = read_moments(moments_reply(cells.sum(0), (cells ** 2).sum(0)), 4)
+    assert why == "" and moments.cells == 16 and moments.patients == (3, 4)
+
+
+def test_overflowing_summed_moments_stop_the_run_in_one_line() -> None:
+    big = Moments(1, np.full(DIM, 1.5e308), np.full(DIM, 1.7e308), (1, 1))
+    with np.errstate(over="ignore"), pytest.raises(LeukError, match="non-finite center or scale") as caught:
+        federation_head("meanprob", big + big, 0)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("count, trained", [(10**9, 10**6), (71, 6), (-1, 6), (True, 6)])
+def test_out_of_bounds_histogram_counts_are_ignored(count, trained) -> None:
+    entry, why = read_histogram({"num-examples": count}, trained)
+    assert entry is None and why
+
+
+def test_a_histogram_within_bounds_is_read() -> None:
+    row = [0] * BINS
+    entry, _ = read_histogram({"num-examples": 2, "histogram-negative": [1] + row[1:], "histogram-positive": row[:-1] + [1]}, 6)
+    assert entry[0] == 2 and entry[1].sum() == 2
+
+
+def test_calibration_needs_min_sites_histograms() -> None:
+    fed = run(min_sites=3)
+    histogram = np.zeros((2, BINS), dtype=np.int64)
+    histogram[:, 3] = 1
+    with pytest.raises(LeukError, match=r"at least min-sites \(3\) sites; 2 released"):
+        released_histograms(fed, {"a": (2, histogram), "b": (2, histogram), "c": (2, None)})
+    assert len(released_histograms(fed, {k: (2, histogram) for k in "abc"})) == 3
+
+
+# ---- M3: a site must not move the standardisation the others are sent --------------------------------
+
+def test_an_update_with_another_standardisation_is_rejected_by_the_server() -> None:
+    head = initial_head("meanprob", Moments(16, np.ones(DIM), np.full(DIM, 2.0), (3, 4)), 0)
+    frozen = {k: getattr(head, k).numpy().copy() for k in ("center", "scale")}
+    assert frozen_problem(encode_state(head.state_dict()), frozen) is None
+    for dtype in ("float16", "bfloat16"):
+        assert frozen_problem(encode_state(head.state_dict(), dtype), frozen) is None
+    moved = {k: v.clone() for k, v in head.state_dict().items()}
+    moved["scale"][0] *= 1.01
+    assert "differs from the value the server sent" in frozen_problem(encode_state(moved), frozen)
+    moved = {k: v.clone() for k, v in head.state_dict().items()}
+    moved["center"] = moved["center"].double()
+    assert frozen_problem(encode_state(moved), frozen)
+
+
+# ---- L1: no image cache, no feature file ------------------------------------------------------------
+
+def test_a_site_without_an_image_cache_keeps_features_in_memory(tmp_path) -> None:
+    site = SiteConfig.from_node_config({"site-name": "h0", "image-cache": "", "audit-log": str(tmp_path / "a.jsonl")})
+    assert patient_site.feature_cache_file(site, "efficientnet_lite0", 160) is None
+    cached = SiteConfig.from_node_config({"site-name": "h0", "image-cache": str(tmp_path / "cache")})
+    assert patient_site.feature_cache_file(cached, "efficientnet_lite0", 160).parent == tmp_path / "cache"
