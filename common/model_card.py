@@ -244,7 +244,7 @@ def federated_patient_card(description: Mapping[str, Any], *, command: str) -> M
     validation = description["validation"]
     data = (f"{len(sites)} sites' own patient folders: {fed['train_patients']} training patients "
             f"({fed['train_positive']} {description['positive']}), {fed['cells']} cells; each site kept "
-            f"{fed['site_val_fraction']:.0%} of its patients per diagnosis for validation",
+            "its own share of its patients per diagnosis for validation (its policy's patient-val-fraction)",
             f"Metrics below: the {validation['num_patients']} validation patients of the sites that released a "
             "histogram, from binned logits (no separate test set: score a later cohort with `leuk evaluate`)")
     training = (f"Frozen {recipe['backbone']} features at {recipe['image_size']} px, cells: {recipe['cells']}, "
@@ -254,10 +254,13 @@ def federated_patient_card(description: Mapping[str, Any], *, command: str) -> M
                 "training patients; standardisation and class weights from the sites' summed moments and counts",
                 f"Temperature {description['temperature']:.3f}; threshold {description['threshold']:.4f}: "
                 f"{description['threshold_rule']}")
-    privacy = ("No differential privacy and no secure aggregation. What left each site: its training patients' "
-               "cell count, feature sums and sums of squares and patients per diagnosis; the head's parameters "
-               "each round; one histogram of its validation patients' logits (withheld below "
-               f"{fed['min_metric_examples']} patients). No image, feature vector or per-patient score left a site.",)
+    privacy = ("No differential privacy and no secure aggregation. What left each site, in the clear to the "
+               "coordinator: its training patients' cell count, feature sums and sums of squares and patients per "
+               "diagnosis; its own head update each round (from which a coordinator sending a crafted head can "
+               "approximate the sum of one diagnosis's training-patient mean features at that site); one "
+               "histogram of its validation patients' binned logits under the final head (withheld below "
+               f"{fed['min_metric_examples']} patients; with 1-2 patients of a diagnosis it shows their binned "
+               "scores). No image, file name or single cell's features left a site.",)
     model = f"{recipe['backbone']} + {recipe['head']} head"
     return ModelCard("federated patient", model, description.get("backbone_source", ""),
                      tuple(description["class_names"]), data, training, privacy,
