@@ -23,7 +23,8 @@ not move the sites' patient splits.
 
     leuk-server --certs certs --task patients --patient-recipe lite0-meanprob --rounds 100 --local-epochs 2 \\
         --lr 0.1 --batch-size 256 --min-sites 3 --state state
-    leuk-client --server HOST:9092 --data /data/apl --site a --certs certs/sites/a --tasks cells,patients
+    leuk-client --server HOST:9092 --data /data/apl --site a --certs certs/sites/a --tasks cells,patients \\
+        --patient-val-fraction 0.25 --patient-split-seed 0
 """
 from __future__ import annotations
 
