@@ -160,9 +160,8 @@ def _patient_task_problems(fed: FedConfig) -> list[str]:
         federable_recipe(fed.patient_recipe)
     except LeukError as exc:
         problems.append(str(exc))
-    unsupported = {"strategy " + fed.strategy: fed.strategy != "fedavg", "secure aggregation": fed.secure_aggregation,
-                   "DP-SGD": fed.dp, "local-batchnorm": fed.local_batchnorm, "resume": fed.resume,
-                   "eval-data": bool(fed.eval_data)}
+    unsupported = {"strategy " + fed.strategy: fed.strategy != "fedavg", "DP-SGD": fed.dp,
+                   "local-batchnorm": fed.local_batchnorm, "resume": fed.resume, "eval-data": bool(fed.eval_data)}
     problems += [f"--task patients does not support {what} (FedAvg of the head only)"
                  for what, used in unsupported.items() if used]
     return problems

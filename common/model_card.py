@@ -254,12 +254,14 @@ def federated_patient_card(description: Mapping[str, Any], *, command: str) -> M
                 "training patients; standardisation and class weights from the sites' summed moments and counts",
                 f"Temperature {description['temperature']:.3f}; threshold {description['threshold']:.4f}: "
                 f"{description['threshold_rule']}")
-    privacy = ("No differential privacy and no secure aggregation. What left each site, in the clear to the "
-               "coordinator: its training patients' cell count, feature sums and sums of squares and patients per "
-               "diagnosis; its own head update each round (from which a coordinator sending a crafted head can "
-               "approximate the sum of one diagnosis's training-patient mean features at that site); one "
-               "histogram of its validation patients' binned logits under the final head (withheld below "
-               f"{fed['min_metric_examples']} patients; with 1-2 patients of a diagnosis it shows their binned "
+    head_rounds = ("its head update each round only masked (secure aggregation: the coordinator saw the sum of the "
+                   "sites' updates)" if fed.get("secure_aggregation") else
+                   "its own head update each round (from which a coordinator sending a crafted head can approximate "
+                   "the sum of one diagnosis's training-patient mean features at that site)")
+    privacy = ("No differential privacy. What left each site, in the clear to the coordinator unless said: its "
+               "training patients' cell count, feature sums and sums of squares and patients per diagnosis; "
+               f"{head_rounds}; one histogram of its validation patients' binned logits under the final head "
+               f"(withheld below {fed['min_metric_examples']} patients; with 1-2 patients of a diagnosis it shows their binned "
                "scores). No image, file name or single cell's features left a site.",)
     model = f"{recipe['backbone']} + {recipe['head']} head"
     return ModelCard("federated patient", model, description.get("backbone_source", ""),

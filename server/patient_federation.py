@@ -9,10 +9,13 @@ sites with the ServerApp's machinery (registered sites, prompt grid, guarded Fed
 2. the seeded initial head (recipe --patient-recipe) with that standardisation;
 3. --rounds FedAvg rounds over the head (each site: --local-epochs of SGD at a cosine-decayed --lr;
    average weighted by training patients; every reply checked by the guard, which also sends the
-   standardisation unchanged every round and rejects an update that moved it);
-4. calibration: each site scores its validation patients with the final head and sends only a histogram
-   of their logits per diagnosis (once per run; at least --min-sites histograms needed); the summed
-   histogram gives the threshold (>= the recipe's target sensitivity) and the temperature;
+   standardisation unchanged every round and rejects an update that moved it); with
+   --secure-aggregation each round is masked (server/secagg.py): the coordinator sees only the sum of
+   the sites' head updates (the standardisation's deltas are 0, so the average keeps it exactly);
+4. calibration (in the clear, like the moments, even with --secure-aggregation): each site scores its
+   validation patients with the final head and sends only a histogram of their logits per diagnosis
+   (once per run; at least --min-sites histograms needed); the summed histogram gives the threshold
+   (>= the recipe's target sensitivity) and the temperature;
 5. export: STATE/patient-model, a patient run directory as `leuk train-patients` writes it (for
    `leuk evaluate --model STATE/patient-model` and `leuk predict`), with its MODEL_CARD.md.
 
@@ -51,7 +54,8 @@ from leukfed.common.patient_protocol import sigmoid
 from leukfed.common.runs import HISTORY_JSON
 from leukfed.server.registered_sites import RegisteredSites
 from leukfed.server.run_status import write_status
-from leukfed.server.server_app import log, print_round, round_row, wait_for_sites
+from leukfed.server.server_app import (log, print_round, round_row, secure_round_report, training_grid,
+                                       wait_for_sites)
 from leukfed.server.strategies import make_strategy
 
 EXPORT_DIR = "patient-model"
@@ -82,11 +86,15 @@ def run(grid: Grid, fed: FedConfig, class_names: tuple[str, ...], sites: Registe
     strategy.sites = sites
     strategy.frozen = {k: np.array(getattr(head, k).numpy(), dtype=np.float32) for k in ("center", "scale")}
     history: list[dict] = []
+    train_grid = training_grid(grid, fed)   # --secure-aggregation: each head round masked (moments, histograms: clear)
 
     def after_round(current_round: int, arrays: ArrayRecord):
         if current_round == 0:
             return None
+        secure = secure_round_report(train_grid, sites)
         row = round_row(current_round, strategy, None, 0.0, time.perf_counter() - strategy.log.started)
+        if secure is not None:
+            row["secure_aggregation"] = secure
         history.append(row)
         atomic_write_json(state_dir / HISTORY_JSON, history)
         print_round(row, fed.rounds)
@@ -95,7 +103,7 @@ def run(grid: Grid, fed: FedConfig, class_names: tuple[str, ...], sites: Registe
         return None
 
     write_status(state_dir, phase="training", round=1, rounds_completed=0)
-    result = strategy.start(grid=grid, initial_arrays=encode_state(head.state_dict()), num_rounds=fed.rounds,
+    result = strategy.start(grid=train_grid, initial_arrays=encode_state(head.state_dict()), num_rounds=fed.rounds,
                             timeout=fed.round_timeout, evaluate_fn=after_round,
                             train_config=ConfigRecord({**config, "patients-negative": total.patients[0],
                                                        "patients-positive": total.patients[1]}))
@@ -259,7 +267,7 @@ def export(state_dir: Path, fed: FedConfig, recipe, head, class_names: tuple[str
             "train_patients": sum(total.patients), "train_positive": total.patients[1],
             "sites": {name: {"train": sum(m.patients), "evaluate": histograms.get(name, (0, None))[0]}
                       for name, m in per_site.items()},
-            "histograms_released": len(released)},
+            "histograms_released": len(released), "secure_aggregation": fed.secure_aggregation},
         "backbone_source": f"package:{recipe.backbone}",   # feature_backbone: the offline ImageNet weights package
         "leukfed_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

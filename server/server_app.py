@@ -211,6 +211,28 @@ def run_params(fed: FedConfig) -> dict:
     return {k: v for k, v in fed.training_settings().items() if k not in ("eval_data", "eval_split")}
 
 
+def training_grid(grid: Grid, fed: FedConfig) -> Grid:
+    """The grid for `strategy.start`: under --secure-aggregation every TRAIN exchange a masked round."""
+    if not fed.secure_aggregation:
+        return grid
+    from leukfed.server.secagg import SecAggSettings, SecureAggregationGrid, check_secagg_strategy
+
+    check_secagg_strategy(fed.strategy)
+    return SecureAggregationGrid(grid, SecAggSettings(threshold=fed.secagg_threshold or None, clip=fed.secagg_clip),
+                                 log=log)
+
+
+def secure_round_report(train_grid: Grid, sites: RegisteredSites) -> dict | None:
+    """The latest secure round's report for the history row (None: no secure aggregation); notes the site
+    names the sites signed their round keys for (no list: simulation)."""
+    secure = getattr(train_grid, "last_report", None)
+    if secure is None:
+        return None
+    for node, name in secure.names.items():
+        sites.note_claim(node, name)
+    return dataclasses.asdict(secure)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     fed = FedConfig.from_run_config(context.run_config)
@@ -245,13 +267,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy.round_offset = start_round - 1
     if resumed:
         restore_strategy_state(strategy, resumed.strategy_state)
-    train_grid = grid = PromptGrid(grid)
-    if fed.secure_aggregation:
-        from leukfed.server.secagg import SecAggSettings, SecureAggregationGrid, check_secagg_strategy
-
-        check_secagg_strategy(fed.strategy)
-        train_grid = SecureAggregationGrid(
-            grid, SecAggSettings(threshold=fed.secagg_threshold or None, clip=fed.secagg_clip), log=log)
+    grid = PromptGrid(grid)
+    train_grid = training_grid(grid, fed)
     score = server_evaluator(fed, class_names)
     final_metrics: dict = {}
     tracker = SafeTracker(open_tracker(fed.tracking, state_dir.name, run_params(fed)), log) if fed.tracking else None
@@ -267,13 +284,11 @@ def main(grid: Grid, context: Context) -> None:
         started = time.perf_counter()
         server_metrics = score(model) if score else None
         server_seconds = time.perf_counter() - started
-        secure = train_grid.last_report if fed.secure_aggregation else None
-        for node, name in (secure.names if secure is not None else {}).items():
-            sites.note_claim(node, name)   # the names the sites signed their round keys for (no list: simulation)
+        secure = secure_round_report(train_grid, sites)
         row = round_row(round_, strategy, server_metrics, server_seconds,
                         time.perf_counter() - strategy.log.started)
         if secure is not None:
-            row["secure_aggregation"] = dataclasses.asdict(secure)
+            row["secure_aggregation"] = secure
         scored = attach_evaluation(history, strategy.log, round_, sites)
         history.append(row)
         save_round(state_dir, round_=round_, state=state, strategy_state=strategy_state(strategy),

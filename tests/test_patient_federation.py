@@ -168,9 +168,13 @@ def test_task_cells_is_unchanged(tmp_path: Path, monkeypatch) -> None:
     assert (state / "model.safetensors").is_file() and not (state / "patient-model").exists()
 
 
+def test_secure_aggregation_is_supported_for_the_patient_task() -> None:
+    assert FedConfig(state_dir="x", task="patients", secure_aggregation=True, min_sites=3).secure_aggregation
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"strategy": "krum"}, "does not support strategy krum"),
-    ({"secure_aggregation": True, "min_sites": 3}, "does not support secure aggregation"),
+    ({"secure_aggregation": True, "min_sites": 3, "dp_noise_multiplier": 1.0}, "does not support DP-SGD"),
     ({"patient_recipe": "nope"}, "unknown recipe 'nope'"),
     ({"task": "slides"}, "unknown task 'slides'"),
 ])

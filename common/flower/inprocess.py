@@ -96,7 +96,9 @@ class QueuedGrid(InProcessGrid):
         return ids
 
     def pull_messages(self, message_ids):
-        return [self.waiting.pop(i) for i in list(message_ids) if i in self.waiting]
+        replies = [self.waiting.pop(i) for i in list(message_ids) if i in self.waiting]
+        self.received.extend(replies)
+        return replies
 
 
 def set_task_identity(run_id: int, node_id: int = 1, task_id: int = 1) -> None:

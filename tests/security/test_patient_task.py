@@ -5,6 +5,7 @@ replaced by fixed pseudo-random ones per image (no backbone), so only the protoc
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import zlib
 from functools import partial
@@ -26,6 +27,7 @@ from leukfed.common.flower.inprocess import QueuedGrid, run_client_app
 from leukfed.common.flower.wire import encode_state, unpack_message
 from leukfed.common.patient_federated import BINS, Moments, initial_head
 from leukfed.common.patient_heads import make_head
+from leukfed.common.patient_model import evaluate_patient_run, load_patient_model
 from leukfed.server.patient_federation import (MAX_PATIENTS, federation_head, read_histogram, read_moments,
                                                released_histograms)
 from leukfed.server.reply_checks import frozen_problem
@@ -173,12 +175,15 @@ def test_a_head_with_another_standardisation_is_refused(site_folder, tmp_path):
 
 # ---- M4: a site that requires secure aggregation or DP answers nothing ----------------------------
 
-@pytest.mark.parametrize("node, rule", [({"secure-aggregation": "required"}, "no secure aggregation"),
+@pytest.mark.parametrize("node, rule", [({"secure-aggregation": "required"}, "histogram without secure aggregation"),
                                         ({"dp-budget": 1.0}, "no differential privacy")])
 def test_a_site_requiring_secagg_or_dp_refuses_every_patient_request(site_folder, tmp_path, node, rule):
-    site = Site(site_folder, tmp_path, run(), **node)
-    for message_type in (f"{MessageType.QUERY}.moments", MessageType.EVALUATE, MessageType.TRAIN):
-        assert rule in refusal(site.ask(message_type, head_arrays()))
+    """Also in a --secure-aggregation run: its moments and calibration histogram are still in the clear."""
+    for secure in (False, True):
+        site = Site(site_folder, tmp_path / str(secure), run(secure_aggregation=secure), **node)
+        for message_type in (f"{MessageType.QUERY}.moments", MessageType.EVALUATE, MessageType.TRAIN,
+                             f"{MessageType.TRAIN}.secagg"):
+            assert rule in refusal(site.ask(message_type, head_arrays()))
 
 
 # ---- M1, M2: hostile replies at the coordinator ----------------------------------------------------
@@ -260,3 +265,92 @@ def test_a_site_without_an_image_cache_keeps_features_in_memory(tmp_path) -> Non
     assert patient_site.feature_cache_file(site, "efficientnet_lite0", 160) is None
     cached = SiteConfig.from_node_config({"site-name": "h0", "image-cache": str(tmp_path / "cache")})
     assert patient_site.feature_cache_file(cached, "efficientnet_lite0", 160).parent == tmp_path / "cache"
+
+
+# ---- H1: secure aggregation hides each site's head update ------------------------------------------
+
+SECURE_SITES = {2000 + 31 * k: f"h{k}" for k in range(3)}   # node id -> site name; 2 APL + 3 AML each
+HEAD_KEYS = {"linear.weight", "linear.bias", "center", "scale"}
+
+
+@pytest.fixture(scope="module")
+def site_folders(tmp_path_factory, data_root: Path) -> dict[str, Path]:
+    """Three sites' own patient folders (2 APL, 3 AML patients, CELLS cells each)."""
+    source = data_root / "apl_aml"
+    with (source / "patients.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    pools = {d: [r for r in rows if r["diagnosis"] == d] for d in ("APL", "AML")}
+    root, folders = tmp_path_factory.mktemp("patient-sites"), {}
+    for name in SECURE_SITES.values():
+        chosen = [pools["APL"].pop(0) for _ in range(2)] + [pools["AML"].pop(0) for _ in range(3)]
+        folders[name] = root / name
+        for row in chosen:
+            for cell in sorted((source / row["patient"]).rglob("*.jpg"))[:CELLS]:
+                target = folders[name] / cell.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(cell, target)
+        (folders[name] / "patients.csv").write_text("patient,diagnosis\n" + "".join(
+            f"{r['patient']},{r['diagnosis']}\n" for r in chosen))
+    return folders
+
+
+def patient_federation(root: Path, folders: dict[str, Path], secure: bool) -> tuple[Path, QueuedGrid]:
+    """The product ServerApp's `--task patients` over three product ClientApps (signed site keys); returns
+    (state dir, the grid, whose `received` holds every reply the coordinator got)."""
+    from leukfed.client.client_app import app
+    from leukfed.server import patient_federation as federation, server_app
+    from leukfed.server.certs import init_certs
+
+    certs = init_certs(root / "certs", ["localhost"], list(SECURE_SITES.values()))
+    fed = run(state_dir=str(root / "state"), rounds=3, local_epochs=2, lr=0.1, round_timeout=60,
+              secure_aggregation=secure,
+              registered_sites=",".join(f"{name}={node}" for node, name in SECURE_SITES.items()))
+    policy = root / "policy.toml"
+    policy.write_text(SitePolicy(min_metric_examples=1, tasks="patients", patient_val_fraction=0.4).to_toml())
+    contexts = {node: Context(RUN_ID, node, {"data-path": str(folders[name]), "site-name": name, "image-cache": "",
+                                             "site-policy": str(policy), "site-key": str(certs.site(name).private_key),
+                                             "peer-keys": str(certs.root / "sites")}, RecordDict(), fed.to_run_config())
+                for node, name in SECURE_SITES.items()}
+    grid = QueuedGrid({n: partial(run_client_app, app, context=c) for n, c in contexts.items()}, run_id=RUN_ID)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for module in (server_app, federation):
+            monkeypatch.setattr(module, "log", lambda line: None)
+        server_app.main(grid, Context(RUN_ID, 0, {}, RecordDict(), fed.to_run_config()))
+    return Path(fed.state_dir), grid
+
+
+def clear_head_arrays(reply: Message) -> set[str]:
+    """The head's arrays a reply shows the coordinator (unpacked as the server's grid reads it)."""
+    if reply.has_error():
+        return set()
+    return {key for record in unpack_message(reply).content.array_records.values() for key in record} & HEAD_KEYS
+
+
+def test_secure_aggregation_masks_every_head_update_and_trains_the_same_head(site_folders, tmp_path):
+    """A curious coordinator reads each site's head update from its replies: in the clear it can, with
+    --secure-aggregation every head-round reply is a masked vector and the head is the plain run's."""
+    from leukfed.common.secagg import MASKED, MESSAGE_TYPE
+
+    plain_state, plain = patient_federation(tmp_path / "plain", site_folders, secure=False)
+    secure_state, secure = patient_federation(tmp_path / "secure", site_folders, secure=True)
+    assert sum(1 for r in plain.received if clear_head_arrays(r) == HEAD_KEYS) == 9   # the attack in the clear
+    rounds = [r for r in secure.received if r.metadata.message_type == MESSAGE_TYPE]
+    masked = [r for r in rounds if MASKED in r.content.array_records]
+    assert len(masked) == 9 and not any(r.has_error() for r in rounds)   # 3 rounds x 3 sites, none failed
+    assert all(set(r.content.array_records[MASKED]) == {"vector"} and
+               r.content.array_records[MASKED]["vector"].dtype == "uint64" for r in masked)
+    assert not any(clear_head_arrays(r) for r in secure.received), "a head update reached the coordinator"
+    assert not any(r.metadata.message_type == MessageType.TRAIN for r in secure.received)
+    rows = json.loads((secure_state / "history.json").read_text())
+    assert [r["secure_aggregation"]["masked"] for r in rows] == [sorted(SECURE_SITES)] * 3
+    assert all(r["sites_replied"] == 3 and not r["rejected"] for r in rows)   # the guard's frozen check held
+    heads = [load_patient_model(s / "patient-model") for s in (plain_state, secure_state)]
+    assert heads[1].description["federation"]["secure_aggregation"] is True
+    assert "only masked" in (secure_state / "patient-model" / "MODEL_CARD.md").read_text()
+    plain_head, secure_head = (m.heads[0].state_dict() for m in heads)
+    for key in ("center", "scale"):
+        assert torch.equal(plain_head[key], secure_head[key])
+    for key in ("linear.weight", "linear.bias"):   # fixed point (2^-bits) and float64 sums: ~1e-8 apart, not equal
+        assert torch.allclose(plain_head[key], secure_head[key], rtol=0, atol=1e-6), key
+    scored = evaluate_patient_run(secure_state / "patient-model", site_folders["h1"])
+    assert scored["num_patients"] == 5
