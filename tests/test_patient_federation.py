@@ -5,9 +5,7 @@ fourth whose policy allows the cell task only; the ServerApp's main runs in this
 message goes through protobuf (common/flower/inprocess.py's QueuedGrid)."""
 from __future__ import annotations
 
-import csv
 import json
-import shutil
 import subprocess
 from functools import partial
 from pathlib import Path
@@ -19,6 +17,7 @@ from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from inprocess_federation import RUN_ID, run_federation
+from patient_sites import make_site_folders
 from leukfed.common.flower.inprocess import QueuedGrid, run_client_app
 from leukfed.client.policy import SitePolicy, violations
 from leukfed.client.wire_checks import expected_layout
@@ -47,25 +46,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def site_folders(tmp_path_factory, data_root: Path) -> dict[str, Path]:
     """Each site's own patient folders (copies of a few cells) with its patients.csv."""
-    source = data_root / "apl_aml"
-    with (source / "patients.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    pools = {d: [r for r in rows if r["diagnosis"] == d] for d in ("APL", "AML")}
-    root = tmp_path_factory.mktemp("patient-sites")
-    folders = {}
-    for name, (apl, aml) in SITES.items():
-        chosen = [pools["APL"].pop(0) for _ in range(apl)] + [pools["AML"].pop(0) for _ in range(aml)]
-        folder = root / name
-        for row in chosen:
-            cells = sorted((source / row["patient"]).rglob("*.jpg"))[:CELLS]
-            for cell in cells:
-                target = folder / cell.relative_to(source)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(cell, target)
-        (folder / "patients.csv").write_text("patient,diagnosis\n" + "".join(
-            f"{r['patient']},{r['diagnosis']}\n" for r in chosen))
-        folders[name] = folder
-    return folders
+    return make_site_folders(data_root / "apl_aml", tmp_path_factory.mktemp("patient-sites"), SITES, CELLS)
 
 
 @pytest.fixture(scope="module")

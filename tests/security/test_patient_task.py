@@ -31,6 +31,7 @@ from leukfed.common.patient_model import evaluate_patient_run, load_patient_mode
 from leukfed.server.patient_federation import (MAX_PATIENTS, federation_head, read_histogram, read_moments,
                                                released_histograms)
 from leukfed.server.reply_checks import frozen_problem
+from patient_sites import make_site_folders
 
 RUN_ID, NODE, DIM, CELLS = 7, 1234, 1280, 2
 PATIENTS = {"APL": 4, "AML": 6}
@@ -276,22 +277,8 @@ HEAD_KEYS = {"linear.weight", "linear.bias", "center", "scale"}
 @pytest.fixture(scope="module")
 def site_folders(tmp_path_factory, data_root: Path) -> dict[str, Path]:
     """Three sites' own patient folders (2 APL, 3 AML patients, CELLS cells each)."""
-    source = data_root / "apl_aml"
-    with (source / "patients.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    pools = {d: [r for r in rows if r["diagnosis"] == d] for d in ("APL", "AML")}
-    root, folders = tmp_path_factory.mktemp("patient-sites"), {}
-    for name in SECURE_SITES.values():
-        chosen = [pools["APL"].pop(0) for _ in range(2)] + [pools["AML"].pop(0) for _ in range(3)]
-        folders[name] = root / name
-        for row in chosen:
-            for cell in sorted((source / row["patient"]).rglob("*.jpg"))[:CELLS]:
-                target = folders[name] / cell.relative_to(source)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(cell, target)
-        (folders[name] / "patients.csv").write_text("patient,diagnosis\n" + "".join(
-            f"{r['patient']},{r['diagnosis']}\n" for r in chosen))
-    return folders
+    return make_site_folders(data_root / "apl_aml", tmp_path_factory.mktemp("patient-sites"),
+                             {name: (2, 3) for name in SECURE_SITES.values()}, CELLS)
 
 
 def patient_federation(root: Path, folders: dict[str, Path], secure: bool) -> tuple[Path, QueuedGrid]:
