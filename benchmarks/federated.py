@@ -138,8 +138,53 @@ def site_validation_accuracy(history: list[dict]) -> float | None:
     return value if isinstance(value, (int, float)) else None
 
 
+TABLE_METRICS = (("accuracy", "accuracy"), ("macro_sensitivity", "macro sensitivity"), ("auc_ovr", "macro AUC"))
+
+
+def seeds_table(row: dict) -> str:
+    """The markdown table of a multi-seed row: per method mean ± sd [95 % t-interval] (per seed), and the
+    accuracy difference to centralized paired by seed (paired t), in points."""
+    from leukfed.common.stats import paired_t
+
+    methods = row["methods"]
+    if not all("across_seeds" in m for m in methods.values()):
+        raise SystemExit(f"error: {row['experiment']} ran one seed; --table shows multi-seed rows")
+    centralized = methods.get("centralized", {}).get("across_seeds", {}).get("accuracy")
+    lines = ["| method | " + " | ".join(f"{label}: mean ± sd [95 % CI] (per seed)" for _, label in TABLE_METRICS)
+             + " | Δ accuracy vs centralized, paired t over seeds [95 % CI] (p) |",
+             "|---|" + "---|" * len(TABLE_METRICS) + "---|"]
+    for name, method in methods.items():
+        cells = [_seed_stats(method["across_seeds"].get(key) or {}) for key, _ in TABLE_METRICS]
+        delta = "0" if name == "centralized" else "—"
+        if centralized and name != "centralized":
+            paired = paired_t(method["across_seeds"]["accuracy"]["values"], centralized["values"])
+            if paired["diff"] is not None and paired["ci"] and None not in paired["ci"]:
+                p = f" (p {paired['p']:.2f})" if paired["p"] is not None else ""
+                delta = f"{100 * paired['diff']:+.2f} pp [{100 * paired['ci'][0]:+.2f}, {100 * paired['ci'][1]:+.2f}]{p}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {delta} |")
+    return "\n".join(lines)
+
+
+def _seed_stats(stats: dict) -> str:
+    if stats.get("mean") is None:
+        return "—"
+    ci = stats.get("ci")
+    interval = f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci and None not in ci else ""
+    return (f"{100 * stats['mean']:.2f} ± {100 * (stats.get('sd') or 0):.2f}{interval} ("
+            + ", ".join("—" if v is None else f"{100 * v:.2f}" for v in stats["values"]) + ")")
+
+
 def main() -> None:
-    args = experiment_parser(__doc__).parse_args()
+    parser = experiment_parser(__doc__)
+    parser.add_argument("--table", metavar="EXPERIMENT", help="print the markdown table of a multi-seed row and exit")
+    args = parser.parse_args()
+    if args.table:
+        rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+        found = [r for r in rows if r["experiment"] == args.table]
+        if not found:
+            raise SystemExit(f"error: no row of {args.table!r} in {shown_path(RESULTS)}")
+        print(seeds_table(found[-1]))
+        return
     if args.list:
         print("\n".join(EXPERIMENTS))
         return
