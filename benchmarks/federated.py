@@ -80,6 +80,13 @@ EXPERIMENTS = {
     "taleqani-dirichlet0.5-4sites-smallcnn-20rx2ep": dict(SKEW40, strategies=("fedavg",), rounds=20, local_epochs=2,
                                                           baselines=False),
     "taleqani-dirichlet0.5-4sites-smallcnn-80r": dict(SKEW40, strategies=("fedavg",), rounds=80, baselines=False),
+    # FedBN needs BatchNorm (smallcnn has none): tinycnn (conv-BN-ReLU x 3) under the same skew, FedAvg vs
+    # each site keeping its own BatchNorm; FedBN's sites score with their own BatchNorm (site validation),
+    # the exported model carries the average.
+    **{f"taleqani-dirichlet0.5-4sites-tinycnn64-40r{suffix}": dict(SKEW40, model="tinycnn", image_size=64,
+                                                                   strategies=("fedavg",), local_batchnorm=fedbn,
+                                                                   baselines=False)
+       for suffix, fedbn in (("", False), ("-fedbn", True))},
     "aplaml-patient-4sites-dscnet64": dict(dataset="apl_aml", sites=4, partition="patient", strategies=("fedavg",),
                                            model="dscnet", image_size=64, rounds=6, local_epochs=1, batch_size=64,
                                            lr=2e-3, augment="paper002", seed=0),
