@@ -71,6 +71,7 @@ EXPERIMENTS = {
     # each choice made on the sites' validation scores (site_validation_accuracy), never on the test set:
     # FedAdam's server learning rate (0.01, the default, lost 9 points), FedProx's mu, more local epochs
     # per round at equal compute, twice the rounds; then the chosen ones over 3 seeds with intervals.
+    "taleqani-dirichlet0.5-4sites-smallcnn-40r-fedavg": dict(SKEW40, strategies=("fedavg",), baselines=False),
     **{f"taleqani-dirichlet0.5-4sites-smallcnn-40r-fedadam-lr{lr:g}": dict(SKEW40, strategies=("fedadam",),
                                                                           server_lr=lr, baselines=False)
        for lr in (0.001, 0.003, 0.01, 0.03, 0.1)},
