@@ -40,6 +40,8 @@ class SimulateConfig:
     augment: str = _run("augment")
     bn_recalibration: int = _run("bn_recalibration")
     local_batchnorm: bool = _run("local_batchnorm")
+    proximal_mu: float = _run("proximal_mu")
+    server_lr: float = _run("server_lr")
     pretrained: str = _run("pretrained")
     seed: int = _run("seed")
     split: str = setting("", "Split JSON (default: make one).", "simulation")

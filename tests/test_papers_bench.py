@@ -116,3 +116,16 @@ def test_a_cell_that_federated_py_ran_with_the_same_settings_is_reused(papers, t
     assert "--only taleqani-dirichlet-3seeds" in table and "python other" not in table
     papers.main(["--list", "--results", str(tmp_path / "none.jsonl"), "--elsewhere", str(elsewhere)])
     assert "efficientnet_lite0-dirichlet0.5      done (federated.py)" in capsys.readouterr().out
+
+
+def test_federated_py_tables_a_multi_seed_row_and_reads_the_sites_validation():
+    federated = load_benchmark("federated", "federated_bench")
+    row = _row("x-3seeds", {"federated-fedavg": [0.80, 0.82, 0.84], "centralized": [0.90, 0.91, 0.92]})
+    lines = federated.seeds_table(row).splitlines()
+    assert lines[2].startswith("| federated-fedavg | 82.00 ± 2.00 [") and "(80.00, 82.00, 84.00)" in lines[2]
+    assert "-9.00 pp [" in lines[2] and lines[3].endswith("| 0 |")
+    with pytest.raises(SystemExit):
+        federated.seeds_table({"experiment": "one", "methods": {"centralized": {"accuracy": 0.9}}})
+    history = [{"round": 1, "evaluate": {}}, {"round": 10, "evaluate": {"eval_accuracy": 0.7}},
+               {"round": 40, "evaluate": {"eval_accuracy": 0.75}}, {"round": 41, "evaluate": {}}]
+    assert federated.site_validation_accuracy(history) == 0.75 and federated.site_validation_accuracy([]) is None
