@@ -91,7 +91,7 @@ from leukfed.common.atomic import atomic_write_text
 from leukfed.common.metrics import binary_auc
 from leukfed.common.partition import partition_samples
 from leukfed.common.patient_federated import (Moments, federable_recipe, histogram_calibration, logit_histogram,
-                                              moments, round_lr, standardisation)
+                                              moments, round_lr)
 from leukfed.common.patient_federated import initial_head as federated_initial_head
 from leukfed.common.patient_heads import PatientHead, continue_training, head_scores
 from leukfed.common.patient_model import PatientRecipe, ensemble_logits, fit_ensemble
@@ -123,11 +123,6 @@ class FedSettings:
     bins: int = 50           # logit histogram sent by each site
     low: float = -10.0
     high: float = 10.0
-
-
-def federated_standardisation(sites: Sequence[Site]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std (ddof 1) of all sites' cells from per-site count, sum and sum of squares."""
-    return standardisation(_summed_moments(sites))
 
 
 def _summed_moments(sites: Sequence[Site]) -> Moments:
@@ -290,7 +285,7 @@ def run_product_federation(site_folders: dict[str, Path], state: Path, fed: FedS
     nodes = {3000 + 41 * k: name for k, name in enumerate(site_folders)}
     config = FedConfig(task="patients", patient_recipe=recipe, state_dir=str(state), rounds=fed.rounds,
                        local_epochs=fed.epochs, lr=fed.lr, batch_size=fed.batch, seed=seed, min_sites=len(nodes),
-                       min_metric_examples=flower.min_metric_examples, site_val_fraction=flower.site_val_fraction,
+                       min_metric_examples=flower.min_metric_examples,
                        round_timeout=600, registered_sites=",".join(f"{n}={node}" for node, n in nodes.items()))
     run_config = config.to_run_config()
     contexts = {}

@@ -25,11 +25,11 @@ from leukfed.client.policy import site_policy
 from leukfed.common.errors import SiteRefusal
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.flower.wire import decode_state, encode_state
+from leukfed.common.patient_federated import HISTOGRAM_KEYS
 from leukfed.common.patient_site import (SitePatients, load_site_patients, require_training_patients,
                                          site_histogram, site_moments, site_train)
 from leukfed.common.site import site_dp_settings, suppress_small
 
-HISTOGRAM_KEYS = ("histogram-negative", "histogram-positive")
 PATIENT_STATE = "patient-task"     # this run's record in Flower's per-site state (context.state)
 STANDARDISATION = ("center", "scale")
 # Most a run's class counts may differ (larger / smaller): beyond it a coordinator can weight one diagnosis

@@ -28,6 +28,7 @@ from leukfed.common.patient_protocol import fit_temperature
 
 FEDERATED_HEADS = ("meanprob", "meanpool")
 BINS, LOW, HIGH = 50, -10.0, 10.0     # the logit histogram a site sends: 50 bins on [-10, 10], outer bins open
+HISTOGRAM_KEYS = ("histogram-negative", "histogram-positive")   # its two rows in the site's evaluate reply
 
 
 # The head's federated optimisation as measured (benchmarks/apl_federated.py: 100 rounds x 2 local epochs of

@@ -46,9 +46,9 @@ from leukfed.common.atomic import atomic_write_json
 from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.flower.wire import encode_state
-from leukfed.common.patient_federated import (BINS, HIGH, LOW, Moments, feature_dim, federable_recipe,
-                                              histogram_auc, histogram_calibration, histogram_rates, initial_head,
-                                              schedule_advice)
+from leukfed.common.patient_federated import (BINS, HIGH, HISTOGRAM_KEYS, LOW, Moments, feature_dim,
+                                              federable_recipe, histogram_auc, histogram_calibration,
+                                              histogram_rates, initial_head, schedule_advice)
 from leukfed.common.patient_model import PATIENT_RUN_FORMAT, PatientModel, save_patient_model
 from leukfed.common.patient_protocol import sigmoid
 from leukfed.common.runs import HISTORY_JSON
@@ -60,7 +60,6 @@ from leukfed.server.strategies import make_strategy
 
 EXPORT_DIR = "patient-model"
 MOMENTS = f"{MessageType.QUERY}.moments"
-HISTOGRAM_KEYS = ("histogram-negative", "histogram-positive")   # client/patient_tasks.py
 
 
 def run(grid: Grid, fed: FedConfig, class_names: tuple[str, ...], sites: RegisteredSites, state_dir: Path) -> None:
