@@ -182,10 +182,42 @@ def _seed_stats(stats: dict) -> str:
             + ", ".join("—" if v is None else f"{100 * v:.2f}" for v in stats["values"]) + ")")
 
 
+def compare_runs(names: list[str], runs: Path = HERE / "runs", resamples: int = 2000) -> str:
+    """Markdown rows: each single-seed experiment's federated model (its saved test predictions) with its
+    accuracy [95 % bootstrap CI], site-validation accuracy, and the paired bootstrap difference to the first."""
+    from leukfed.common.stats import compare, load_predictions
+
+    rows = {r["experiment"]: r for r in map(json.loads, filter(str.strip, RESULTS.read_text().splitlines()))}
+    preds, validation = {}, {}
+    for name in names:
+        method = next((m for m in rows.get(name, {}).get("methods", {}) if m.startswith("federated-")), None)
+        path = runs / name / "predictions" / str(method) / "global-test.npz"
+        if method is None or not path.exists():
+            raise SystemExit(f"error: no federated row or saved test predictions of {name!r}")
+        preds[name], validation[name] = load_predictions(path), rows[name]["methods"][method].get("site_validation_accuracy")
+    found = compare(preds, reference=names[0], n_resamples=resamples)
+    lines = ["| experiment | test accuracy [95 % CI] | site validation | Δ vs first, paired bootstrap [95 % CI] (p) |",
+             "|---|---|---|---|"]
+    for name, result in found.items():
+        low, high = result["image"]["accuracy"]
+        paired = result.get("paired_image", {}).get("accuracy")
+        delta = "reference" if paired is None else (f"{100 * paired['diff']:+.2f} pp [{100 * paired['ci'][0]:+.2f}, "
+                                                    f"{100 * paired['ci'][1]:+.2f}] (p {paired['p']:.3f})")
+        val = "—" if validation[name] is None else f"{100 * validation[name]:.1f}"
+        accuracy = 100 * float((preds[name].proba.argmax(1) == preds[name].labels).mean())
+        lines.append(f"| `{name}` | {accuracy:.1f} [{100 * low:.1f}, {100 * high:.1f}] | {val} | {delta} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = experiment_parser(__doc__)
     parser.add_argument("--table", metavar="EXPERIMENT", help="print the markdown table of a multi-seed row and exit")
+    parser.add_argument("--compare", nargs="+", metavar="EXPERIMENT", help="single-seed runs scored on the same "
+                        "test images: accuracy, site validation, paired difference to the first; then exit")
     args = parser.parse_args()
+    if args.compare:
+        print(compare_runs(args.compare))
+        return
     if args.table:
         rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
         found = [r for r in rows if r["experiment"] == args.table]

@@ -129,3 +129,25 @@ def test_federated_py_tables_a_multi_seed_row_and_reads_the_sites_validation():
     history = [{"round": 1, "evaluate": {}}, {"round": 10, "evaluate": {"eval_accuracy": 0.7}},
                {"round": 40, "evaluate": {"eval_accuracy": 0.75}}, {"round": 41, "evaluate": {}}]
     assert federated.site_validation_accuracy(history) == 0.75 and federated.site_validation_accuracy([]) is None
+
+
+def test_federated_py_compares_single_seed_runs_on_their_saved_predictions(tmp_path, monkeypatch):
+    import numpy as np
+
+    from leukfed.common.stats import Predictions, save_predictions
+
+    federated = load_benchmark("federated", "federated_bench")
+    labels = np.arange(40) % 2
+    rows = []
+    for name, right in (("base", 30), ("better", 38)):
+        proba = np.eye(2)[np.where(np.arange(40) < right, labels, 1 - labels)]
+        paths = tuple(f"img{i}.png" for i in range(40))
+        save_predictions(tmp_path / "runs" / name / "predictions" / "federated-fedavg" / "global-test.npz",
+                         Predictions(proba, labels, ("a", "b"), paths, (None,) * 40))
+        rows.append({"experiment": name, "methods": {"federated-fedavg": {"site_validation_accuracy": right / 40}}})
+    monkeypatch.setattr(federated, "RESULTS", _write(tmp_path / "federated.jsonl", rows))
+    lines = federated.compare_runs(["base", "better"], tmp_path / "runs", resamples=200).splitlines()
+    assert lines[2].startswith("| `base` | 75.0 [") and lines[2].endswith("| 75.0 | reference |")
+    assert lines[3].startswith("| `better` | 95.0 [") and "+20.00 pp [" in lines[3]
+    with pytest.raises(SystemExit):
+        federated.compare_runs(["base", "missing"], tmp_path / "runs")
