@@ -14,7 +14,7 @@ from leukfed.client.policy import check_task
 from leukfed.common.flower.wire import decode_state, encode_state, packed_arrays_mod
 from leukfed.client.site_errors import (ReceivedArraysRefused, error_code, is_refusal, local_detail,
                                         log_failure, new_ref, public_reason, site_log)
-from leukfed.client.wire_checks import check_received, expected_layout, max_model_bytes
+from leukfed.client.wire_checks import check_received, expected_records, max_model_bytes
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.client.secagg import refuse_plain_training, secure_train
 from leukfed.common.site import (load_site_data, local_evaluate, local_train, site_class_names, site_model,
@@ -66,15 +66,21 @@ def _refusal_or_failure(message: Message, exc: Exception) -> tuple[Message, str,
 
 def refuse_unfit_arrays(msg: Message, context: Context, call_next) -> Message:
     """Mod, before unpacking: the server's arrays must be this site's model (keys, dtypes, shapes,
-    sizes, read from their headers) or nothing is copied; a train or evaluate task has one, "arrays"."""
+    sizes, read from their headers) or nothing is copied; a train or evaluate task has one, "arrays"
+    (the patient task's secure calibration stage also the head, "head")."""
     records = msg.content.array_records if msg.has_content() else {}
     category = str(msg.metadata.message_type).split(".")[0]
-    if set(records) - {"arrays"} or (records and category not in ("train", "evaluate")):
+    if set(records) - {"arrays", "head"} or (records and category not in ("train", "evaluate")):
         raise ReceivedArraysRefused(f"unexpected array records {sorted(records)[:5]}")
     if records:
         fed, site = _settings(context, msg)
         classes = fed.classes or site_class_names(fed, site)
-        check_received(records["arrays"], expected_layout(fed, len(classes)), max_model_bytes(context.node_config))
+        config = msg.content.config_records.get("config") or {}
+        expected = expected_records(fed, len(classes), config)
+        if set(records) != set(expected):
+            raise ReceivedArraysRefused(f"array records {sorted(records)[:5]}, expected {sorted(expected)}")
+        for name, record in records.items():
+            check_received(record, expected[name], max_model_bytes(context.node_config))
     return call_next(msg, context)
 
 

@@ -9,6 +9,11 @@
   (withheld, only num-examples sent, below min-metric-examples patients); never a per-patient score;
   answered once per run.
 
+Under secure aggregation (`leuk-server --secure-aggregation`, or required by the site's node config) the
+moments and the histogram leave the site only inside a masked round (`train.secagg` with config
+patient-stage "moments" or "calibrate", as weighted means: the coordinator sees their sum over the
+round's sites, never one site's), each answered once per run; the plain query and evaluate are refused.
+
 The head's standardisation (center, scale) of the run's first train message is remembered in Flower's
 per-site state: a later train or evaluate message with another standardisation is refused, so a
 coordinator cannot probe the site with crafted heads."""
@@ -22,10 +27,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from leukfed.client.policy import site_policy
+from leukfed.client.secagg import secagg_required
 from leukfed.common.errors import SiteRefusal
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.flower.wire import decode_state, encode_state
-from leukfed.common.patient_federated import HISTOGRAM_KEYS
+from leukfed.common.patient_federated import (HISTOGRAM_KEYS, PATIENT_STAGE, histogram_as_means, histogram_layout,
+                                              moments_as_means, zeros)
+from leukfed.common.secagg import MESSAGE_TYPE as SECURE_ROUND
 from leukfed.common.patient_site import (SitePatients, load_site_patients, require_training_patients,
                                          site_histogram, site_moments, site_train)
 from leukfed.common.site import site_dp_settings, suppress_small
@@ -43,7 +51,25 @@ def site_patients(fed: FedConfig, site: SiteConfig) -> SitePatients:
     return load_site_patients(fed, site, (policy.patient_val_fraction, policy.patient_split_seed))
 
 
+def refuse_in_the_clear(context: Context, fed: FedConfig, site: SiteConfig, request: str) -> None:
+    """Under secure aggregation (the run's or the site's own requirement) the moments and the histogram
+    leave only inside a masked round."""
+    if fed.secure_aggregation or secagg_required(context):
+        raise SiteRefusal(f"site {site.name} refused the {request} in the clear: this run (or this site) "
+                          "requires secure aggregation, which sends it only inside a masked round")
+
+
+def answer_once(context: Context, site_name: str, request: str) -> None:
+    """One answer per run to `request`: a repeated one is refused (two secure sums over different sets of
+    sites would give one site's own aggregate by their difference)."""
+    record = _record(context)
+    if record.get(request):
+        raise SiteRefusal(f"site {site_name} refused the {request}: it answers one per run")
+    record[request] = True
+
+
 def moments(msg: Message, context: Context, fed: FedConfig, site: SiteConfig) -> Message:
+    refuse_in_the_clear(context, fed, site, "moments query")
     data = site_patients(fed, site)
     m = site_moments(data, fed.min_metric_examples, site.name)
     metrics = MetricRecord({"num-examples": data.num_train, "cells": m.cells, "patients-negative": m.patients[0],
@@ -53,6 +79,8 @@ def moments(msg: Message, context: Context, fed: FedConfig, site: SiteConfig) ->
 
 
 def train(msg: Message, context: Context, fed: FedConfig, site: SiteConfig) -> Message:
+    if PATIENT_STAGE in msg.content["config"]:
+        return secure_stage(msg, context, fed, site, str(msg.content["config"][PATIENT_STAGE]))
     started = time.perf_counter()
     site_dp_settings(fed, site)   # a site that requires DP refuses: the head trains without it
     state = decode_state(msg.content["arrays"])
@@ -68,14 +96,43 @@ def train(msg: Message, context: Context, fed: FedConfig, site: SiteConfig) -> M
 
 
 def evaluate(msg: Message, context: Context, fed: FedConfig, site: SiteConfig) -> Message:
-    state = decode_state(msg.content["arrays"])
-    check_standardisation(context, state, site.name, "evaluate", first=False)
-    record_evaluation(context, site.name)
-    data = site_patients(fed, site)
-    histogram, num = site_histogram(fed, data, state)
+    refuse_in_the_clear(context, fed, site, "evaluate request")
+    histogram, num = calibration_histogram(msg.content["arrays"], context, fed, site)
     released = {key: [int(v) for v in row] for key, row in zip(HISTOGRAM_KEYS, histogram)} if num else {}
     released = suppress_small(released, num, max(fed.min_metric_examples, 1))
     return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": num, **released})}), reply_to=msg)
+
+
+def calibration_histogram(head: ArrayRecord, context: Context, fed: FedConfig,
+                          site: SiteConfig) -> tuple[np.ndarray, int]:
+    """The validation patients' logit histogram under the run's final head (once per run, with this run's
+    standardisation) and how many patients it counts."""
+    state = decode_state(head)
+    check_standardisation(context, state, site.name, "evaluate", first=False)
+    answer_once(context, site.name, "evaluate request")
+    return site_histogram(fed, site_patients(fed, site), state)
+
+
+def secure_stage(msg: Message, context: Context, fed: FedConfig, site: SiteConfig, stage: str) -> Message:
+    """The moments or the calibration histogram as weighted means, for the masked vector of a secure round;
+    num-examples (the weight) is sent in the clear: the cell count, or the validation patients (below
+    min-metric-examples the site adds zeros: its histogram is withheld from the sum)."""
+    if msg.metadata.message_type != SECURE_ROUND or stage not in ("moments", "calibrate"):
+        raise SiteRefusal(f"site {site.name} refused the {stage[:40]!r} stage: it answers moments and calibration "
+                          "only inside a secure-aggregation round")
+    if stage == "moments":
+        answer_once(context, site.name, "moments query")
+        data = site_patients(fed, site)
+        arrays, weight = moments_as_means(site_moments(data, fed.min_metric_examples, site.name))
+        metrics = {"num-examples": weight}
+    else:
+        histogram, num = calibration_histogram(msg.content["head"], context, fed, site)
+        released = num >= max(fed.min_metric_examples, 1)
+        arrays = histogram_as_means(histogram, num) if released else zeros(histogram_layout())
+        metrics = {"num-examples": num}
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics),
+                                       "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})}),
+                   reply_to=msg)
 
 
 def own_class_counts(data: SitePatients) -> tuple[int, int]:
@@ -126,11 +183,3 @@ def check_standardisation(context: Context, state: dict[str, torch.Tensor], site
     elif record["standardisation"] != digest:
         raise SiteRefusal(f"site {site_name} refused the {request} request: the head's center/scale differ "
                           "from this run's first train round")
-
-
-def record_evaluation(context: Context, site_name: str) -> None:
-    """One calibration histogram per run: a second evaluate request is refused."""
-    record = _record(context)
-    if record.get("evaluated"):
-        raise SiteRefusal(f"site {site_name} refused the evaluate request: it answers one per run")
-    record["evaluated"] = True

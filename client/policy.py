@@ -169,16 +169,16 @@ def _parameter_count(model: str, image_size: int, num_classes: int) -> int:
 
 
 def node_violations(fed: FedConfig, site: SiteConfig, context) -> list[str]:
-    """The patient task against the site's node config: its moments and calibration histogram travel in the
-    clear (secure aggregation masks only its head rounds) and it has no DP, so a site that requires either
-    refuses all of it (moments and histograms included), not only its training."""
+    """The patient task against the site's node config: without --secure-aggregation its moments, head
+    updates and calibration histogram travel in the clear, and it has no DP, so a site that requires secure
+    aggregation refuses a run without it, and a site that requires DP refuses all of it."""
     from leukfed.client.secagg import secagg_required
 
     if fed.task != "patients":
         return []
-    if secagg_required(context):
-        return ["task 'patients' sends its moments and calibration histogram without secure aggregation, which "
-                "this site requires (node config secure-aggregation)"]
+    if secagg_required(context) and not fed.secure_aggregation:
+        return ["task 'patients' without --secure-aggregation sends its moments and calibration histogram in the "
+                "clear, and this site requires secure aggregation (node config secure-aggregation)"]
     if site.dp_budget > 0 or site.dp_noise_multiplier > 0:
         return ["task 'patients' has no differential privacy, which this site requires (dp-budget or "
                 "dp-noise-multiplier in its node config)"]

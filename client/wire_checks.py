@@ -56,6 +56,20 @@ def expected_layout(fed, num_classes: int) -> Layout:
     return _LAYOUTS[key]
 
 
+def expected_records(fed, num_classes: int, config) -> dict[str, Layout]:
+    """The array records a train or evaluate message may carry, with their layouts: the model's "arrays";
+    in the patient task's secure stages (train config patient-stage) the sums' starting arrays, and for
+    calibration the head as "head"."""
+    if fed.task != "patients" or config.get("patient-stage") not in ("moments", "calibrate"):
+        return {"arrays": expected_layout(fed, num_classes)}
+    from leukfed.common.patient_federated import feature_dim, federable_recipe, histogram_layout, moments_layout
+
+    if config["patient-stage"] == "calibrate":
+        return {"arrays": histogram_layout(), "head": patient_head_layout(fed.patient_recipe)}
+    recipe = federable_recipe(fed.patient_recipe)
+    return {"arrays": moments_layout(feature_dim(recipe.backbone, recipe.image_size))}
+
+
 def patient_head_layout(recipe_name: str) -> Layout:
     key = ("patients", recipe_name)
     if key not in _LAYOUTS:
@@ -92,7 +106,7 @@ def check_received(record: ArrayRecord, layout: Layout, max_bytes: int) -> None:
 def _check_entry(entry: PackedEntry, name: str, shape: tuple[int, ...], dtype: str) -> int:
     floating = np.dtype(dtype).kind == "f"
     allowed = {"int16"} if entry.key.endswith(BF16_SUFFIX) and floating else \
-        {"float32", "float16"} if floating else {dtype}
+        {"float32", "float16"} | ({dtype} if dtype == "float64" else set()) if floating else {dtype}
     header = npy_header(bytes(entry.data[:MAX_HEADER_BYTES]))
     _, header_dtype, header_shape, _, count, offset = header
     if entry.dtype not in allowed or header_dtype.name != entry.dtype or not header_dtype.isnative:

@@ -240,7 +240,7 @@ def patient_card(description: Mapping[str, Any], *, data_dir: str, command: str,
 def federated_patient_card(description: Mapping[str, Any], *, command: str) -> ModelCard:
     """The card of a patient model trained by `leuk-server --task patients`: one FedAvg federation of the head."""
     recipe, fed = description["recipe"], description["federation"]
-    sites = {name: dict(counts) for name, counts in fed["sites"].items()}
+    sites = {name: {k: "masked" if v is None else v for k, v in counts.items()} for name, counts in fed["sites"].items()}
     validation = description["validation"]
     data = (f"{len(sites)} sites' own patient folders: {fed['train_patients']} training patients "
             f"({fed['train_positive']} {description['positive']}), {fed['cells']} cells; each site kept "
@@ -254,15 +254,21 @@ def federated_patient_card(description: Mapping[str, Any], *, command: str) -> M
                 "training patients; standardisation and class weights from the sites' summed moments and counts",
                 f"Temperature {description['temperature']:.3f}; threshold {description['threshold']:.4f}: "
                 f"{description['threshold_rule']}")
-    head_rounds = ("its head update each round only masked (secure aggregation: the coordinator saw the sum of the "
-                   "sites' updates)" if fed.get("secure_aggregation") else
-                   "its own head update each round (from which a coordinator sending a crafted head can approximate "
-                   "the sum of one diagnosis's training-patient mean features at that site)")
-    privacy = ("No differential privacy. What left each site, in the clear to the coordinator unless said: its "
-               "training patients' cell count, feature sums and sums of squares and patients per diagnosis; "
-               f"{head_rounds}; one histogram of its validation patients' binned logits under the final head "
-               f"(withheld below {fed['min_metric_examples']} patients; with 1-2 patients of a diagnosis it shows their binned "
-               "scores). No image, file name or single cell's features left a site.",)
+    if fed.get("secure_aggregation"):
+        privacy = ("No differential privacy. Secure aggregation: each site's moments (feature sums and sums of squares "
+                   "of its training patients' cells, patients per diagnosis), its head update each round and its "
+                   "histogram of its validation patients' binned logits under the final head left it only masked; the "
+                   "coordinator saw their sums over the sites and, in the clear, each site's cell count and number "
+                   f"of validation patients (a site with fewer than {fed['min_metric_examples']} added no histogram). "
+                   "No image, file name or single cell's features left a site.",)
+    else:
+        privacy = ("No differential privacy. What left each site, in the clear to the coordinator: its training "
+                   "patients' cell count, feature sums and sums of squares and patients per diagnosis; its own head "
+                   "update each round (from which a coordinator sending a crafted head can approximate the sum of one "
+                   "diagnosis's training-patient mean features at that site); one histogram of its validation "
+                   f"patients' binned logits under the final head (withheld below {fed['min_metric_examples']} patients; "
+                   "with 1-2 patients of a diagnosis it shows their binned scores). No image, file name or single "
+                   "cell's features left a site.",)
     model = f"{recipe['backbone']} + {recipe['head']} head"
     return ModelCard("federated patient", model, description.get("backbone_source", ""),
                      tuple(description["class_names"]), data, training, privacy,

@@ -99,6 +99,51 @@ def moments(bags: Sequence[np.ndarray], y: Sequence[int]) -> Moments:
                    sum((b.astype(np.float64) ** 2).sum(0) for b in bags), (int(counts[0]), int(counts[1])))
 
 
+# ---- the same aggregates as weighted means (for secure aggregation, which reveals only their sum) -----
+# A secure round averages the sites' arrays weighted by their num-examples and reveals that average and the
+# total weight: a site sends its sums divided by its weight, the server multiplies the average back.
+
+PATIENT_STAGE = "patient-stage"     # train config key: "moments" or "calibrate" inside a secure round
+
+
+def moments_layout(dim: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The arrays of a secure moments round: per-cell mean feature, mean square, patients per cell."""
+    return {"mean": ((dim,), "float64"), "meansq": ((dim,), "float64"), "patients": ((2,), "float64")}
+
+
+def histogram_layout() -> dict[str, tuple[tuple[int, ...], str]]:
+    """The array of a secure calibration round: the histogram divided by the site's validation patients."""
+    return {"histogram": ((2, BINS), "float64")}
+
+
+def zeros(layout: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, np.ndarray]:
+    """The round's starting arrays: secure aggregation averages the sites' differences from them."""
+    return {k: np.zeros(shape, dtype=dtype) for k, (shape, dtype) in layout.items()}
+
+
+def moments_as_means(m: Moments) -> tuple[dict[str, np.ndarray], int]:
+    """A site's moments as (arrays, weight = cells) for a secure round."""
+    return {"mean": m.total / m.cells, "meansq": m.squares / m.cells,
+            "patients": np.asarray(m.patients, dtype=np.float64) / m.cells}, m.cells
+
+
+def moments_from_means(arrays: dict[str, np.ndarray], cells: int) -> Moments:
+    """The summed moments from a secure round's weighted mean and total weight (patients rounded)."""
+    patients = np.rint(np.asarray(arrays["patients"], dtype=np.float64) * cells)
+    return Moments(int(cells), np.asarray(arrays["mean"], dtype=np.float64) * cells,
+                   np.asarray(arrays["meansq"], dtype=np.float64) * cells, (int(patients[0]), int(patients[1])))
+
+
+def histogram_as_means(histogram: np.ndarray, patients: int) -> dict[str, np.ndarray]:
+    """A site's (2, BINS) histogram divided by its validation patients (the round's weight)."""
+    return {"histogram": np.asarray(histogram, dtype=np.float64) / max(patients, 1)}
+
+
+def histogram_from_means(arrays: dict[str, np.ndarray], patients: int) -> np.ndarray:
+    """The summed (2, BINS) histogram from a secure round's weighted mean and total weight."""
+    return np.rint(np.asarray(arrays["histogram"], dtype=np.float64) * patients).astype(np.int64)
+
+
 def standardisation(m: Moments) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std (ddof 1, at least 1e-4) of all cells from summed moments."""
     mean = m.total / m.cells

@@ -12,10 +12,13 @@ sites with the ServerApp's machinery (registered sites, prompt grid, guarded Fed
    standardisation unchanged every round and rejects an update that moved it); with
    --secure-aggregation each round is masked (server/secagg.py): the coordinator sees only the sum of
    the sites' head updates (the standardisation's deltas are 0, so the average keeps it exactly);
-4. calibration (in the clear, like the moments, even with --secure-aggregation): each site scores its
-   validation patients with the final head and sends only a histogram of their logits per diagnosis
-   (once per run; at least --min-sites histograms needed); the summed histogram gives the threshold
-   (>= the recipe's target sensitivity) and the temperature;
+4. calibration: each site scores its validation patients with the final head and sends only a histogram
+   of their logits per diagnosis (once per run; at least --min-sites histograms needed); the summed
+   histogram gives the threshold (>= the recipe's target sensitivity) and the temperature;
+
+With --secure-aggregation steps 1 and 4 are masked rounds too (`secure_sum`: each site sends its sums as
+means weighted by its cell count or validation patients, and the coordinator learns only their sum and
+the weights), so no single site's moments, head update or histogram reaches the coordinator.
 5. export: STATE/patient-model, a patient run directory as `leuk train-patients` writes it (for
    `leuk evaluate --model STATE/patient-model` and `leuk predict`), with its MODEL_CARD.md.
 
@@ -33,12 +36,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from leukfed import __version__
@@ -46,9 +49,11 @@ from leukfed.common.atomic import atomic_write_json
 from leukfed.common.errors import LeukError
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.flower.wire import encode_state
-from leukfed.common.patient_federated import (BINS, HIGH, HISTOGRAM_KEYS, LOW, Moments, feature_dim,
+from leukfed.common.patient_federated import (BINS, HIGH, HISTOGRAM_KEYS, LOW, PATIENT_STAGE, Moments, feature_dim,
                                               federable_recipe, histogram_auc, histogram_calibration,
-                                              histogram_rates, initial_head, schedule_advice)
+                                              histogram_from_means, histogram_layout, histogram_rates,
+                                              initial_head, moments_from_means, moments_layout,
+                                              schedule_advice, zeros)
 from leukfed.common.patient_model import PATIENT_RUN_FORMAT, PatientModel, save_patient_model
 from leukfed.common.patient_protocol import sigmoid
 from leukfed.common.runs import HISTORY_JSON
@@ -73,19 +78,19 @@ def run(grid: Grid, fed: FedConfig, class_names: tuple[str, ...], sites: Registe
         log(advice)
     write_status(state_dir, phase="moments")
     dim = feature_dim(recipe.backbone, recipe.image_size)
-    per_site = ask_moments(grid, fed, sites, dim, config)
-    total = sum(per_site.values(), Moments(0, np.zeros(dim), np.zeros(dim), (0, 0)))
+    train_grid = training_grid(grid, fed)   # --secure-aggregation: moments, head rounds and calibration masked
+    total, trained = (secure_moments(grid, train_grid, fed, sites, dim, config) if fed.secure_aggregation
+                      else ask_moments(grid, fed, sites, dim, config))
     if min(total.patients) < 1:
         raise LeukError(f"the sites' training patients hold one diagnosis only ({total.patients[0]} other, "
                         f"{total.patients[1]} {fed.positive}): both are needed")
-    log(f"moments from {len(per_site)} sites: {sum(total.patients)} training patients ({total.patients[1]} "
+    log(f"moments from {len(trained)} sites: {sum(total.patients)} training patients ({total.patients[1]} "
         f"{fed.positive}), {total.cells} cells")
     head = federation_head(recipe.head, total, fed.seed)
     strategy = make_strategy(fed)
     strategy.sites = sites
     strategy.frozen = {k: np.array(getattr(head, k).numpy(), dtype=np.float32) for k in ("center", "scale")}
     history: list[dict] = []
-    train_grid = training_grid(grid, fed)   # --secure-aggregation: each head round masked (moments, histograms: clear)
 
     def after_round(current_round: int, arrays: ArrayRecord):
         if current_round == 0:
@@ -113,9 +118,10 @@ def run(grid: Grid, fed: FedConfig, class_names: tuple[str, ...], sites: Registe
     head.load_state_dict(final)
     head.center.copy_(center)   # the standardisation is the server's own, from the moments: what the sites
     head.scale.copy_(scale)     # sent back for it (unchanged by local training) is not trusted
-    trained = {name: sum(m.patients) for name, m in per_site.items()}
-    histograms = ask_histograms(grid, fed, sites, encode_state(head.state_dict()), config, trained)
-    export(state_dir, fed, recipe, head, class_names, total, per_site, histograms, len(history))
+    final_head = encode_state(head.state_dict())
+    calibration = (secure_calibration(grid, train_grid, fed, sites, final_head, config) if fed.secure_aggregation
+                   else plain_calibration(fed, ask_histograms(grid, fed, sites, final_head, config, trained)))
+    export(state_dir, fed, recipe, head, class_names, total, trained, calibration, len(history))
     write_status(state_dir, phase="finished", rounds_completed=len(history))
     log(f"finished {len(history)} rounds; patient model exported to {state_dir / EXPORT_DIR}")
 
@@ -129,8 +135,10 @@ def federation_head(kind: str, total: Moments, seed: int):
     return head
 
 
-def ask_moments(grid: Grid, fed: FedConfig, sites: RegisteredSites, dim: int, config: dict) -> dict[str, Moments]:
-    """Each site's moments by site name; unusable replies logged and ignored; fewer than min-sites: LeukError."""
+def ask_moments(grid: Grid, fed: FedConfig, sites: RegisteredSites, dim: int,
+                config: dict) -> tuple[Moments, dict[str, int | None]]:
+    """The summed moments and each site's training patients by site name (every site's moments seen alone);
+    unusable replies logged and ignored; fewer than min-sites: LeukError."""
     nodes = wait_for_sites(grid, fed.min_sites, sites)
     messages = [Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=n, message_type=MOMENTS)
                 for n in nodes]
@@ -147,7 +155,44 @@ def ask_moments(grid: Grid, fed: FedConfig, sites: RegisteredSites, dim: int, co
             found[sites.site_name(node)] = moments
     if len(found) < fed.min_sites:
         raise LeukError(f"only {len(found)} sites sent usable moments; the run needs min-sites {fed.min_sites}")
-    return found
+    return (sum(found.values(), Moments(0, np.zeros(dim), np.zeros(dim), (0, 0))),
+            {name: sum(m.patients) for name, m in found.items()})
+
+
+def secure_sum(grid: Grid, train_grid: Grid, fed: FedConfig, sites: RegisteredSites, stage: str,
+               layout: dict, config: dict, head: ArrayRecord | None = None) -> tuple[dict[str, np.ndarray], int, dict[str, dict]]:
+    """One masked round of `stage` over the registered sites: the weighted mean of their arrays, the total
+    weight, and each answering site's clear metrics by name (its weight, num-examples, among them)."""
+    nodes = wait_for_sites(grid, fed.min_sites, sites)
+    messages = []
+    for node in nodes:
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in zeros(layout).items()}),
+                              "config": ConfigRecord({**config, PATIENT_STAGE: stage})})
+        if head is not None:
+            content["head"] = head
+        messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+    replies = [r for r in train_grid.send_and_receive(messages, timeout=fed.round_timeout) if not r.has_error()]
+    secure_round_report(train_grid, sites)
+    report = train_grid.last_report
+    if report.aborted or not replies:
+        raise LeukError(f"the secure {stage} round failed: {report.aborted or 'no site answered'}")
+    metrics = {sites.site_name(r.metadata.src_node_id): dict(r.content["metrics"]) for r in replies}
+    if clipped := sum(int(m.get("secagg-clipped", 0)) for m in metrics.values()):
+        raise LeukError(f"the secure {stage} round clipped {clipped} values: raise --secagg-clip")
+    if len(metrics) < fed.min_sites:
+        raise LeukError(f"only {len(metrics)} sites took part in the secure {stage} round; the run needs min-sites "
+                        f"{fed.min_sites}")
+    return {k: v.numpy() for k, v in replies[0].content["arrays"].items()}, report.total_examples, metrics
+
+
+def secure_moments(grid: Grid, train_grid: Grid, fed: FedConfig, sites: RegisteredSites, dim: int,
+                   config: dict) -> tuple[Moments, dict[str, int | None]]:
+    """The summed moments from one masked round (no site's own); each site's training patients unknown (None)."""
+    mean, cells, metrics = secure_sum(grid, train_grid, fed, sites, "moments", moments_layout(dim), config)
+    total = moments_from_means(mean, cells)
+    if problem := moments_problem(total, dim, len(metrics)):
+        raise LeukError(f"the sites' summed moments are unusable: {problem} (a site sent a malformed sum)")
+    return total, {name: None for name in metrics}
 
 
 MAX_CELLS = 10_000_000          # per site: the moments of more cells are not believed
@@ -170,17 +215,28 @@ def read_moments(reply: Message, dim: int) -> tuple[Moments | None, str]:
         return None, "feature sums are not readable arrays"
     if not all(a.dtype.kind == "f" for a in raw):
         return None, f"feature sums must be floating point, not {raw[0].dtype}/{raw[1].dtype}"
-    total, squares = (a.astype(np.float64) for a in raw)
-    if total.shape != (dim,) or squares.shape != (dim,) or not (np.isfinite(total).all() and np.isfinite(squares).all()):
-        return None, f"feature sums must be {dim} finite numbers"
     counts = [metrics.get(k) for k in ("cells", "patients-negative", "patients-positive")]
-    if not all(type(c) is int and c >= 0 for c in counts) or counts[0] < 1 or counts[1] + counts[2] < 1 \
-            or counts[0] > MAX_CELLS or max(counts[1:]) > MAX_PATIENTS:
-        return None, (f"counts must be whole numbers, with 1 to {MAX_CELLS} cells and at least one and at most "
-                      f"{MAX_PATIENTS} patients per diagnosis")
+    if not all(type(c) is int for c in counts):
+        return None, "counts must be whole numbers"
+    found = Moments(counts[0], *(a.astype(np.float64) for a in raw), (counts[1], counts[2]))
+    if problem := moments_problem(found, dim, 1):
+        return None, problem
+    return found, ""
+
+
+def moments_problem(m: Moments, dim: int, sites: int) -> str:
+    """Why moments summed over `sites` sites cannot come from real cells ("" when they can): finite sums of
+    width `dim`, bounded counts, sums of squares at least what the sums need."""
+    total, squares, counts = m.total, m.squares, (m.cells, *m.patients)
+    if total.shape != (dim,) or squares.shape != (dim,) or not (np.isfinite(total).all() and np.isfinite(squares).all()):
+        return f"feature sums must be {dim} finite numbers"
+    if min(counts) < 0 or counts[0] < 1 or counts[1] + counts[2] < 1 or counts[0] > sites * MAX_CELLS \
+            or max(counts[1:]) > sites * MAX_PATIENTS:
+        return (f"counts must be whole numbers, with 1 to {MAX_CELLS} cells and at least one and at most "
+                f"{MAX_PATIENTS} patients per diagnosis per site")
     if (squares < 0).any() or (total ** 2 > squares * counts[0] * (1 + SUM_TOLERANCE)).any():
-        return None, "sums of squares too small for the feature sums (no cells have these moments)"
-    return Moments(counts[0], total, squares, (counts[1], counts[2])), ""
+        return "sums of squares too small for the feature sums (no cells have these moments)"
+    return ""
 
 
 def ask_histograms(grid: Grid, fed: FedConfig, sites: RegisteredSites, arrays: ArrayRecord, config: dict,
@@ -230,24 +286,60 @@ def read_histogram(metrics: dict, trained: int) -> tuple[tuple[int, np.ndarray |
 def released_histograms(fed: FedConfig, histograms: dict[str, tuple[int, np.ndarray | None]]) -> list[np.ndarray]:
     """The histograms calibration uses: from at least min-sites sites, with APL patients; LeukError otherwise."""
     released = [h for _, h in histograms.values() if h is not None]
-    if len(released) < fed.min_sites:
-        raise LeukError(f"calibration needs histograms from at least min-sites ({fed.min_sites}) sites; "
-                        f"{len(released)} released one (a site withholds it below min-metric-examples "
-                        f"({fed.min_metric_examples}) validation patients)")
-    if sum(h[1].sum() for h in released) == 0:
-        raise LeukError(f"no site released a histogram with {fed.positive} validation patients: the sites raise "
-                        "their patient-val-fraction, or lower --min-metric-examples where their policies allow")
+    check_release(fed, len(released), np.sum(released, axis=0) if released else np.zeros((2, BINS), np.int64))
     return released
 
 
+def check_release(fed: FedConfig, sites: int, summed: np.ndarray) -> None:
+    """LeukError unless histograms of at least min-sites sites, with APL patients among them, are summed."""
+    if sites < fed.min_sites:
+        raise LeukError(f"calibration needs histograms from at least min-sites ({fed.min_sites}) sites; "
+                        f"{sites} released one (a site withholds it below min-metric-examples "
+                        f"({fed.min_metric_examples}) validation patients)")
+    if summed[1].sum() == 0:
+        raise LeukError(f"no site released a histogram with {fed.positive} validation patients: the sites raise "
+                        "their patient-val-fraction, or lower --min-metric-examples where their policies allow")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the calibration round gives the coordinator: the summed histogram, from how many sites, and each
+    site's validation patients."""
+
+    summed: np.ndarray            # (2, BINS)
+    released: int
+    evaluated: dict[str, int]
+
+
+def plain_calibration(fed: FedConfig, histograms: dict[str, tuple[int, np.ndarray | None]]) -> Calibration:
+    """From each site's own histogram (seen alone)."""
+    return Calibration(np.sum(released_histograms(fed, histograms), axis=0), sum(h is not None for _, h in histograms.values()),
+                       {name: count for name, (count, _) in histograms.items()})
+
+
+def secure_calibration(grid: Grid, train_grid: Grid, fed: FedConfig, sites: RegisteredSites, head: ArrayRecord,
+                       config: dict) -> Calibration:
+    """From one masked round: only the sum of the sites' histograms (a site with fewer validation patients
+    than min-metric-examples, which it sends in the clear, adds zeros)."""
+    mean, patients, metrics = secure_sum(grid, train_grid, fed, sites, "calibrate", histogram_layout(), config, head)
+    evaluated = {name: int(m.get("num-examples", 0)) for name, m in metrics.items()}
+    released = [n for n in evaluated.values() if n >= max(fed.min_metric_examples, 1)]
+    summed = histogram_from_means(mean, patients)
+    if (summed < 0).any() or int(summed.sum()) != sum(released):
+        raise LeukError("the sites' summed histogram is unusable: it does not count their validation patients "
+                        "(a site sent a malformed sum)")
+    check_release(fed, len(released), summed)
+    return Calibration(summed, len(released), evaluated)
+
+
 def export(state_dir: Path, fed: FedConfig, recipe, head, class_names: tuple[str, ...], total: Moments,
-           per_site: dict[str, Moments], histograms: dict[str, tuple[int, np.ndarray | None]], rounds: int) -> Path:
-    """STATE/patient-model: heads.safetensors, patient_model.json and MODEL_CARD.md (train-patients' format)."""
+           trained: dict[str, int | None], calibration: Calibration, rounds: int) -> Path:
+    """STATE/patient-model: heads.safetensors, patient_model.json and MODEL_CARD.md (train-patients' format);
+    `trained`: each site's training patients (None: only their sum was seen)."""
     from leukfed.common.model_card import federated_patient_card, server_command, write_model_card
 
-    released = released_histograms(fed, histograms)
-    summed = np.sum(released, axis=0)
-    logit_threshold, temperature = histogram_calibration(released, LOW, HIGH, recipe.target_sensitivity)
+    summed = calibration.summed
+    logit_threshold, temperature = histogram_calibration([summed], LOW, HIGH, recipe.target_sensitivity)
     threshold = 0.0 if logit_threshold == -math.inf else float(sigmoid(logit_threshold / temperature))
     sensitivity, specificity = histogram_rates(summed, logit_threshold)
     description = {
@@ -264,16 +356,16 @@ def export(state_dir: Path, fed: FedConfig, recipe, head, class_names: tuple[str
             "seed": fed.seed, "validation_split": "each site's own (its policy's patient-val-fraction)",
             "min_metric_examples": fed.min_metric_examples, "cells": total.cells,
             "train_patients": sum(total.patients), "train_positive": total.patients[1],
-            "sites": {name: {"train": sum(m.patients), "evaluate": histograms.get(name, (0, None))[0]}
-                      for name, m in per_site.items()},
-            "histograms_released": len(released), "secure_aggregation": fed.secure_aggregation},
+            "sites": {name: {"train": count, "evaluate": calibration.evaluated.get(name, 0)}
+                      for name, count in trained.items()},
+            "histograms_released": calibration.released, "secure_aggregation": fed.secure_aggregation},
         "backbone_source": f"package:{recipe.backbone}",   # feature_backbone: the offline ImageNet weights package
         "leukfed_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out = state_dir / EXPORT_DIR
     save_patient_model(out, PatientModel(recipe, [head.eval()], (), temperature, threshold, description))
     write_model_card(out, federated_patient_card(description, command=server_command(fed)))
-    log(f"calibration: {int(summed.sum())} validation patients from {len(released)} sites; temperature "
+    log(f"calibration: {int(summed.sum())} validation patients from {calibration.released} sites; temperature "
         f"{temperature:.3f}, threshold {threshold:.4f} (validation sensitivity {sensitivity:.2f}, specificity "
         f"{specificity:.2f}, binned)")
     return out

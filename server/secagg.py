@@ -49,6 +49,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from leukfed.common.errors import LeukError
 from leukfed.common.secagg import (
     ERROR_CODE,
     MASKED,
@@ -308,7 +309,10 @@ class SecureAggregationGrid(DelegatingGrid):
                     total = total - mask if owner < gone else total + mask
         except ValueError as exc:                    # malformed shares or a degenerate key
             raise _Abort(f"the sites' shares do not rebuild the masks ({exc})") from None
-        arrays, report.total_examples = dequantize_sum(total, global_arrays, bits)
+        try:
+            arrays, report.total_examples = dequantize_sum(total, global_arrays, bits)
+        except LeukError as exc:                      # no examples at all: nothing to average
+            raise _Abort(str(exc).removeprefix("secure aggregation: ")) from None
         if report.total_examples > len(survivors) * settings.max_examples:
             raise _Abort("the unmasked total is out of range (a site sent a malformed update)")
         report.stage_seconds["unmask-server"] = time.perf_counter() - started

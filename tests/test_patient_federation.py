@@ -168,18 +168,23 @@ def test_unsupported_patient_runs_are_refused_in_one_line(settings: dict, messag
 @pytest.mark.slow
 def test_leuk_server_and_leuk_client_processes_train_and_export_the_patient_model(site_folders, tmp_path) -> None:
     """The deployment path: real leuk-server and three leuk-client processes (TLS, site keys, approvals,
-    forked tasks), then `leuk evaluate` on the export."""
+    forked tasks) under secure aggregation (moments, head rounds and calibration masked), then `leuk
+    evaluate` on the export."""
     fed = LoopbackFederation(tmp_path, ["h0", "h1", "h2"],
                              site_policy=("--min-sites", "2", "--min-metric-examples", "1", "--tasks", "cells,patients"))
     try:
         server = fed.server("--task", "patients", "--rounds", "2", "--local-epochs", "2", "--lr", "0.1",
-                            "--batch-size", "64", "--min-sites", "3", "--site-val-fraction", "0.4")
+                            "--batch-size", "64", "--min-sites", "3", "--site-val-fraction", "0.4",
+                            "--secure-aggregation")
         fed.wait_submitted()
         clients = [fed.client(site, site_folders[site]) for site in ("h0", "h1", "h2")]
         assert fed.wait_server(server, clients, 400) == 0, fed.log("server.log")
     finally:
         fed.close()
     assert "patient model exported to" in fed.log("server.log")
+    federation = json.loads((fed.state / "patient-model" / "patient_model.json").read_text())["federation"]
+    assert federation["secure_aggregation"] and federation["histograms_released"] == 3
+    assert [s["train"] for s in federation["sites"].values()] == [None] * 3   # only the sum of their moments
     assert (tmp_path / "site-h0" / "image-cache" / "patient-features-efficientnet_lite0-160.npz").is_file()
     evaluated = subprocess.run([*cli("cli"), "evaluate", "--model", str(fed.state / "patient-model"),
                                 "--data", str(site_folders["h2"])], capture_output=True, text=True, env=ENV)

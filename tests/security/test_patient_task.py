@@ -5,6 +5,7 @@ replaced by fixed pseudo-random ones per image (no backbone), so only the protoc
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import zlib
@@ -25,7 +26,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from leukfed.common.flower.inprocess import QueuedGrid, run_client_app
 from leukfed.common.flower.wire import encode_state, unpack_message
-from leukfed.common.patient_federated import BINS, Moments, initial_head
+from leukfed.common.patient_federated import (BINS, HISTOGRAM_KEYS, PATIENT_STAGE, Moments, initial_head,
+                                              moments_layout, zeros)
 from leukfed.common.patient_heads import make_head
 from leukfed.common.patient_model import evaluate_patient_run, load_patient_model
 from leukfed.server.patient_federation import (MAX_PATIENTS, federation_head, read_histogram, read_moments,
@@ -174,17 +176,32 @@ def test_a_head_with_another_standardisation_is_refused(site_folder, tmp_path):
     assert not site.ask(MessageType.EVALUATE, head_arrays()).has_error()   # the refused probes left no trace
 
 
-# ---- M4: a site that requires secure aggregation or DP answers nothing ----------------------------
+# ---- M4: a site that requires secure aggregation or DP: nothing in the clear, nothing without DP --------
 
-@pytest.mark.parametrize("node, rule", [({"secure-aggregation": "required"}, "histogram without secure aggregation"),
-                                        ({"dp-budget": 1.0}, "no differential privacy")])
-def test_a_site_requiring_secagg_or_dp_refuses_every_patient_request(site_folder, tmp_path, node, rule):
-    """Also in a --secure-aggregation run: its moments and calibration histogram are still in the clear."""
+def test_a_site_requiring_dp_refuses_every_patient_request(site_folder, tmp_path):
+    """Also in a --secure-aggregation run: the patient task has no DP."""
     for secure in (False, True):
-        site = Site(site_folder, tmp_path / str(secure), run(secure_aggregation=secure), **node)
+        site = Site(site_folder, tmp_path / str(secure), run(secure_aggregation=secure), **{"dp-budget": 1.0})
         for message_type in (f"{MessageType.QUERY}.moments", MessageType.EVALUATE, MessageType.TRAIN,
                              f"{MessageType.TRAIN}.secagg"):
-            assert rule in refusal(site.ask(message_type, head_arrays()))
+            assert "no differential privacy" in refusal(site.ask(message_type, head_arrays()))
+
+
+@pytest.mark.parametrize("node", [{"secure-aggregation": "required"}, {}])
+def test_under_secure_aggregation_nothing_is_answered_in_the_clear(site_folder, tmp_path, node):
+    """A site that requires secure aggregation refuses a run without it; in a --secure-aggregation run (and
+    any site in one) refuses the moments query and the calibration histogram in the clear, and a plain train
+    request carrying a secure stage (whose sums would leave unmasked)."""
+    if node:
+        site = Site(site_folder, tmp_path / "plain", run(), **node)
+        for message_type in (f"{MessageType.QUERY}.moments", MessageType.EVALUATE, MessageType.TRAIN):
+            assert "without --secure-aggregation" in refusal(site.ask(message_type, head_arrays()))
+    site = Site(site_folder, tmp_path / "secure", run(secure_aggregation=True), **node)
+    assert "moments query in the clear" in refusal(site.ask(f"{MessageType.QUERY}.moments"))
+    assert "evaluate request in the clear" in refusal(site.ask(MessageType.EVALUATE, head_arrays()))
+    moments_zeros = ArrayRecord({k: Array(v) for k, v in zeros(moments_layout(DIM)).items()})
+    reply = site.ask(MessageType.TRAIN, moments_zeros, **{PATIENT_STAGE: "moments"})
+    assert ("only inside a secure-aggregation round" if not node else "only takes part in secure") in refusal(reply)
 
 
 # ---- M1, M2: hostile replies at the coordinator ----------------------------------------------------
@@ -281,29 +298,46 @@ def site_folders(tmp_path_factory, data_root: Path) -> dict[str, Path]:
                              {name: (2, 3) for name in SECURE_SITES.values()}, CELLS)
 
 
-def patient_federation(root: Path, folders: dict[str, Path], secure: bool) -> tuple[Path, QueuedGrid]:
-    """The product ServerApp's `--task patients` over three product ClientApps (signed site keys); returns
-    (state dir, the grid, whose `received` holds every reply the coordinator got)."""
+def federation_sites(root: Path, folders: dict[str, Path], secure: bool, **settings) -> tuple[FedConfig, QueuedGrid]:
+    """Three product ClientApps (signed site keys) on their own patient folders, and the run's settings;
+    the grid's `received` holds every reply the coordinator gets."""
     from leukfed.client.client_app import app
-    from leukfed.server import patient_federation as federation, server_app
     from leukfed.server.certs import init_certs
 
     certs = init_certs(root / "certs", ["localhost"], list(SECURE_SITES.values()))
     fed = run(state_dir=str(root / "state"), rounds=3, local_epochs=2, lr=0.1, round_timeout=60,
               secure_aggregation=secure,
-              registered_sites=",".join(f"{name}={node}" for node, name in SECURE_SITES.items()))
+              registered_sites=",".join(f"{name}={node}" for node, name in SECURE_SITES.items()), **settings)
     policy = root / "policy.toml"
     policy.write_text(SitePolicy(min_metric_examples=1, tasks="patients", patient_val_fraction=0.4).to_toml())
     contexts = {node: Context(RUN_ID, node, {"data-path": str(folders[name]), "site-name": name, "image-cache": "",
                                              "site-policy": str(policy), "site-key": str(certs.site(name).private_key),
                                              "peer-keys": str(certs.root / "sites")}, RecordDict(), fed.to_run_config())
                 for node, name in SECURE_SITES.items()}
-    grid = QueuedGrid({n: partial(run_client_app, app, context=c) for n, c in contexts.items()}, run_id=RUN_ID)
+    return fed, QueuedGrid({n: partial(run_client_app, app, context=c) for n, c in contexts.items()}, run_id=RUN_ID)
+
+
+def patient_federation(root: Path, folders: dict[str, Path], secure: bool, **settings) -> tuple[Path, QueuedGrid]:
+    """The product ServerApp's `--task patients` over `federation_sites`; returns (state dir, the grid)."""
+    from leukfed.server import patient_federation as federation, server_app
+
+    fed, grid = federation_sites(root, folders, secure, **settings)
     with pytest.MonkeyPatch.context() as monkeypatch:
         for module in (server_app, federation):
             monkeypatch.setattr(module, "log", lambda line: None)
         server_app.main(grid, Context(RUN_ID, 0, {}, RecordDict(), fed.to_run_config()))
     return Path(fed.state_dir), grid
+
+
+def clear_sums(reply: Message) -> set[str]:
+    """The moments and histogram a reply shows the coordinator in the clear."""
+    if reply.has_error():
+        return set()
+    content = unpack_message(reply).content
+    shown = {key for record in content.array_records.values() for key in record} & {"total", "squares", "mean",
+                                                                                  "meansq", "histogram"}
+    metrics = {key for record in content.metric_records.values() for key in record}
+    return shown | (metrics & {*HISTOGRAM_KEYS, "patients-negative", "patients-positive"})
 
 
 def clear_head_arrays(reply: Message) -> set[str]:
@@ -323,7 +357,10 @@ def test_secure_aggregation_masks_every_head_update_and_trains_the_same_head(sit
     assert sum(1 for r in plain.received if clear_head_arrays(r) == HEAD_KEYS) == 9   # the attack in the clear
     rounds = [r for r in secure.received if r.metadata.message_type == MESSAGE_TYPE]
     masked = [r for r in rounds if MASKED in r.content.array_records]
-    assert len(masked) == 9 and not any(r.has_error() for r in rounds)   # 3 rounds x 3 sites, none failed
+    # moments, 3 head rounds, calibration: 5 masked rounds x 3 sites, none failed
+    assert len(masked) == 15 and not any(r.has_error() for r in rounds)
+    assert sum(1 for r in plain.received if clear_sums(r)) == 6   # moments and histograms, each site alone
+    assert not any(clear_sums(r) for r in secure.received), "a site's moments or histogram reached the coordinator"
     assert all(set(r.content.array_records[MASKED]) == {"vector"} and
                r.content.array_records[MASKED]["vector"].dtype == "uint64" for r in masked)
     assert not any(clear_head_arrays(r) for r in secure.received), "a head update reached the coordinator"
@@ -335,9 +372,53 @@ def test_secure_aggregation_masks_every_head_update_and_trains_the_same_head(sit
     assert heads[1].description["federation"]["secure_aggregation"] is True
     assert "only masked" in (secure_state / "patient-model" / "MODEL_CARD.md").read_text()
     plain_head, secure_head = (m.heads[0].state_dict() for m in heads)
-    for key in ("center", "scale"):
-        assert torch.equal(plain_head[key], secure_head[key])
+    for key in ("center", "scale"):   # from sums through fixed point: equal in float32 up to rounding
+        assert torch.allclose(plain_head[key], secure_head[key], rtol=1e-6, atol=1e-7), key
+    plain_model, secure_model = (m.description for m in heads)
+    assert (plain_model["threshold"], plain_model["validation"]) == (secure_model["threshold"], secure_model["validation"])
+    assert secure_model["temperature"] == pytest.approx(plain_model["temperature"], rel=1e-6)
+    assert {s["train"] for s in secure_model["federation"]["sites"].values()} == {None}   # only their sum was seen
     for key in ("linear.weight", "linear.bias"):   # fixed point (2^-bits) and float64 sums: ~1e-8 apart, not equal
         assert torch.allclose(plain_head[key], secure_head[key], rtol=0, atol=1e-6), key
     scored = evaluate_patient_run(secure_state / "patient-model", site_folders["h1"])
     assert scored["num_patients"] == 5
+
+
+def test_a_second_secure_moments_round_is_refused(site_folders, tmp_path):
+    """Two secure sums over different sets of sites would give one site's moments by their difference: each
+    site answers one moments round per run, so the coordinator's second round (without h2) fails."""
+    from leukfed.server import patient_federation as federation, server_app
+    from leukfed.server.registered_sites import RegisteredSites
+
+    fed, grid = federation_sites(tmp_path, site_folders, secure=True)
+    sites = RegisteredSites.parse(fed.registered_sites)
+    train_grid = server_app.training_grid(grid, fed)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for module in (server_app, federation):
+            monkeypatch.setattr(module, "log", lambda line: None)
+        total, trained = federation.secure_moments(grid, train_grid, fed, sites, DIM, {"class-names": "AML,APL"})
+        assert sorted(trained) == ["h0", "h1", "h2"] and total.patients == (6, 3)   # 3 + 2 per site, 40 % held out
+        two = sites.grid(grid)
+        two.get_node_ids = lambda: sorted(SECURE_SITES)[:2]
+        with pytest.raises(LeukError, match="secure moments round failed"):
+            federation.secure_moments(two, train_grid, dataclasses.replace(fed, min_sites=2), sites, DIM,
+                                      {"class-names": "AML,APL"})
+    refusals = [r.error.reason for r in grid.received if r.has_error()]
+    assert sum("answers one per run" in reason for reason in refusals) == 2
+
+
+def test_sites_below_the_floor_add_no_histogram_to_the_secure_sum(site_folders, tmp_path):
+    """Each site holds 2 validation patients, the run's floor is 3: every site adds zeros (only its count
+    shows), so no histogram is summed and calibration stops in one line instead of exporting."""
+    from leukfed.common.secagg import MASKED
+    from leukfed.server import patient_federation as federation, server_app
+
+    fed, grid = federation_sites(tmp_path, site_folders, secure=True, min_metric_examples=3)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for module in (server_app, federation):
+            monkeypatch.setattr(module, "log", lambda line: None)
+        with pytest.raises(LeukError, match=r"at least min-sites \(3\) sites; 0 released"):
+            server_app.main(grid, Context(RUN_ID, 0, {}, RecordDict(), fed.to_run_config()))
+    calibration = [r for r in grid.received[-12:] if MASKED in r.content.array_records]   # the last round's
+    assert [r.content["metrics"]["num-examples"] for r in calibration[-3:]] == [2, 2, 2]
+    assert not (Path(fed.state_dir) / "patient-model").exists()
