@@ -88,6 +88,11 @@ EXPERIMENTS = {
                                                                    strategies=("fedavg",), local_batchnorm=fedbn,
                                                                    baselines=False)
        for suffix, fedbn in (("", False), ("-fedbn", True))},
+    # The same pair over 3 seeds (partition, initialisation, data order): `--compare` pairs them seed by seed.
+    **{f"taleqani-dirichlet0.5-4sites-tinycnn64-40r{suffix}-3seeds": dict(SKEW40, model="tinycnn", image_size=64,
+                                                                          strategies=("fedavg",), local_batchnorm=fedbn,
+                                                                          baselines=False, seeds="0,1,2")
+       for suffix, fedbn in (("", False), ("-fedbn", True))},
     "aplaml-patient-4sites-dscnet64": dict(dataset="apl_aml", sites=4, partition="patient", strategies=("fedavg",),
                                            model="dscnet", image_size=64, rounds=6, local_epochs=1, batch_size=64,
                                            lr=2e-3, augment="paper002", seed=0),
@@ -184,10 +189,13 @@ def _seed_stats(stats: dict) -> str:
 
 def compare_runs(names: list[str], runs: Path = HERE / "runs", resamples: int = 2000) -> str:
     """Markdown rows: each single-seed experiment's federated model (its saved test predictions) with its
-    accuracy [95 % bootstrap CI], site-validation accuracy, and the paired bootstrap difference to the first."""
+    accuracy [95 % bootstrap CI], site-validation accuracy, and the paired bootstrap difference to the first;
+    multi-seed experiments are paired seed by seed instead (`compare_seeds`)."""
     from leukfed.common.stats import compare, load_predictions
 
     rows = {r["experiment"]: r for r in map(json.loads, filter(str.strip, RESULTS.read_text().splitlines()))}
+    if all(_federated(rows.get(name, {})).get("across_seeds") for name in names):
+        return compare_seeds([rows[name] for name in names])
     preds, validation = {}, {}
     for name in names:
         method = next((m for m in rows.get(name, {}).get("methods", {}) if m.startswith("federated-")), None)
@@ -206,6 +214,31 @@ def compare_runs(names: list[str], runs: Path = HERE / "runs", resamples: int = 
         val = "—" if validation[name] is None else f"{100 * validation[name]:.1f}"
         accuracy = 100 * float((preds[name].proba.argmax(1) == preds[name].labels).mean())
         lines.append(f"| `{name}` | {accuracy:.1f} [{100 * low:.1f}, {100 * high:.1f}] | {val} | {delta} |")
+    return "\n".join(lines)
+
+
+def _federated(row: dict) -> dict:
+    """The row's federated method (its first), or {}."""
+    return next((m for name, m in row.get("methods", {}).items() if name.startswith("federated-")), {})
+
+
+def compare_seeds(rows: list[dict]) -> str:
+    """Markdown rows: each multi-seed experiment's federated accuracy (mean ± sd [t-interval] (per seed)) and
+    its difference to the first's, paired by seed (same partition, initialisation and test images)."""
+    from leukfed.common.stats import paired_t
+
+    reference = _federated(rows[0])["across_seeds"]["accuracy"]["values"]
+    lines = ["| experiment | test accuracy: mean ± sd [95 % CI] (per seed) | Δ vs first, paired t over seeds "
+             "[95 % CI] (p) |", "|---|---|---|"]
+    for row in rows:
+        accuracy = _federated(row)["across_seeds"]["accuracy"]
+        delta = "reference"
+        if row is not rows[0]:
+            paired = paired_t(accuracy["values"], reference)
+            p = f" (p {paired['p']:.3f})" if paired["p"] is not None else ""
+            delta = (f"{100 * paired['diff']:+.2f} pp [{100 * paired['ci'][0]:+.2f}, {100 * paired['ci'][1]:+.2f}]{p}"
+                     if paired["ci"] and None not in paired["ci"] else "—")
+        lines.append(f"| `{row['experiment']}` | {_seed_stats(accuracy)} | {delta} |")
     return "\n".join(lines)
 
 

@@ -151,3 +151,13 @@ def test_federated_py_compares_single_seed_runs_on_their_saved_predictions(tmp_p
     assert lines[3].startswith("| `better` | 95.0 [") and "+20.00 pp [" in lines[3]
     with pytest.raises(SystemExit):
         federated.compare_runs(["base", "missing"], tmp_path / "runs")
+
+
+def test_federated_py_compares_multi_seed_runs_seed_by_seed(tmp_path, monkeypatch):
+    federated = load_benchmark("federated", "federated_bench")
+    rows = [_row("plain-3seeds", {"federated-fedavg": [0.80, 0.70, 0.90]}),
+            _row("fedbn-3seeds", {"federated-fedavg": [0.90, 0.81, 0.99]})]
+    monkeypatch.setattr(federated, "RESULTS", _write(tmp_path / "federated.jsonl", rows))
+    lines = federated.compare_runs(["plain-3seeds", "fedbn-3seeds"], tmp_path / "runs").splitlines()
+    assert lines[2].startswith("| `plain-3seeds` | 80.00 ± 10.00 [") and lines[2].endswith("| reference |")
+    assert "(90.00, 81.00, 99.00)" in lines[3] and "+10.00 pp [" in lines[3]   # paired: 10, 11, 9 points
