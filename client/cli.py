@@ -122,7 +122,8 @@ def join(
                                     "run's delta, never above --dp-delta): stop contributing before a round would exceed it; refuse runs without DP. 0: none."),
     dp_noise: float = typer.Option(0.0, "--dp-noise", help="Train with at least this DP noise multiplier (0: the run's)."),
     image_cache: bool = typer.Option(True, "--image-cache/--no-image-cache", help="Keep decoded copies of this "
-                                     "site's images in STATE/image-cache (owner-only) so that rounds do not decode them again."),
+                                     "site's images and their hashes in STATE/image-cache (owner-only) so that rounds do not "
+                                     "decode or hash them again."),
     cold_start: bool = typer.Option(False, "--cold-start", help="Start every task in a fresh process (Flower's "
                                     "default) instead of forking it from a process that imported torch once."),
     policy: Optional[Path] = typer.Option(None, "--policy", help="This site's policy file (TOML, keys as the policy "

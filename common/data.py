@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -70,15 +72,68 @@ class Manifest:
         return {s.path: s for s in self.samples}
 
 
-def scan_dataset(root: str | Path) -> Manifest:
-    """Detect the layout of `root`, list its images with labels and hashes; LeukError if unusable."""
+def scan_dataset(root: str | Path, hash_cache: Path | None = None) -> Manifest:
+    """Detect the layout of `root`, list its images with labels and hashes; LeukError if unusable.
+    `hash_cache`: a folder of the caller's own (a site's image cache) where each file's hash is kept with
+    its size, mtime and inode, so that an unchanged file is not read again (a site's every task runs in a
+    fresh process and would otherwise hash all its images each round)."""
     root = check_root(root)
     found = discover(root, strict=True)
     if found.skipped:
         _log.warning("skipped %d entries of %s that cannot be read safely: %s", len(found.skipped), root,
                      examples(found.skipped))
-    shas = parallel_map(lambda f: _sha256_file(root / f.path), found.images)
-    return _build_manifest(root, found, shas)
+    if hash_cache is None:
+        shas = parallel_map(lambda f: _sha256_file(root / f.path)[0], found.images)
+        return _build_manifest(root, found, shas)
+    cache = _hash_cache_file(hash_cache, root)
+    known = _load_hashes(cache)
+    hashed = [_unchanged(root / f.path, known.get(f.path)) for f in found.images]   # a stat each: no thread pool
+    missing = [i for i, entry in enumerate(hashed) if entry is None]
+    for i, entry in zip(missing, parallel_map(lambda i: _hash_entry(root / found.images[i].path), missing)):
+        hashed[i] = entry
+    if missing or len(known) != len(hashed):
+        from leukfed.common.atomic import atomic_write_json
+
+        atomic_write_json(cache, {"format": HASH_CACHE_FORMAT, "written_ns": time.time_ns(),
+                                  "files": {f.path: entry for f, entry in zip(found.images, hashed)}})
+    return _build_manifest(root, found, [entry[-1] for entry in hashed])
+
+
+HASH_CACHE_FORMAT = "leukfed-file-hashes-1"
+_RACY_NS = 2_000_000_000   # a file changed this close to the cache's writing may change again unseen: hash it
+
+
+def _hash_cache_file(folder: Path, root: Path) -> Path:
+    """One JSON file per dataset root in `folder` (no pickle: it is read back by the site's next task)."""
+    return Path(folder) / f"file-hashes-{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json"
+
+
+def _load_hashes(cache: Path) -> dict[str, list]:
+    """path -> [size, mtime_ns, inode, sha256] of entries old enough to trust ({} for a missing or
+    unreadable cache: everything is hashed again)."""
+    try:
+        data = json.loads(cache.read_text())
+        cutoff = int(data["written_ns"]) - _RACY_NS
+        files = data["files"] if data.get("format") == HASH_CACHE_FORMAT else {}
+        return {p: e for p, e in files.items() if isinstance(e, list) and len(e) == 4 and e[1] < cutoff}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _unchanged(path: Path, entry: list | None) -> list | None:
+    """The cached [size, mtime_ns, inode, sha256] while the file's stat still matches it, else None."""
+    if entry is None:
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return entry if [st.st_size, st.st_mtime_ns, st.st_ino] == entry[:3] else None
+
+
+def _hash_entry(path: Path) -> list:
+    sha, st = _sha256_file(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino, sha]
 
 
 def _build_manifest(root: Path, found: Discovery, shas: list[str]) -> Manifest:
@@ -90,15 +145,17 @@ def _build_manifest(root: Path, found: Discovery, shas: list[str]) -> Manifest:
     return Manifest(root=root, layout=found.layout, class_names=classes, samples=tuple(samples))
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_file(path: Path) -> tuple[str, os.stat_result]:
+    """The file's sha256 and the stat of the very file read."""
     h = hashlib.sha256()
     try:
         with open_regular(path) as fh:
+            st = os.fstat(fh.fileno())
             while chunk := fh.read(_HASH_BUFFER):
                 h.update(chunk)
     except OSError as exc:
         raise LeukError(f"cannot read {shown(str(path))}: {exc.strerror or exc}") from None
-    return h.hexdigest()
+    return h.hexdigest(), st
 
 
 def parallel_map(fn: Callable[[_T], _R], items: list[_T]) -> list[_R]:

@@ -206,7 +206,8 @@ class SiteConfig:
     dp_noise_multiplier: float = setting(0.0, "The site may demand more noise than the run's, never less.", "site")
     dp_clear_metrics: bool = setting(False, "Under DP, also send training loss/accuracy and validation scores "
                                      "(not covered by the privacy accounting).", "site")
-    image_cache: str = setting("", "Folder for decoded copies of the site's images (\"\": decode every task).", "site")
+    image_cache: str = setting("", "Folder for decoded copies of the site's images and their hashes (\"\": decode and hash "
+                                    "every task).", "site")
     partition_id: int = setting(-1, "Which virtual site this node is.", "simulation")
     num_partitions: int = setting(0, "How many virtual sites there are.", "simulation")
     partition_file: str = setting("", "Which samples each virtual site holds (partition.json).", "simulation")

@@ -63,7 +63,7 @@ def load_site_patients(fed: FedConfig, site: SiteConfig, split: tuple[float, int
     site-val-fraction would let a coordinator move one patient between two runs' training sides and read
     that patient's sums from the difference of their moments)."""
     from leukfed.common.patient_model import bag_features, cell_type_of, patient_cells
-    from leukfed.common.site import cached_manifest, check_site_classes
+    from leukfed.common.site import check_site_classes, site_manifest
 
     recipe = federable_recipe(fed.patient_recipe)
     if not site.data_path:
@@ -72,7 +72,7 @@ def load_site_patients(fed: FedConfig, site: SiteConfig, split: tuple[float, int
     key = (site.data_path, fed.patient_recipe, fed.positive, fraction, seed, fed.class_names)
     if key in _LOADED:
         return _LOADED[key]
-    manifest = cached_manifest(site.data_path)
+    manifest = site_manifest(site)
     if not manifest.has_patients() or fed.positive not in manifest.class_names or len(manifest.class_names) != 2:
         raise SiteRefusal(f"site {site.name} refused: its data are not patient folders with two diagnoses, one of "
                           f"them {fed.positive!r}")

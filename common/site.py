@@ -75,15 +75,17 @@ def _remember(key: tuple, data: SiteData) -> None:
         _CACHE.popitem(last=False)
 
 
-def _site_manifest(site: SiteConfig) -> Manifest:
+def site_manifest(site: SiteConfig) -> Manifest:
+    """The site's images; with an image cache, their hashes are kept there between tasks (each task is a
+    fresh process: without it every round reads every image again to hash it)."""
     if not site.data_path:
         raise LeukError(f"site {site.name} has no data-path in its node config")
-    return scan_dataset(site.data_path)
+    return scan_dataset(site.data_path, Path(site.image_cache) if site.image_cache else None)
 
 
 def hospital_share(fed: FedConfig, site: SiteConfig) -> SiteShare:
     """A hospital's images: a site-local train/validation split of its data-path."""
-    manifest = _site_manifest(site)
+    manifest = site_manifest(site)
     split = make_split(manifest, val_fraction=fed.site_val_fraction, test_fraction=0.0, seed=fed.seed,
                        group_by=fed.site_group_by)
     check_site_classes(manifest.class_names, fed.classes, site.name)
@@ -102,7 +104,7 @@ def use_share_source(source: ShareSource) -> None:
 def site_class_names(fed: FedConfig, site: SiteConfig) -> tuple[str, ...]:
     """The class list of the site's data, without decoding any image."""
     if _SOURCE[0] is hospital_share:
-        return _site_manifest(site).class_names
+        return site_manifest(site).class_names
     return _SOURCE[0](fed, site).classes
 
 

@@ -46,6 +46,39 @@ def test_digest_is_stable_and_tracks_content(class_dataset: Path, make_image: Ma
     assert scan_dataset(class_dataset).digest() != first
 
 
+def test_hash_cache_skips_unchanged_files_and_sees_changed_ones(class_dataset: Path, tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """A site's next task (a fresh process) hashes only what changed; a file changed around the cache's
+    writing (same size and mtime, the racy case) is hashed again; a corrupt cache is ignored."""
+    import os
+
+    from leukfed.common import data
+
+    hour_ago = time.time_ns() - 3600 * 10**9
+    for image in class_dataset.rglob("*"):
+        if image.is_file():
+            os.utime(image, ns=(hour_ago, hour_ago))
+    plain = scan_dataset(class_dataset)
+    read: list[str] = []
+    real = data._sha256_file
+    monkeypatch.setattr(data, "_sha256_file", lambda path: (read.append(path.name), real(path))[1])
+    assert scan_dataset(class_dataset, tmp_path) == plain and len(read) == len(plain)
+    read.clear()
+    assert scan_dataset(class_dataset, tmp_path) == plain and read == []          # nothing read again
+    changed = class_dataset / plain.samples[0].path
+    changed.write_bytes(changed.read_bytes() + b"\0")
+    assert scan_dataset(class_dataset, tmp_path).samples[0].sha256 != plain.samples[0].sha256 and read == [changed.name]
+    stat = changed.stat()                                                   # changed within 2 s of the cache:
+    read.clear()
+    assert scan_dataset(class_dataset, tmp_path) and read == [changed.name]  # it may change again unseen
+    changed.write_bytes(bytes(b ^ 0xFF for b in changed.read_bytes()))      # as it does: same size, mtime kept
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert scan_dataset(class_dataset, tmp_path).samples[0].sha256 == data._sha256_file(changed)[0]
+    for cache in tmp_path.glob("file-hashes-*.json"):
+        cache.write_text("{not json")
+    assert scan_dataset(class_dataset, tmp_path).samples[2] == plain.samples[2]
+
+
 def test_patient_folders_layout(patient_dataset: Path) -> None:
     m = scan_dataset(patient_dataset)
     assert m.layout == "patient_folders"
