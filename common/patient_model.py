@@ -173,13 +173,9 @@ def train_patient_model(data: str | Path, out: str | Path, recipe: PatientRecipe
     files = [manifest.root / s.path for s in manifest.samples]
     features = extract_features(backbone, files, progress=_every_tenth(say))
     vocabulary = tuple(sorted({cell_type_of(r) for rows in patients.values() for r, _, _ in rows}))
-    bags, y = [], []
-    for rows in patients.values():
-        idx = [i for _, i, _ in rows]
-        bags.append(bag_features(features[idx], [cell_type_of(r) for r, _, _ in rows], recipe, vocabulary)[0])
-        y.append(int(rows[0][2] == positive))
+    bags, y = patient_bags(patients, features, recipe, vocabulary, positive)
     say(f"fitting {recipe.head} heads ({recipe.inner_folds}-fold inner validation)")
-    heads, temperature, threshold, validation = fit_ensemble(recipe, bags, np.asarray(y))
+    heads, temperature, threshold, validation = fit_ensemble(recipe, bags, y)
     description = {
         "format": PATIENT_RUN_FORMAT, "kind": "patient", "recipe": asdict(recipe),
         "class_names": list(manifest.class_names), "positive": positive,
@@ -210,6 +206,18 @@ def _write_card(description: dict, data: str | Path, out: str | Path, recipe: Pa
     write_model_card(Path(out), patient_card(description, data_dir=str(data), command=shlex.join(command),
                                              num_patients=description["validation"]["num_patients"],
                                              num_positive=num_positive, num_cells=num_cells))
+
+
+def patient_bags(patients: dict[str, list[tuple[str, int, str]]], features: np.ndarray, recipe,
+                 vocabulary: tuple[str, ...], positive: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each patient's bag of cell features (`patient_cells` order, the recipe's cells and cell-type columns)
+    and label (1 = `positive`)."""
+    bags, y = [], []
+    for rows in patients.values():
+        idx = [i for _, i, _ in rows]
+        bags.append(bag_features(features[idx], [cell_type_of(r) for r, _, _ in rows], recipe, vocabulary)[0])
+        y.append(int(rows[0][2] == positive))
+    return bags, np.asarray(y, dtype=np.int64)
 
 
 def patient_cells(manifest) -> dict[str, list[tuple[str, int, str]]]:

@@ -62,7 +62,7 @@ def load_site_patients(fed: FedConfig, site: SiteConfig, split: tuple[float, int
     `split`: the site's own (validation fraction, seed) from its policy, never the run's (a run's seed or
     site-val-fraction would let a coordinator move one patient between two runs' training sides and read
     that patient's sums from the difference of their moments)."""
-    from leukfed.common.patient_model import bag_features, cell_type_of, patient_cells
+    from leukfed.common.patient_model import patient_bags, patient_cells
     from leukfed.common.site import check_site_classes, site_manifest
 
     recipe = federable_recipe(fed.patient_recipe)
@@ -79,13 +79,8 @@ def load_site_patients(fed: FedConfig, site: SiteConfig, split: tuple[float, int
     check_site_classes(manifest.class_names, fed.classes, site.name)
     features = site_features(manifest, recipe.backbone, recipe.image_size,
                              feature_cache_file(site, recipe.backbone, recipe.image_size))
-    bags, y = [], []
-    for rows in patient_cells(manifest).values():
-        idx = [i for _, i, _ in rows]
-        bags.append(bag_features(features[idx], [cell_type_of(r) for r, _, _ in rows], recipe, ())[0])
-        y.append(int(rows[0][2] == fed.positive))
-    y_arr = np.asarray(y, dtype=np.int64)
-    _LOADED[key] = SitePatients(manifest.class_names, bags, y_arr, split_patients(y_arr, fraction, seed))
+    bags, y = patient_bags(patient_cells(manifest), features, recipe, (), fed.positive)
+    _LOADED[key] = SitePatients(manifest.class_names, bags, y, split_patients(y, fraction, seed))
     return _LOADED[key]
 
 
