@@ -89,7 +89,12 @@ def train(msg: Message, context: Context, fed: FedConfig, site: SiteConfig) -> M
     require_training_patients(data, fed.min_metric_examples, site.name, "train request")
     config = msg.content["config"]
     counts = class_counts(config, own_class_counts(data), site.name)
-    state, num = site_train(fed, site, data, state, int(config.get("server-round", 1)), counts)
+    server_round = config.get("server-round", 1)
+    if type(server_round) is not int or not 1 <= server_round <= fed.rounds:
+        # past the last round the step size is 0: sites that do not move would leave one site's update alone
+        raise SiteRefusal(f"site {site.name} refused the train request: server-round {server_round!r} is not a "
+                          f"round of this run (1 to {fed.rounds})")
+    state, num = site_train(fed, site, data, state, server_round, counts)
     metrics = MetricRecord({"num-examples": num, "client_seconds": time.perf_counter() - started})
     return Message(content=RecordDict({"metrics": metrics, "arrays": encode_state(state, fed.transfer_dtype)}),
                    reply_to=msg)
@@ -120,6 +125,10 @@ def secure_stage(msg: Message, context: Context, fed: FedConfig, site: SiteConfi
     if msg.metadata.message_type != SECURE_ROUND or stage not in ("moments", "calibrate"):
         raise SiteRefusal(f"site {site.name} refused the {stage[:40]!r} stage: it answers moments and calibration "
                           "only inside a secure-aggregation round")
+    if any(np.any(array.numpy() != 0) for array in msg.content["arrays"].values()):
+        # the round masks (sums - starting arrays): other sites' starting arrays chosen to clip their share
+        # to a known value would leave this site's sums alone in the total
+        raise SiteRefusal(f"site {site.name} refused the {stage} stage: its starting arrays are not zeros")
     if stage == "moments":
         answer_once(context, site.name, "moments query")
         data = site_patients(fed, site)

@@ -2,9 +2,12 @@
 
 The site trains with its ordinary train function and sends only its update masked (see
 `leukfed.common.secagg`). Before it shares any secret it checks that every key in the round is
-signed by a distinct site whose public key it pins (node config `site-key`, `peer-keys`): a server
-that invents a site, substitutes or replays round keys, or strips signatures makes it refuse.
-Only a simulation (no site key, a `partition-id` in the node config) runs with unsigned keys.
+signed by a distinct site whose public key it pins (node config `site-key`, `peer-keys`), over the
+same round content as its own: a server that invents a site, substitutes or replays round keys, strips
+signatures, or gives sites different arrays or settings makes it refuse. It masks only the content
+whose digest it signed, and trains each round number at most once, in increasing order (a round
+repeated with another set of sites would give one site's update by difference). Only a simulation
+(no site key, a `partition-id` in the node config) runs with unsigned keys.
 """
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ from leukfed.common.secagg import (
     MESSAGE_TYPE,
     RECORD,
     SEEN,
+    TRAINED,
     STAGES,
     STATE,
     RoundKey,
     SiteKey,
     SitePublicKey,
+    content_digest,
     create_shares,
     decode_site_arrays,
     ids,
@@ -66,9 +71,13 @@ def refuse_plain_training(msg: Message, context: Context) -> None:
 
     Inside `secure_train` the train function sees the `train.secagg` message, which passes.
     """
-    if secagg_required(context) and msg.metadata.message_type != MESSAGE_TYPE:
+    if msg.metadata.message_type == MESSAGE_TYPE:
+        return
+    if secagg_required(context):
         raise SiteRefusal("this site only takes part in secure-aggregation rounds "
                         "(node config secure-aggregation=required)")
+    if str(context.run_config.get("secure-aggregation", "")).lower() in ("true", "1"):
+        raise SiteRefusal("this run declares secure aggregation: this site trains only inside masked rounds")
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,23 @@ def _remember_round(context: Context, ctx: str) -> None:
     context.state.config_records[SEEN] = ConfigRecord({"run": run, "sequence": sequence})
 
 
+def _remember_training_round(context: Context, config) -> None:
+    """Refuse a training round number (server-round + round-offset) not above the last one this site masked
+    in this run: the same round over another set of sites would differ from the first by one site's update."""
+    if "server-round" not in config:
+        return
+    try:
+        number = int(config["server-round"]) + int(config.get("round-offset", 0))
+    except (TypeError, ValueError):
+        raise SiteRefusal("secure aggregation: malformed server-round; refused") from None
+    trained = context.state.config_records.get(TRAINED)
+    run = str(context.run_id)
+    if trained is not None and trained.get("run") == run and number <= int(trained["round"]):
+        raise SiteRefusal(f"secure aggregation: round {number} is not after this site's last trained round "
+                          f"{trained['round']} of run {run}; refused")
+    context.state.config_records[TRAINED] = ConfigRecord({"run": run, "round": number})
+
+
 def _site_setup(state, cfg, nid, msg, context, train_fn) -> tuple[dict, dict]:
     ctx = str(cfg["round"])
     sites = ids(cfg["sites"])
@@ -162,14 +188,19 @@ def _site_setup(state, cfg, nid, msg, context, train_fn) -> tuple[dict, dict]:
         raise SiteRefusal("secure aggregation: this site is not among the round's sites")
     if bits != scale_bits(len(sites), clip, max_examples):
         raise SiteRefusal("secure aggregation: the server's fixed-point scale would overflow the sum")
+    content = str(cfg.get("content", ""))
+    if len(content) != 64:
+        raise SiteRefusal("secure aggregation: the setup names no round content to sign; refused")
     identity = site_identity(context)
     _remember_round(context, ctx)
     sk_c, pk_c = keypair()
     sk_s, pk_s = keypair()
     signature = b""
     if identity.key is not None:
-        signature = sign(identity.key, round_keys_statement(context.run_id, ctx, nid, identity.name, pk_c, pk_s))
+        signature = sign(identity.key, round_keys_statement(context.run_id, ctx, nid, identity.name, pk_c, pk_s,
+                                                            content=content))
     state.update({"sites": ids_text(sites), "clip": clip, "max-examples": max_examples, "scale-bits": bits,
+                  "content": content,
                   "sk-c": sk_c, "sk-s": sk_s, "pk-c": pk_c, "pk-s": pk_s, "name": identity.name,
                   "min-sites": identity.min_sites})
     return {"pk-c": pk_c, "pk-s": pk_s, "name": identity.name, "sig": signature}, {}
@@ -191,7 +222,8 @@ def _check_key_list(cfg, holders: list[int], nid: int, state, context: Context) 
         raise SiteRefusal("secure aggregation: the server altered this site's name in the key list; refused")
     entries = [RoundKey(n, str(name), bytes(c), bytes(s), bytes(sig))
                for n, name, c, s, sig in zip(holders, names, cfg["pk-c"], cfg["pk-s"], signatures)]
-    verify_round_keys(entries, identity.pinned, context.run_id, str(cfg["round"]), identity.min_sites)
+    verify_round_keys(entries, identity.pinned, context.run_id, str(cfg["round"]), identity.min_sites,
+                      content=state["content"])
 
 
 def _site_share_keys(state, cfg, nid, msg, context, train_fn) -> tuple[dict, dict]:
@@ -251,8 +283,12 @@ def _site_mask(state, cfg, nid, msg, context, train_fn) -> tuple[dict, dict]:
             raise LeukError(f"secure aggregation: key shares from site {src} failed authentication") from None
         state[f"b:{src}"], state[f"s:{src}"] = b_share, s_share
 
-    # Train with the ordinary function, on the strategy's own content (arrays + config).
+    # Train with the ordinary function, on the strategy's own content (arrays + config): the content whose
+    # digest every site of the round signed, and a round number this site has not trained yet.
     del msg.content[RECORD]
+    if content_digest(msg.content) != state["content"]:
+        raise SiteRefusal("secure aggregation: the round's content differs from the one this site signed; refused")
+    _remember_training_round(context, msg.content.config_records.get("config") or {})
     global_arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     reply = train_fn(msg, context)
     if reply.has_error():

@@ -7,12 +7,17 @@ ChaCha20 into Z/2^64, Shamir shares over GF(2^128) (pycryptodome, as Flower's `c
 each site's self-mask seed and masking key, sent AES-GCM-encrypted through the server.
 
 Identity binding: a site signs its round public keys with its SITE KEY (the key its SuperNode
-authenticates with) over run id, round id, node id, site name and the key bytes; every site checks
-the others' signatures against the federation's site public keys it pins. A server can therefore
-neither invent a site nor substitute or replay a site's round keys (`verify_round_keys`).
+authenticates with) over run id, round id, node id, site name, the key bytes and the digest of the
+round's content (the arrays and config every site will train from); every site checks the others'
+signatures against the federation's site public keys it pins. A server can therefore neither invent a
+site nor substitute or replay a site's round keys (`verify_round_keys`), nor send one site other
+arrays or settings than the rest of the round (a "model inconsistency" attack: sites given a model
+whose update is known, or clipped to a known value, would leave one site's update alone in the sum):
+a site masks only the content whose digest every other site signed (`content_digest`).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -38,6 +43,7 @@ RECORD = "secagg"                              # ConfigRecord with the protocol 
 MASKED = "masked"                              # ArrayRecord with the masked vector
 STATE = "leukfed.secagg"                       # the site's protocol state in context.state
 SEEN = "leukfed.secagg.seen"                   # the site's last round id per run (replay guard)
+TRAINED = "leukfed.secagg.trained"             # the site's last masked training round number per run
 STAGES = ("setup", "share-keys", "mask", "unmask")
 ERROR_CODE = 4100                              # Flower Error code of the server's synthetic failure replies
 VERSION = b"leukfed-secagg/v2"
@@ -320,10 +326,36 @@ def public_bytes(key: SiteKey | SitePublicKey) -> bytes:
     return public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
 
 
-def round_keys_statement(run_id: int, ctx: str, node_id: int, name: str, pk_c: bytes, pk_s: bytes) -> bytes:
-    """What a site signs: its round public keys bound to the run, the round, its node and its name."""
+def round_keys_statement(run_id: int, ctx: str, node_id: int, name: str, pk_c: bytes, pk_s: bytes, *,
+                         content: str) -> bytes:
+    """What a site signs: its round public keys bound to the run, the round, its node, its name and the
+    digest of the content the round trains from (`content_digest`)."""
     return pack(VERSION, b"round-keys", str(int(run_id)).encode(), ctx.encode(), str(int(node_id)).encode(),
-                name.encode(), pk_c, pk_s)
+                name.encode(), pk_c, pk_s, content.encode())
+
+
+def content_digest(records: Mapping[str, Any]) -> str:
+    """SHA-256 of a message's records (name -> ArrayRecord/ConfigRecord/MetricRecord, the secagg record
+    left out) in a canonical form: records and keys sorted; arrays by dtype, shape and bytes; config
+    values by type and repr (lists and tuples alike). The same on the server's original and on the
+    content a site receives after transport."""
+    digest = hashlib.sha256(VERSION + b"content")
+    for name in sorted(records):
+        if name == RECORD:
+            continue
+        record = records[name]
+        digest.update(pack(b"record", name.encode(), type(record).__name__.encode()))
+        for key in sorted(record.keys()):
+            value = record[key]
+            if hasattr(value, "numpy"):
+                array = np.ascontiguousarray(value.numpy())
+                digest.update(pack(b"array", key.encode(), array.dtype.str.encode(), repr(array.shape).encode(),
+                                   str(array.nbytes).encode()))
+                digest.update(array.reshape(-1).view(np.uint8) if array.size else b"")
+            else:
+                value = list(value) if isinstance(value, (list, tuple)) else value
+                digest.update(pack(b"value", key.encode(), repr(value).encode()))
+    return digest.hexdigest()
 
 
 def sign(key: SiteKey, data: bytes) -> bytes:
@@ -361,8 +393,9 @@ class RoundKey:
 
 
 def verify_round_keys(entries: Sequence[RoundKey], pinned: Mapping[str, SitePublicKey], run_id: int, ctx: str,
-                      min_sites: int) -> None:
-    """LeukError unless every entry is signed by a distinct pinned site for this run, round and node."""
+                      min_sites: int, *, content: str) -> None:
+    """LeukError unless every entry is signed by a distinct pinned site for this run, round, node and
+    round content (the digest this site was given: a site given other content signed another one)."""
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise SiteRefusal(f"secure aggregation: site names appear twice in the key list {sorted(names)}; refused")
@@ -373,10 +406,12 @@ def verify_round_keys(entries: Sequence[RoundKey], pinned: Mapping[str, SitePubl
                             f"list: its key is not pinned; refused")
         if not entry.signature:
             raise SiteRefusal(f"secure aggregation: the round keys of site {entry.name!r} are unsigned; refused")
-        statement = round_keys_statement(run_id, ctx, entry.node_id, entry.name, entry.pk_c, entry.pk_s)
+        statement = round_keys_statement(run_id, ctx, entry.node_id, entry.name, entry.pk_c, entry.pk_s,
+                                         content=content)
         if not verify(public, entry.signature, statement):
             raise SiteRefusal(f"secure aggregation: bad signature on the round keys of site {entry.name!r} "
-                            f"(node {entry.node_id}): substituted, replayed or not this round's; refused")
+                            f"(node {entry.node_id}): substituted, replayed, not this round's, or signed for "
+                            "other round content than this site's; refused")
     if len(entries) < min_sites:
         raise SiteRefusal(f"secure aggregation: only {len(entries)} distinct pinned sites take part, this site "
                         f"requires at least {min_sites}; refused")

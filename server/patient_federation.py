@@ -78,7 +78,8 @@ def run(grid: Grid, fed: FedConfig, class_names: tuple[str, ...], sites: Registe
         log(advice)
     write_status(state_dir, phase="moments")
     dim = feature_dim(recipe.backbone, recipe.image_size)
-    train_grid = training_grid(grid, fed)   # --secure-aggregation: moments, head rounds and calibration masked
+    # --secure-aggregation: moments, head rounds and calibration masked; a site's weight is at most its cells
+    train_grid = training_grid(grid, fed, max_examples=SECURE_MAX_WEIGHT)
     total, trained = (secure_moments(grid, train_grid, fed, sites, dim, config) if fed.secure_aggregation
                       else ask_moments(grid, fed, sites, dim, config))
     if min(total.patients) < 1:
@@ -177,7 +178,10 @@ def secure_sum(grid: Grid, train_grid: Grid, fed: FedConfig, sites: RegisteredSi
     if report.aborted or not replies:
         raise LeukError(f"the secure {stage} round failed: {report.aborted or 'no site answered'}")
     metrics = {sites.site_name(r.metadata.src_node_id): dict(r.content["metrics"]) for r in replies}
-    if clipped := sum(int(m.get("secagg-clipped", 0)) for m in metrics.values()):
+    if not all(type(m.get(k, 0)) is int and m.get(k, 0) >= 0 for m in metrics.values()
+               for k in ("num-examples", "secagg-clipped")):
+        raise LeukError(f"the secure {stage} round: a site sent malformed counts (num-examples, secagg-clipped)")
+    if clipped := sum(m.get("secagg-clipped", 0) for m in metrics.values()):
         raise LeukError(f"the secure {stage} round clipped {clipped} values: raise --secagg-clip")
     if len(metrics) < fed.min_sites:
         raise LeukError(f"only {len(metrics)} sites took part in the secure {stage} round; the run needs min-sites "
@@ -190,7 +194,7 @@ def secure_moments(grid: Grid, train_grid: Grid, fed: FedConfig, sites: Register
     """The summed moments from one masked round (no site's own); each site's training patients unknown (None)."""
     mean, cells, metrics = secure_sum(grid, train_grid, fed, sites, "moments", moments_layout(dim), config)
     total = moments_from_means(mean, cells)
-    if problem := moments_problem(total, dim, len(metrics)):
+    if problem := moments_problem(total, dim, len(metrics), tolerance=SECURE_SUM_TOLERANCE):
         raise LeukError(f"the sites' summed moments are unusable: {problem} (a site sent a malformed sum)")
     return total, {name: None for name in metrics}
 
@@ -198,6 +202,9 @@ def secure_moments(grid: Grid, train_grid: Grid, fed: FedConfig, sites: Register
 MAX_CELLS = 10_000_000          # per site: the moments of more cells are not believed
 MAX_PATIENTS = 100_000          # per site and diagnosis
 SUM_TOLERANCE = 1e-6            # relative slack of sum(x)^2 <= n sum(x^2) (Cauchy-Schwarz) for rounding
+SECURE_SUM_TOLERANCE = 1e-3     # the same through fixed point (~2^-26 per cell-weighted mean): near-constant,
+                                # tiny features would otherwise fail it
+SECURE_MAX_WEIGHT = 1 << 24     # >= MAX_CELLS: a site's cell count is its moments round's weight
 
 
 def read_moments(reply: Message, dim: int) -> tuple[Moments | None, str]:
@@ -224,7 +231,7 @@ def read_moments(reply: Message, dim: int) -> tuple[Moments | None, str]:
     return found, ""
 
 
-def moments_problem(m: Moments, dim: int, sites: int) -> str:
+def moments_problem(m: Moments, dim: int, sites: int, tolerance: float = SUM_TOLERANCE) -> str:
     """Why moments summed over `sites` sites cannot come from real cells ("" when they can): finite sums of
     width `dim`, bounded counts, sums of squares at least what the sums need."""
     total, squares, counts = m.total, m.squares, (m.cells, *m.patients)
@@ -234,7 +241,7 @@ def moments_problem(m: Moments, dim: int, sites: int) -> str:
             or max(counts[1:]) > sites * MAX_PATIENTS:
         return (f"counts must be whole numbers, with 1 to {MAX_CELLS} cells and at least one and at most "
                 f"{MAX_PATIENTS} patients per diagnosis per site")
-    if (squares < 0).any() or (total ** 2 > squares * counts[0] * (1 + SUM_TOLERANCE)).any():
+    if (squares < 0).any() or (total ** 2 > squares * counts[0] * (1 + tolerance)).any():
         return "sums of squares too small for the feature sums (no cells have these moments)"
     return ""
 
@@ -322,7 +329,7 @@ def secure_calibration(grid: Grid, train_grid: Grid, fed: FedConfig, sites: Regi
     """From one masked round: only the sum of the sites' histograms (a site with fewer validation patients
     than min-metric-examples, which it sends in the clear, adds zeros)."""
     mean, patients, metrics = secure_sum(grid, train_grid, fed, sites, "calibrate", histogram_layout(), config, head)
-    evaluated = {name: int(m.get("num-examples", 0)) for name, m in metrics.items()}
+    evaluated = {name: m.get("num-examples", 0) for name, m in metrics.items()}   # whole numbers: secure_sum
     released = [n for n in evaluated.values() if n >= max(fed.min_metric_examples, 1)]
     summed = histogram_from_means(mean, patients)
     if (summed < 0).any() or int(summed.sum()) != sum(released):

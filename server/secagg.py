@@ -57,6 +57,7 @@ from leukfed.common.secagg import (
     RECORD,
     SecAggSettings,
     check_secagg_strategy,
+    content_digest,
     combine_shares,
     dequantize_sum,
     ids_text,
@@ -205,11 +206,15 @@ class SecureAggregationGrid(DelegatingGrid):
         if len(originals) < 2:
             raise _Abort(f"{len(originals)} site sampled; secure aggregation needs at least 2")
         bits = scale_bits(len(originals), settings.clip, settings.max_examples)
+        digests = {content_digest(m.content) for m in originals.values()}
+        if len(digests) != 1:   # the sites sign the one digest they are given: differing content cannot be masked
+            raise _Abort("the strategy's train messages differ between sites; every site of a round trains from "
+                         "the same content")
 
-        # Stage 0: settings out, public keys back.
+        # Stage 0: settings and the content's digest out, public keys back (signed over that digest).
         setup = ConfigRecord({"stage": "setup", "round": ctx, "sites": ids_text(originals),
                               "clip": float(settings.clip), "max-examples": int(settings.max_examples),
-                              "scale-bits": bits})
+                              "scale-bits": bits, "content": digests.pop()})
         replies = self._exchange("setup", {n: RecordDict({RECORD: setup}) for n in originals}, group,
                                  control, report)
         keys, names, signatures = {}, {}, {}
@@ -241,9 +246,9 @@ class SecureAggregationGrid(DelegatingGrid):
         for src, reply in replies.items():
             cfg = reply.content[RECORD]
             for dst, sealed in zip(cfg.get("dst", []), cfg.get("ct", [])):
-                dst = int(dst)
-                if dst in inbox:
-                    inbox[dst].append((src, bytes(sealed)))
+                dst = _node_id(dst)
+                if dst in inbox and isinstance(sealed, bytes):   # anything else: the share fails authentication
+                    inbox[dst].append((src, sealed))
 
         # Stage 2: the strategy's content + this site's shares out, masked update back.
         peers = ids_text(replies)
@@ -262,7 +267,10 @@ class SecureAggregationGrid(DelegatingGrid):
         self._metrics = {}
         for nid, reply in list(replies.items()):
             record = reply.content.array_records.get(MASKED)
-            vector = record["vector"].numpy() if record is not None and "vector" in record else None
+            try:
+                vector = record["vector"].numpy() if record is not None and "vector" in record else None
+            except Exception:  # noqa: BLE001 - a site's bytes, not an array
+                vector = None
             if vector is None or vector.dtype != np.uint64 or vector.shape != (size,):
                 report.dropped[nid] = "mask: malformed masked vector"
                 del replies[nid]
@@ -288,10 +296,10 @@ class SecureAggregationGrid(DelegatingGrid):
         for reply in replies.values():
             cfg = reply.content[RECORD]
             for owner, kind, share in zip(cfg.get("ids", []), cfg.get("kinds", []), cfg.get("shares", [])):
-                owner = int(owner)
+                owner = _node_id(owner)
                 wanted = (kind == "b" and owner in survivors) or (kind == "s" and owner in dropped)
-                if wanted:
-                    shares.setdefault((kind, owner), []).append(bytes(share))
+                if wanted and isinstance(share, bytes):
+                    shares.setdefault((kind, owner), []).append(share)
         for kind, owners in (("b", survivors), ("s", dropped)):
             for owner in owners:
                 if len(shares.get((kind, owner), [])) < threshold:
@@ -317,6 +325,14 @@ class SecureAggregationGrid(DelegatingGrid):
             raise _Abort("the unmasked total is out of range (a site sent a malformed update)")
         report.stage_seconds["unmask-server"] = time.perf_counter() - started
         return arrays
+
+
+def _node_id(value) -> int | None:
+    """A node id from a site's reply, or None for anything that is not one."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _last_line(text: str, limit: int = 200) -> str:

@@ -211,15 +211,17 @@ def run_params(fed: FedConfig) -> dict:
     return {k: v for k, v in fed.training_settings().items() if k not in ("eval_data", "eval_split")}
 
 
-def training_grid(grid: Grid, fed: FedConfig) -> Grid:
-    """The grid for `strategy.start`: under --secure-aggregation every TRAIN exchange a masked round."""
+def training_grid(grid: Grid, fed: FedConfig, max_examples: int | None = None) -> Grid:
+    """The grid for `strategy.start`: under --secure-aggregation every TRAIN exchange a masked round;
+    `max_examples`: the largest weight one site may send (default: the protocol's 2^20)."""
     if not fed.secure_aggregation:
         return grid
     from leukfed.server.secagg import SecAggSettings, SecureAggregationGrid, check_secagg_strategy
 
     check_secagg_strategy(fed.strategy)
-    return SecureAggregationGrid(grid, SecAggSettings(threshold=fed.secagg_threshold or None, clip=fed.secagg_clip),
-                                 log=log)
+    limit = {"max_examples": max_examples} if max_examples else {}
+    return SecureAggregationGrid(grid, SecAggSettings(threshold=fed.secagg_threshold or None, clip=fed.secagg_clip,
+                                                      **limit), log=log)
 
 
 def secure_round_report(train_grid: Grid, sites: RegisteredSites) -> dict | None:

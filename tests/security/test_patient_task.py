@@ -189,9 +189,9 @@ def test_a_site_requiring_dp_refuses_every_patient_request(site_folder, tmp_path
 
 @pytest.mark.parametrize("node", [{"secure-aggregation": "required"}, {}])
 def test_under_secure_aggregation_nothing_is_answered_in_the_clear(site_folder, tmp_path, node):
-    """A site that requires secure aggregation refuses a run without it; in a --secure-aggregation run (and
-    any site in one) refuses the moments query and the calibration histogram in the clear, and a plain train
-    request carrying a secure stage (whose sums would leave unmasked)."""
+    """A site that requires secure aggregation refuses a run without it; in a --secure-aggregation run any
+    site refuses the moments query, the calibration histogram and training in the clear; a secure stage
+    asked outside a masked round (its sums would leave unmasked) is refused in any run."""
     if node:
         site = Site(site_folder, tmp_path / "plain", run(), **node)
         for message_type in (f"{MessageType.QUERY}.moments", MessageType.EVALUATE, MessageType.TRAIN):
@@ -199,9 +199,15 @@ def test_under_secure_aggregation_nothing_is_answered_in_the_clear(site_folder, 
     site = Site(site_folder, tmp_path / "secure", run(secure_aggregation=True), **node)
     assert "moments query in the clear" in refusal(site.ask(f"{MessageType.QUERY}.moments"))
     assert "evaluate request in the clear" in refusal(site.ask(MessageType.EVALUATE, head_arrays()))
+    assert ("trains only inside masked rounds" if not node else "only takes part in secure") in \
+        refusal(site.ask(MessageType.TRAIN, head_arrays()))
     moments_zeros = ArrayRecord({k: Array(v) for k, v in zeros(moments_layout(DIM)).items()})
     reply = site.ask(MessageType.TRAIN, moments_zeros, **{PATIENT_STAGE: "moments"})
-    assert ("only inside a secure-aggregation round" if not node else "only takes part in secure") in refusal(reply)
+    assert ("trains only inside masked rounds" if not node else "only takes part in secure") in refusal(reply)
+    if not node:   # a run without secure aggregation: a secure stage asked in the clear
+        reply = Site(site_folder, tmp_path / "plain", run()).ask(MessageType.TRAIN, moments_zeros,
+                                                                 **{PATIENT_STAGE: "moments"})
+        assert "only inside a secure-aggregation round" in refusal(reply)
 
 
 # ---- M1, M2: hostile replies at the coordinator ----------------------------------------------------
@@ -382,6 +388,33 @@ def test_secure_aggregation_masks_every_head_update_and_trains_the_same_head(sit
         assert torch.allclose(plain_head[key], secure_head[key], rtol=0, atol=1e-6), key
     scored = evaluate_patient_run(secure_state / "patient-model", site_folders["h1"])
     assert scored["num_patients"] == 5
+
+
+def test_a_train_request_outside_the_runs_rounds_is_refused(site_folder, tmp_path):
+    """Past the last round the step size is 0: sites that do not move would leave one site's update alone."""
+    site = Site(site_folder, tmp_path, run(rounds=3))
+    for bad in (4, 0, "2", 2.0):
+        assert "is not a round of this run" in refusal(site.ask(MessageType.TRAIN, head_arrays(), **{"server-round": bad}))
+    assert not site.ask(MessageType.TRAIN, head_arrays(), **{"server-round": 3}).has_error()
+
+
+def test_secure_stages_that_do_not_start_from_zeros_are_refused(site_folders, tmp_path):
+    """The attack of the review: starting arrays of -1e9 clip every other site's share to a known +1024,
+    leaving one site's sums alone in the total. Every site refuses a secure stage that does not start from
+    zeros (and the digest all sites sign keeps the coordinator from sending them different ones)."""
+    from leukfed.server import server_app
+
+    fed, grid = federation_sites(tmp_path, site_folders, secure=True)
+    train_grid = server_app.training_grid(grid, fed)
+    layout = moments_layout(DIM)
+    messages = [Message(RecordDict({"arrays": ArrayRecord({k: Array(v - 1e9) for k, v in zeros(layout).items()}),
+                                    "config": ConfigRecord({"class-names": "AML,APL", PATIENT_STAGE: "moments"})}),
+                        dst_node_id=node, message_type=MessageType.TRAIN) for node in SECURE_SITES]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(server_app, "log", lambda line: None)
+        replies = list(train_grid.send_and_receive(messages, timeout=60))
+    assert all(r.has_error() for r in replies) and train_grid.last_report.aborted
+    assert all("starting arrays are not zeros" in why for why in train_grid.last_report.dropped.values())
 
 
 def test_a_second_secure_moments_round_is_refused(site_folders, tmp_path):

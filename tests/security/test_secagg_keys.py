@@ -283,22 +283,28 @@ def test_signatures_bind_run_round_node_and_name(keys) -> None:
     key = load_site_key(keys["h2"]["site-key"])
     ctx = new_round_id(RUN, 1)
     pk_c, pk_s = keypair()[1], keypair()[1]
-    signed = RoundKey(H2, "h2", pk_c, pk_s, sign(key, round_keys_statement(RUN, ctx, H2, "h2", pk_c, pk_s)))
-    verify_round_keys([signed], pinned, RUN, ctx, min_sites=1)
-    for changed, run, round_id in [(RoundKey(H3, "h2", pk_c, pk_s, signed.signature), RUN, ctx),   # another node
-                                   (RoundKey(H2, "h3", pk_c, pk_s, signed.signature), RUN, ctx),   # another name
-                                   (signed, RUN + 1, ctx),                                         # another run
-                                   (signed, RUN, new_round_id(RUN, 2))]:                           # another round
+    content = "c" * 64
+    signed = RoundKey(H2, "h2", pk_c, pk_s, sign(key, round_keys_statement(RUN, ctx, H2, "h2", pk_c, pk_s,
+                                                                           content=content)))
+    verify_round_keys([signed], pinned, RUN, ctx, min_sites=1, content=content)
+    for changed, run, round_id, signed_content in [
+            (RoundKey(H3, "h2", pk_c, pk_s, signed.signature), RUN, ctx, content),   # another node
+            (RoundKey(H2, "h3", pk_c, pk_s, signed.signature), RUN, ctx, content),   # another name
+            (signed, RUN + 1, ctx, content),                                         # another run
+            (signed, RUN, new_round_id(RUN, 2), content),                            # another round
+            (signed, RUN, ctx, "d" * 64)]:                                           # other round content
         with pytest.raises(LeukError, match="bad signature"):
-            verify_round_keys([changed], pinned, run, round_id, min_sites=1)
+            verify_round_keys([changed], pinned, run, round_id, min_sites=1, content=signed_content)
     with pytest.raises(LeukError, match="appear twice"):
-        verify_round_keys([signed, RoundKey(H3, "h2", pk_c, pk_s, signed.signature)], pinned, RUN, ctx, min_sites=1)
+        verify_round_keys([signed, RoundKey(H3, "h2", pk_c, pk_s, signed.signature)], pinned, RUN, ctx, min_sites=1,
+                          content=content)
 
 
 def test_deployed_site_without_keys_and_misdelivered_messages_are_refused(keys) -> None:
     message = Message(RecordDict({RECORD: ConfigRecord({"stage": "setup", "round": new_round_id(RUN, 1), "sites": "5",
                                                         "clip": 1024.0, "max-examples": 1 << 20,
-                                                        "scale-bits": scale_bits(1, 1024.0, 1 << 20)})}),
+                                                        "scale-bits": scale_bits(1, 1024.0, 1 << 20),
+                                                        "content": "c" * 64})}),
                       dst_node_id=5, message_type=MESSAGE_TYPE)
     with pytest.raises(LeukError, match="no site key"):
         secure_train(message, Context(RUN, 5, {"site-name": "h1"}, RecordDict(), {}), lambda m, c: m)
@@ -348,3 +354,62 @@ def test_deployed_sites_sign_and_pin_and_a_site_missing_a_pin_refuses(tmp_path: 
             for line in (tmp_path / "site-c" / "audit.jsonl").read_text().splitlines())
     finally:
         fed.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Model inconsistency: one site given other content than the rest of the round
+# --------------------------------------------------------------------------------------------
+
+class InconsistentNetwork(Network):
+    """A server that sends the victim other arrays in the mask stage (e.g. a model whose update it can
+    predict for the other sites, or starting arrays that clip theirs to a known value)."""
+
+    def deliver(self, message: Message) -> Message | None:
+        cfg = message.content.config_records.get(RECORD)
+        if cfg is not None and cfg["stage"] == "mask" and message.metadata.dst_node_id == VICTIM:
+            message.content["arrays"] = ArrayRecord({k: Array(v + 1000) for k, v in GLOBAL.items()})
+        return super().deliver(message)
+
+
+def test_a_site_given_other_content_than_its_peers_masks_nothing(keys) -> None:
+    """The digest every site signs at setup binds the round's content: told another digest, the victim's
+    signature fails at its peers and theirs at the victim; given other arrays at mask, it refuses."""
+    def other_digest(stage, dst, cfg):
+        if stage == "setup" and dst == VICTIM:
+            cfg["content"] = "0" * 64
+
+    network = Network({VICTIM: keys["h1"], H2: keys["h2"], H3: keys["h3"]}, tamper=other_digest)
+    secure, replies = train_round(network)
+    assert secure.last_report.aborted and all(r.has_error() for r in replies)
+    assert_victim_gave_nothing(network, secure, "signed for other round content")
+
+    network = InconsistentNetwork({VICTIM: keys["h1"], H2: keys["h2"], H3: keys["h3"]})
+    secure, replies = train_round(network)
+    assert "differs from the one this site signed" in secure.last_report.dropped[VICTIM]
+    assert not any(MASKED in r.content.array_records for r in network.sent_by(VICTIM) if r.has_content())
+
+
+def test_the_server_cannot_send_differing_content_itself() -> None:
+    """An honest server half refuses to start a round whose train messages differ between sites."""
+    network = Network({VICTIM: {"site-name": "h1", "partition-id": 0}, H2: {"site-name": "h2", "partition-id": 1}})
+    secure = SecureAggregationGrid(network, SecAggSettings())
+    messages = [Message(RecordDict({"arrays": ArrayRecord({k: Array(v + nid) for k, v in GLOBAL.items()}),
+                                    "config": ConfigRecord({"server-round": 1})}),
+                        dst_node_id=nid, message_type=MessageType.TRAIN) for nid in (VICTIM, H2)]
+    replies = list(secure.send_and_receive(messages, timeout=30))
+    assert "differ between sites" in secure.last_report.aborted and all(r.has_error() for r in replies)
+    assert not network.received                                   # nothing was sent
+
+
+def test_a_training_round_is_masked_once(keys) -> None:
+    """The same round number again (over another set of sites, its sum minus the first would be one site's
+    update): every site refuses it; the next round number trains."""
+    network = Network({VICTIM: keys["h1"], H2: keys["h2"], H3: keys["h3"]})
+    secure, replies = train_round(network, server_round=1)
+    assert not secure.last_report.aborted
+    secure, replies = train_round(network, secure, server_round=1)
+    assert secure.last_report.aborted and all("not after this site's last trained round 1" in why
+                                              for why in secure.last_report.dropped.values())
+    secure, replies = train_round(network, secure, server_round=2)
+    assert not secure.last_report.aborted
+    assert_equals_fedavg(replies, [VICTIM, H2, H3])
