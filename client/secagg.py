@@ -153,13 +153,8 @@ def secure_train(msg: Message, context: Context, train_fn: TrainFn, on_masked: O
 
 def _remember_round(context: Context, ctx: str) -> None:
     """Refuse a round id this site has already seen in this run (a replayed round)."""
-    sequence = round_sequence(ctx)
-    seen = context.state.config_records.get(SEEN)
-    run = str(context.run_id)
-    if seen is not None and seen.get("run") == run and sequence <= int(seen["sequence"]):
-        raise SiteRefusal(f"secure aggregation: round {sequence} is not fresh (this site already took part in "
-                        f"round {seen['sequence']} of run {run}); refused")
-    context.state.config_records[SEEN] = ConfigRecord({"run": run, "sequence": sequence})
+    _remember_increasing(context, SEEN, round_sequence(ctx), "round {number} is not fresh (this site already "
+                         "took part in round {last} of run {run}); refused")
 
 
 def _remember_training_round(context: Context, config) -> None:
@@ -171,12 +166,18 @@ def _remember_training_round(context: Context, config) -> None:
         number = int(config["server-round"]) + int(config.get("round-offset", 0))
     except (TypeError, ValueError):
         raise SiteRefusal("secure aggregation: malformed server-round; refused") from None
-    trained = context.state.config_records.get(TRAINED)
+    _remember_increasing(context, TRAINED, number, "round {number} is not after this site's last trained round "
+                         "{last} of run {run}; refused")
+
+
+def _remember_increasing(context: Context, record: str, number: int, refusal: str) -> None:
+    """Keep `number` in the site's state `record` for this run; SiteRefusal(`refusal`) unless it is above
+    the one kept."""
+    kept = context.state.config_records.get(record)
     run = str(context.run_id)
-    if trained is not None and trained.get("run") == run and number <= int(trained["round"]):
-        raise SiteRefusal(f"secure aggregation: round {number} is not after this site's last trained round "
-                          f"{trained['round']} of run {run}; refused")
-    context.state.config_records[TRAINED] = ConfigRecord({"run": run, "round": number})
+    if kept is not None and kept.get("run") == run and number <= int(kept["number"]):
+        raise SiteRefusal("secure aggregation: " + refusal.format(number=number, last=kept["number"], run=run))
+    context.state.config_records[record] = ConfigRecord({"run": run, "number": number})
 
 
 def _site_setup(state, cfg, nid, msg, context, train_fn) -> tuple[dict, dict]:
