@@ -15,12 +15,12 @@ sites with the ServerApp's machinery (registered sites, prompt grid, guarded Fed
 4. calibration: each site scores its validation patients with the final head and sends only a histogram
    of their logits per diagnosis (once per run; at least --min-sites histograms needed); the summed
    histogram gives the threshold (>= the recipe's target sensitivity) and the temperature;
+5. export: STATE/patient-model, a patient run directory as `leuk train-patients` writes it (for
+   `leuk evaluate --model STATE/patient-model` and `leuk predict`), with its MODEL_CARD.md.
 
 With --secure-aggregation steps 1 and 4 are masked rounds too (`secure_sum`: each site sends its sums as
 means weighted by its cell count or validation patients, and the coordinator learns only their sum and
 the weights), so no single site's moments, head update or histogram reaches the coordinator.
-5. export: STATE/patient-model, a patient run directory as `leuk train-patients` writes it (for
-   `leuk evaluate --model STATE/patient-model` and `leuk predict`), with its MODEL_CARD.md.
 
 One FedAvg federation, not the fold ensemble of `leuk train-patients` (and of the benchmark): the model
 is one head, and its validation patients are each site's own held-out share, set by the site's policy
