@@ -270,12 +270,13 @@ def main() -> None:
 
 
 def run_and_record(name: str, cfg: SimulateConfig, results_file: Path, command: str,
-                   extra: Callable[[dict], dict] | None = None) -> dict:
-    """Run one comparison (`simulate` resumes the methods it had finished) and append its row to
-    `results_file`; `extra(results)` adds fields of the caller's own to the row."""
+                   extra: Callable[[dict], dict] | None = None,
+                   run: Callable[..., dict] = simulate) -> dict:
+    """Run one comparison (`run`, `simulate` by default, resumes the methods it had finished) and append
+    its row to `results_file`; `extra(results)` adds fields of the caller's own to the row."""
     print(f"== {name}", flush=True)
     start = time.time()
-    results = simulate(cfg, log=lambda line: print(line, flush=True))
+    results = run(cfg, log=lambda line: print(line, flush=True))
     row = {"experiment": name, "config": results["config"], "methods": summarize(results),
            "wall_seconds": round(time.time() - start, 1), "report": shown_path(Path(cfg.out) / "report.md"),
            "command": command, "machine": machine_info(), "finished": utc_now(),

@@ -12,7 +12,10 @@ A cell is one (model, partition) `leuk simulate --seeds 0,1,2` comparison (FedAv
 `all_taleqani` (4 classes): every seed scores every method on the same test images (split.json from
 seed 0), and each seed draws its own partition, initialisation and data order. Rows go to
 benchmarks/results/papers.jsonl (one per finished cell); each cell's folder (report.md, per-seed runs)
-to benchmarks/runs/papers/<cell>/. An interrupted cell resumes with the methods and seeds it had finished.
+to benchmarks/runs/papers/<cell>/. An interrupted cell resumes with the methods and seeds it had finished:
+from its folder, and from benchmarks/results/papers-seeds.jsonl (one row per finished seed: its scores
+without models, committed with the results), so that a cell longer than one sitting (vgg16-iid, ~3.5 h)
+finishes over several, on other machines too, seed by seed.
 A cell that benchmarks/federated.py already ran with the same training settings (its rows in
 benchmarks/results/federated.jsonl; the Lite0 cells are its 3-seed headline) is taken from there, not
 trained again (`--list` says "done (federated.py)"; the table names the command).
@@ -40,17 +43,21 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from federated import CONVERGED, LITE0, config_for, run_and_record  # noqa: E402
+from federated import CONVERGED, LITE0, config_for, run_and_record, shown_path  # noqa: E402
 
+from leukfed.common.machine import machine_info  # noqa: E402
 from leukfed.common.stats import across_seeds, paired_t  # noqa: E402
-from leukfed.simulations.bench.measure import (experiment_parser, pending_experiments,  # noqa: E402
-                                               recorded_experiments)
+from leukfed.simulations.bench.measure import (append_jsonl, experiment_parser, pending_experiments,  # noqa: E402
+                                               recorded_experiments, utc_now)
 from leukfed.simulations.config import SimulateConfig  # noqa: E402
+from leukfed.simulations.seeds import Log, SimulateOnce  # noqa: E402
 
 RESULTS = HERE / "results" / "papers.jsonl"
+SEED_RESULTS = HERE / "results" / "papers-seeds.jsonl"   # a cell's finished seeds: resume on any machine
 FEDERATED_RESULTS = HERE / "results" / "federated.jsonl"   # rows of benchmarks/federated.py a cell can reuse
 RUNS = HERE / "runs" / "papers"
 DATASET = "all_taleqani"
@@ -146,10 +153,13 @@ def command(name: str) -> str:
     return "python benchmarks/papers.py --only " + shlex.quote(name)
 
 
+def file_sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
 def split_sha256(out: Path) -> str | None:
     """Digest of the cell's split.json: two cells pair seed by seed only on the same test images."""
-    path = out / "split.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    return file_sha256(out / "split.json")
 
 
 # -- the table ----------------------------------------------------------------------------------
@@ -304,6 +314,51 @@ def render_table(path: Path = RESULTS, elsewhere: Path | None = FEDERATED_RESULT
 
 # -- running ------------------------------------------------------------------------------------
 
+def seed_settings(cfg: SimulateConfig) -> dict:
+    """What one seed's models depend on, wherever it ran (its split is compared by content), as JSON
+    reads it back (tuples as lists)."""
+    settings = {k: v for k, v in training_settings(dataclasses.asdict(cfg)).items() if k not in ("split", "seeds")}
+    return json.loads(json.dumps(settings))
+
+
+def recorded_seeds(path: Path, name: str) -> dict[int, dict]:
+    """The last recorded row of every finished seed of cell `name`."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return {row["seed"]: row for row in rows if row["experiment"] == name}
+
+
+def without_history(results: dict) -> dict:
+    """One seed's results.json less the methods' round-by-round history (nothing across seeds reads it)."""
+    return {**results, "methods": {name: {k: v for k, v in method.items() if k != "history"}
+                                   for name, method in results["methods"].items()}}
+
+
+def seed_recorder(name: str, seed_results: Path) -> SimulateOnce:
+    """`simulate_once` that first looks for the seed in `seed_results` (same settings, same split.json
+    content) and records each seed it trains there, so that a cell resumes seed by seed anywhere."""
+    from leukfed.simulations.simulate import simulate_once
+
+    def once(cfg: SimulateConfig, log: Log) -> dict:
+        settings, split = seed_settings(cfg), file_sha256(Path(cfg.split))
+        row = recorded_seeds(seed_results, name).get(cfg.seed)
+        if row and row["settings"] == settings and row["split_sha256"] == split:
+            log(f"seed {cfg.seed}: recorded in {shown_path(seed_results)} ({row['finished']}); not trained again")
+            return row["results"]
+        results = simulate_once(cfg, log)
+        append_jsonl(seed_results, [{"experiment": name, "seed": cfg.seed, "settings": settings, "split_sha256": split,
+                                     "results": without_history(results), "command": command(name),
+                                     "machine": machine_info(), "finished": utc_now()}])
+        return results
+    return once
+
+
+def run_cell(name: str, seed_results: Path) -> Callable[..., dict]:
+    """The cell's `leuk simulate --seeds` comparison, its seeds resumed from `seed_results`."""
+    from leukfed.simulations.seeds import simulate_seeds
+
+    return lambda cfg, log: simulate_seeds(cfg, cfg.seed_list(), seed_recorder(name, seed_results), log)
+
+
 def parse_overrides(items: list[str]) -> dict:
     """`KEY=VALUE` settings of SimulateConfig, typed like the field's default (for smoke runs)."""
     defaults = {f.name: f.default for f in dataclasses.fields(SimulateConfig)}
@@ -334,6 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", action="store_true", help="print the markdown table of the results and exit")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default: %(default)s)")
     parser.add_argument("--runs", type=Path, default=RUNS, help="folder of the cells' runs (default: %(default)s)")
+    parser.add_argument("--seed-results", type=Path, default=SEED_RESULTS,
+                        help="the cells' finished seeds, resumed from (default: %(default)s)")
     parser.add_argument("--elsewhere", type=Path, default=FEDERATED_RESULTS,
                         help="benchmarks/federated.py's results: cells it ran with the same settings are not run "
                         "again (default: %(default)s)")
@@ -352,13 +409,16 @@ def main(argv: list[str] | None = None) -> None:
         for name, spec in CELLS.items():
             model, partition = spec["model"], name.removeprefix(spec["model"] + "-")
             minutes = MODELS[model].minutes[partition != "iid"]
-            state = "done" if name in done else "done (federated.py)" if name in elsewhere else "not run"
+            seeds = len(recorded_seeds(args.seed_results, name))
+            state = ("done" if name in done else "done (federated.py)" if name in elsewhere
+                     else f"{seeds}/3 seeds" if seeds else "not run")
             print(f"{name:36} {state:8} ~{minutes:3d} min  "
                   f"{resolve_data_config(model, spec.get('image_size') or None).input_size[1]} px, {settings_text(model)}, pretrained {spec['pretrained']}")
         return
     overrides = parse_overrides(args.override)
-    if overrides and args.results == RESULTS:
-        sys.exit("error: --override writes rows that are not the grid's: give --results (and --runs) elsewhere")
+    if overrides and (args.results == RESULTS or args.seed_results == SEED_RESULTS):
+        sys.exit("error: --override writes rows that are not the grid's: give --results, --seed-results "
+                 "(and --runs) elsewhere")
     root = os.environ.get("LEUK_DATA_ROOT")
     if not root:
         sys.exit(f"error: set LEUK_DATA_ROOT to the folder holding {DATASET}/")
@@ -376,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
                        extra=lambda found, cfg=cfg, name=name: {
                            "model": cfg.model, "partition": cfg.partition, "seeds": found.get("seeds", [cfg.seed]),
                            "split_sha256": split_sha256(Path(cfg.out)),
-                           "test_images": found["data"]["split"]["test"], "overrides": overrides})
+                           "test_images": found["data"]["split"]["test"], "overrides": overrides},
+                       run=run_cell(name, args.seed_results))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def test_every_cell_builds_a_valid_config(papers, tmp_path):
 
 
 def test_list_and_only(papers, tmp_path, capsys):
-    papers.main(["--list", "--results", str(tmp_path / "none.jsonl"), "--elsewhere", str(tmp_path / "none.jsonl")])
+    papers.main(["--list", "--results", str(tmp_path / "none.jsonl"), "--elsewhere", str(tmp_path / "none.jsonl"),
+                 "--seed-results", str(tmp_path / "none.jsonl")])
     listed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in listed] == list(papers.CELLS)
     assert all("not run" in line for line in listed)
@@ -114,7 +115,8 @@ def test_a_cell_that_federated_py_ran_with_the_same_settings_is_reused(papers, t
     lite0 = next(line for line in table.splitlines() if "`efficientnet_lite0`" in line)
     assert "96.0 [" in lite0 and "Δ -3.0" in lite0       # paired with the same row's own centralized
     assert "--only taleqani-dirichlet-3seeds" in table and "python other" not in table
-    papers.main(["--list", "--results", str(tmp_path / "none.jsonl"), "--elsewhere", str(elsewhere)])
+    papers.main(["--list", "--results", str(tmp_path / "none.jsonl"), "--elsewhere", str(elsewhere),
+                 "--seed-results", str(tmp_path / "none.jsonl")])
     assert "efficientnet_lite0-dirichlet0.5      done (federated.py)" in capsys.readouterr().out
 
 
@@ -161,3 +163,45 @@ def test_federated_py_compares_multi_seed_runs_seed_by_seed(tmp_path, monkeypatc
     lines = federated.compare_runs(["plain-3seeds", "fedbn-3seeds"], tmp_path / "runs").splitlines()
     assert lines[2].startswith("| `plain-3seeds` | 80.00 ± 10.00 [") and lines[2].endswith("| reference |")
     assert "(90.00, 81.00, 99.00)" in lines[3] and "+10.00 pp [" in lines[3]   # paired: 10, 11, 9 points
+
+
+@pytest.mark.slow
+def test_a_cell_resumes_seed_by_seed_from_the_recorded_seeds(tmp_path):
+    """A real (tiny) cell: each finished seed is recorded with its scores; on another machine (a fresh
+    runs folder) the cell trains only the seeds not recorded and tables the same figures."""
+    import os
+    import subprocess
+    import sys
+
+    from leukfed.common.synthetic import make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "data" / "all_taleqani", per_class=12, size=24, seed=5)
+    seeds_file = tmp_path / "seeds.jsonl"
+
+    def run_cell(runs: str, results: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "LEUK_DATA_ROOT": str(tmp_path / "data"), "LEUK_NO_PROGRESS": "1"}
+        found = subprocess.run(
+            [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "papers.py"), "--only", "smallcnn-iid",
+             "--runs", str(tmp_path / runs), "--results", str(tmp_path / results), "--seed-results", str(seeds_file),
+             "--override", "model=tinycnn", "image_size=24", "sites=2", "rounds=1", "batch_size=16", "seeds=0,1",
+             "baselines=false", "bootstrap=50", "evaluate_every=1"],
+            capture_output=True, text=True, env=env, timeout=600)
+        assert found.returncode == 0, found.stdout + found.stderr
+        return found
+
+    run_cell("runs-a", "a.jsonl")
+    rows = [json.loads(line) for line in seeds_file.read_text().splitlines()]
+    assert [(r["experiment"], r["seed"]) for r in rows] == [("smallcnn-iid", 0), ("smallcnn-iid", 1)]
+    assert all("history" not in m for r in rows for m in r["results"]["methods"].values())
+    first = json.loads((tmp_path / "a.jsonl").read_text())
+    seeds_file.write_text(json.dumps(rows[0]) + "\n")          # seed 1 was cut short: only seed 0 landed
+
+    resumed = run_cell("runs-b", "b.jsonl")
+    assert "seed 0: recorded in" in resumed.stdout and "not trained again" in resumed.stdout
+    assert not (tmp_path / "runs-b" / "smallcnn-iid" / "seed-0" / "methods").exists()   # nothing trained for seed 0
+    assert (tmp_path / "runs-b" / "smallcnn-iid" / "seed-1" / "methods").exists()
+    assert [json.loads(line)["seed"] for line in seeds_file.read_text().splitlines()] == [0, 1]
+    again = json.loads((tmp_path / "b.jsonl").read_text())
+    accuracy = again["methods"]["federated-fedavg"]["across_seeds"]["accuracy"]
+    assert accuracy["values"] == first["methods"]["federated-fedavg"]["across_seeds"]["accuracy"]["values"]
+    assert again["seeds"] == [0, 1]
