@@ -175,6 +175,12 @@ def latest_rows(path: Path) -> dict[str, dict]:
     return rows
 
 
+def recorded_seeds(path: Path, name: str) -> dict[int, dict]:
+    """The last recorded row of every finished seed of cell `name`."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return {row["seed"]: row for row in rows if row["experiment"] == name}
+
+
 def training_settings(config: dict) -> dict:
     """What a comparison's models depend on, comparable between the benchmark scripts' rows: every
     setting but where it ran, which extra strategies and baselines it trained, and its statistics."""
@@ -245,8 +251,9 @@ def difference(paired: dict | None) -> str:
     return text + (f", p={paired['p']:.2g}" if paired.get("p") is not None else "")
 
 
-def not_run(name: str) -> str:
-    return f"not run: `{command(name)}`"
+def not_run(name: str, seeds_done: int = 0) -> str:
+    state = f"{seeds_done} of 3 seeds done" if seeds_done else "not run"
+    return f"{state}: `{command(name)}`"
 
 
 def settings_text(model: str) -> str:
@@ -255,11 +262,11 @@ def settings_text(model: str) -> str:
             + (f", BN recal. {s['bn_recalibration']}" if s.get("bn_recalibration") else ""))
 
 
-def federated_cell(row: dict | None, name: str, centralized: dict | None) -> str:
+def federated_cell(row: dict | None, name: str, centralized: dict | None, seeds_done: int = 0) -> str:
     """FedAvg's accuracy and its difference to the iid cell's centralized model, paired by seed when the
     two cells scored the same test images (split.json) with the same seeds."""
     if row is None:
-        return not_run(name)
+        return not_run(name, seeds_done)
     fedavg = accuracy(row["methods"].get("federated-fedavg", {}))
     text = interval(fedavg)
     if "centralized" in row["methods"]:   # trained in the same comparison: same test images and seeds
@@ -273,8 +280,10 @@ def federated_cell(row: dict | None, name: str, centralized: dict | None) -> str
     return text + (f"<br>{found}" if found else "")
 
 
-def render_table(path: Path = RESULTS, elsewhere: Path | None = FEDERATED_RESULTS) -> str:
+def render_table(path: Path = RESULTS, elsewhere: Path | None = FEDERATED_RESULTS,
+                 seed_results: Path = SEED_RESULTS) -> str:
     rows = grid_rows(path, elsewhere)
+    done = {name: len(recorded_seeds(seed_results, name)) for name in CELLS}
     lines = ["| paper | model | settings | paper's claim | centralized | FedAvg 4 sites iid | "
              "FedAvg 4 sites Dirichlet 0.5 | best site alone (iid) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -289,10 +298,10 @@ def render_table(path: Path = RESULTS, elsewhere: Path | None = FEDERATED_RESULT
         if iid is not None and "centralized" in iid["methods"]:
             centralized = {"row": iid, "method": iid["methods"]["centralized"]}
         cells = [paper.paper, f"`{model}`: {paper.label}", settings_text(model), paper.claim,
-                 interval(accuracy(centralized["method"])) if centralized else not_run(iid_name),
-                 federated_cell(iid, iid_name, centralized),
-                 federated_cell(dirichlet, dir_name, centralized),
-                 interval(best_site_alone(iid["methods"])) if iid else not_run(iid_name)]
+                 interval(accuracy(centralized["method"])) if centralized else not_run(iid_name, done[iid_name]),
+                 federated_cell(iid, iid_name, centralized, done[iid_name]),
+                 federated_cell(dirichlet, dir_name, centralized, done[dir_name]),
+                 interval(best_site_alone(iid["methods"])) if iid else not_run(iid_name, done[iid_name])]
         lines.append("| " + " | ".join(cells) + " |")
     tested = sorted({r.get("test_images") for r in rows.values() if r.get("test_images")})
     lines += ["", f"Test accuracy (%) on the same {DATASET} test images (4 classes, "
@@ -319,12 +328,6 @@ def seed_settings(cfg: SimulateConfig) -> dict:
     reads it back (tuples as lists)."""
     settings = {k: v for k, v in training_settings(dataclasses.asdict(cfg)).items() if k not in ("split", "seeds")}
     return json.loads(json.dumps(settings))
-
-
-def recorded_seeds(path: Path, name: str) -> dict[int, dict]:
-    """The last recorded row of every finished seed of cell `name`."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return {row["seed"]: row for row in rows if row["experiment"] == name}
 
 
 def without_history(results: dict) -> dict:
@@ -400,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
                         "(0: torch's default; each federated site uses cpus_per_site)")
     args = parser.parse_args(argv)
     if args.table:
-        print(render_table(args.results, args.elsewhere))
+        print(render_table(args.results, args.elsewhere, args.seed_results))
         return
     if args.list:
         from leukfed.models import resolve_data_config

@@ -62,7 +62,8 @@ def test_table_marks_missing_cells_not_run(papers, tmp_path):
     iid = _row("smallcnn-iid", {"federated-fedavg": [0.80, 0.82, 0.84], "centralized": [0.90, 0.91, 0.92],
                                 "local-site-0": [0.70, 0.75, 0.72], "local-site-1": [0.78, 0.71, 0.70],
                                 "local-site-2": [0.60, 0.60, 0.60], "local-site-3": [0.65, 0.66, 0.67]})
-    table = papers.render_table(_write(tmp_path / "papers.jsonl", [iid]), elsewhere=None)
+    seeds = _write(tmp_path / "seeds.jsonl", [{"experiment": "dscnet-dirichlet0.5", "seed": 0}])
+    table = papers.render_table(_write(tmp_path / "papers.jsonl", [iid]), elsewhere=None, seed_results=seeds)
     lines = table.splitlines()
     assert lines[0].startswith("| paper | model |") and len(lines[2:2 + len(papers.MODELS)]) == 7
     row = next(line for line in lines if "`smallcnn`" in line)
@@ -73,7 +74,8 @@ def test_table_marks_missing_cells_not_run(papers, tmp_path):
     assert cells[6] == "not run: `python benchmarks/papers.py --only smallcnn-dirichlet0.5`"
     assert cells[7].startswith("75.0 [")                       # per seed the best site: 0.78, 0.75, 0.72
     dscnet = next(line for line in lines if "`dscnet`" in line)
-    assert dscnet.count("not run") == 4 and "--only dscnet-iid" in dscnet and "99.85 %" in dscnet
+    assert dscnet.count("not run") == 3 and "--only dscnet-iid" in dscnet and "99.85 %" in dscnet
+    assert "1 of 3 seeds done: `python benchmarks/papers.py --only dscnet-dirichlet0.5`" in dscnet
     for claim in ("99.42 %", "94 %", "94.06 % val"):
         assert claim in table
 
@@ -81,11 +83,11 @@ def test_table_marks_missing_cells_not_run(papers, tmp_path):
 def test_dirichlet_pairs_with_the_iid_centralized_only_on_the_same_split(papers, tmp_path):
     iid = _row("resnet50-iid", {"federated-fedavg": [0.9, 0.9, 0.9], "centralized": [0.95, 0.96, 0.97]})
     same = _row("resnet50-dirichlet0.5", {"federated-fedavg": [0.85, 0.86, 0.87]})
-    row = next(line for line in papers.render_table(_write(tmp_path / "a.jsonl", [iid, same])).splitlines()
+    row = next(line for line in papers.render_table(_write(tmp_path / "a.jsonl", [iid, same]), seed_results=tmp_path / "none").splitlines()
                if "`resnet50`" in line)
     assert "86.0" in row and "Δ -10.0" in row
     other = _row("resnet50-dirichlet0.5", {"federated-fedavg": [0.85, 0.86, 0.87]}, split="other")
-    row = next(line for line in papers.render_table(_write(tmp_path / "b.jsonl", [iid, other])).splitlines()
+    row = next(line for line in papers.render_table(_write(tmp_path / "b.jsonl", [iid, other]), seed_results=tmp_path / "none").splitlines()
                if "`resnet50`" in line)
     assert "not paired" in row and "Δ -10.0" not in row
 
@@ -111,7 +113,7 @@ def test_a_cell_that_federated_py_ran_with_the_same_settings_is_reused(papers, t
     other = dict(row, experiment="other", config=dict(wider, lr=0.01), command="python other")
     elsewhere = _write(tmp_path / "federated.jsonl", [row, other])
     assert set(papers.measured_elsewhere(elsewhere)) == {"efficientnet_lite0-dirichlet0.5"}
-    table = papers.render_table(tmp_path / "none.jsonl", elsewhere)
+    table = papers.render_table(tmp_path / "none.jsonl", elsewhere, tmp_path / "none.jsonl")
     lite0 = next(line for line in table.splitlines() if "`efficientnet_lite0`" in line)
     assert "96.0 [" in lite0 and "Δ -3.0" in lite0       # paired with the same row's own centralized
     assert "--only taleqani-dirichlet-3seeds" in table and "python other" not in table
