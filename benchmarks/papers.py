@@ -7,6 +7,8 @@ Usage (from the repository root):
     LEUK_DATA_ROOT=../shared/datasets python benchmarks/papers.py --only dscnet    # both cells of a model
     python benchmarks/papers.py --list       # cells, settings, estimated time, done or not
     python benchmarks/papers.py --table      # the markdown table (claims vs measured; "not run" + command)
+    LEUK_DATA_ROOT=../shared/datasets python benchmarks/papers.py --size paper   # the papers' own sizes (GPU)
+    python benchmarks/papers.py --table --size paper
 
 A cell is one (model, partition) `leuk simulate --seeds 0,1,2` comparison (FedAvg only) on
 `all_taleqani` (4 classes): every seed scores every method on the same test images (split.json from
@@ -73,6 +75,7 @@ class Paper:
     claim: str                 # the paper's own headline number, as the paper states it
     settings: dict             # the SimulateConfig settings of the model (both partitions)
     minutes: tuple[int, int]   # estimated wall minutes of the (iid, Dirichlet) cell on an idle 2-core CPU
+    paper_px: int | None = None   # the paper's input size where the CPU grid's differs (`--size paper`, GPU)
 
 
 # Settings sized for the 2-core CPU (no GPU). Speeds on an idle machine at batch 32, measured for
@@ -90,36 +93,37 @@ MODELS: dict[str, Paper] = {p.model: p for p in (
     # Run order: cheapest first, so that the table fills up early; the table itself is in paper order.
     # smallcnn: federated.py's converged recipe (60 x 1 at batch 64; paper 003 trains 30 epochs, ours had
     # not plateaued at 60). ~450 img/s: iid ~17 min/seed, Dirichlet ~8 min/seed (60 federated rounds).
-    Paper("003", "smallcnn", "modified CNN, 50 px grayscale + median blur (scratch)", "97.6 %",
+    Paper("003", "smallcnn", "modified CNN, grayscale + median blur (scratch)", "97.6 %",
           dict(CONVERGED, pretrained="none", seeds=SEEDS, evaluate_every=10), (52, 25)),
     # efficientnet_lite0 at 96 px with the offline ImageNet package: federated.py's LITE0 recipe
     # (10 x 1, lr 5e-4); measured ~16.5 min/seed iid (FedAvg 320-410 s, centralized 262 s, sites 270 s).
-    Paper("ref", "efficientnet_lite0", "EfficientNet-Lite0, 96 px, ImageNet (offline package): pretrained "
-          "reference", "— (no paper)", dict(LITE0, seeds=SEEDS), (50, 21)),
+    Paper("ref", "efficientnet_lite0", "EfficientNet-Lite0, ImageNet (offline package): pretrained "
+          "reference", "— (no paper)", dict(LITE0, seeds=SEEDS), (50, 21), paper_px=224),
     # efficientnet_b0_attn from scratch (no offline B0 weights): the paper's recipe freezes the backbone
     # below its top layers, so from scratch 2.3 M of its 5.7 M parameters stay at their random
     # initialisation (random features) and only the top ~3.4 M train. ~180 img/s, 20 x 1:
     # iid ~13 min/seed, Dirichlet ~6 min/seed.
-    Paper("002", "efficientnet_b0_attn", "EfficientNet-B0 + self-attention, 96 px (scratch; frozen lower "
+    Paper("002", "efficientnet_b0_attn", "EfficientNet-B0 + self-attention (scratch; frozen lower "
           "backbone stays random)", "94.06 % val (inconsistent: its confusion matrix gives 56 %)",
           dict(SCRATCH, model="efficientnet_b0_attn", image_size=96, rounds=20, seeds=SEEDS, evaluate_every=4),
-          (40, 17)),
+          (40, 17), paper_px=224),
     # inception_v3 from scratch at its minimum input, 75 px. ~70 img/s, 10 x 1: iid ~16 min/seed,
     # Dirichlet ~6 min/seed.
-    Paper("001", "inception_v3", "Inception-v3, 75 px (scratch; the paper fine-tunes ImageNet weights)",
+    Paper("001", "inception_v3", "Inception-v3 (scratch; the paper fine-tunes ImageNet weights)",
           "< 94 % (no accuracy given; sens. 84 %, spec. 76 %)",
-          dict(SCRATCH, model="inception_v3", image_size=75, rounds=10, seeds=SEEDS, evaluate_every=2), (48, 18)),
+          dict(SCRATCH, model="inception_v3", image_size=75, rounds=10, seeds=SEEDS, evaluate_every=2), (48, 18),
+          paper_px=299),
     # dscnet at 96 px: CE loss (SimulateConfig has no loss setting and simulate's baselines use CE; with
     # one-hot targets the paper's KL-divergence equals CE, so the gradients are the same), BatchNorm
     # recalibration over 50 batches after every local epoch (benchmarks/dscnet_stability.py).
     # 15 x 1 (paper 20; our centralized run reached 99.5 % at 15). ~60 img/s with the recalibration:
     # iid ~26 min/seed, Dirichlet ~10 min/seed.
-    Paper("004", "dscnet", "DSCNet, 96 px (scratch; paper 224 px)", "99.85 %",
+    Paper("004", "dscnet", "DSCNet (scratch; paper 224 px)", "99.85 %",
           dict(SCRATCH, model="dscnet", image_size=96, rounds=15, bn_recalibration=50, seeds=SEEDS,
-               evaluate_every=3), (79, 29)),
+               evaluate_every=3), (79, 29), paper_px=224),
     # resnet50 from scratch at the paper's 64 px (no offline ResNet weights). ~40 img/s, 10 x 1:
     # iid ~26 min/seed, Dirichlet ~10 min/seed.
-    Paper("000", "resnet50", "ResNet-50, 64 px (scratch)", "99.42 %",
+    Paper("000", "resnet50", "ResNet-50 (scratch; paper 64 px)", "99.42 %",
           dict(SCRATCH, model="resnet50", image_size=64, rounds=10, seeds=SEEDS, evaluate_every=2), (79, 29)),
     # vgg16 from scratch (no offline weights; the paper fine-tunes ImageNet weights at 224 px): 134 M
     # parameters (the 7x7 fully-connected layer dominates at any input size), no BatchNorm, so lr 1e-4.
@@ -127,26 +131,39 @@ MODELS: dict[str, Paper] = {p.model: p for p in (
     # a 2-site, 1-round smoke run at 32 px raised the machine's used memory by up to ~13 GB (of 23 GiB;
     # other jobs were running), so run the vgg16 cells last and alone. FedAvg trains first in a cell,
     # so running out of memory shows within minutes; then add transfer_dtype="float16" here.
-    Paper("001", "vgg16", "VGG16, 48 px (scratch; the paper fine-tunes ImageNet weights)", "94 %",
+    Paper("001", "vgg16", "VGG16 (scratch; the paper fine-tunes ImageNet weights at 224 px)", "94 %",
           dict(SCRATCH, model="vgg16", image_size=48, lr=1e-4, rounds=6, seeds=SEEDS, evaluate_every=2),
-          (205, 74)),
+          (205, 74), paper_px=224),
 )}
 TABLE_ORDER = ("resnet50", "vgg16", "inception_v3", "efficientnet_b0_attn", "smallcnn", "dscnet",
                "efficientnet_lite0")
 
 
-def cell_name(model: str, partition: str) -> str:
-    return f"{model}-{partition}"
+def cell_name(model: str, partition: str, size: str = "cpu") -> str:
+    return f"{model}-{partition}" if size == "cpu" else f"{model}-{partition}-{MODELS[model].paper_px}px"
 
 
-def cell_spec(model: str, partition: str) -> dict:
-    """The federated.py-style experiment spec of one cell."""
+def cell_spec(model: str, partition: str, size: str = "cpu") -> dict:
+    """The federated.py-style experiment spec of one cell; at the paper's size the 4 sites share one GPU."""
     settings = {k: v for k, v in MODELS[model].settings.items() if k != "seed"}
+    if size == "paper":
+        settings |= dict(image_size=MODELS[model].paper_px, gpus_per_site=0.25)
     return dict(dataset=DATASET, sites=4, partition=PARTITIONS[partition], strategies=("fedavg",),
                 baselines=partition == "iid", seed=0, **settings)
 
 
-CELLS: dict[str, dict] = {cell_name(m, p): cell_spec(m, p) for m in MODELS for p in PARTITIONS}
+def size_models(size: str) -> list[str]:
+    """The models of a grid size in table order: every model on the CPU, those whose paper used a larger
+    input at the paper's size (ResNet-50 at 64 px and smallcnn at 50 px are already)."""
+    return [m for m in TABLE_ORDER if size == "cpu" or MODELS[m].paper_px]
+
+
+# The CPU grid (sizes 2 cores finish) and the papers' own input sizes (`--size paper`: needs a GPU).
+GRID: dict[str, dict[str, dict]] = {size: {cell_name(m, p, size): cell_spec(m, p, size)
+                                           for m in MODELS if size == "cpu" or MODELS[m].paper_px for p in PARTITIONS}
+                                    for size in ("cpu", "paper")}
+CELLS, PAPER_CELLS = GRID["cpu"], GRID["paper"]
+ALL_CELLS = {**CELLS, **PAPER_CELLS}
 
 
 def command(name: str) -> str:
@@ -256,9 +273,15 @@ def not_run(name: str, seeds_done: int = 0) -> str:
     return f"{state}: `{command(name)}`"
 
 
-def settings_text(model: str) -> str:
+def input_px(model: str, size: str = "cpu") -> int:
+    from leukfed.models import resolve_data_config
+
+    return resolve_data_config(model, cell_spec(model, "iid", size).get("image_size") or None).input_size[1]
+
+
+def settings_text(model: str, size: str = "cpu") -> str:
     s = MODELS[model].settings
-    return (f"{s['rounds']}×{s['local_epochs']} ep, batch {s['batch_size']}, lr {s['lr']:g}"
+    return (f"{input_px(model, size)} px, {s['rounds']}×{s['local_epochs']} ep, batch {s['batch_size']}, lr {s['lr']:g}"
             + (f", BN recal. {s['bn_recalibration']}" if s.get("bn_recalibration") else ""))
 
 
@@ -281,23 +304,23 @@ def federated_cell(row: dict | None, name: str, centralized: dict | None, seeds_
 
 
 def render_table(path: Path = RESULTS, elsewhere: Path | None = FEDERATED_RESULTS,
-                 seed_results: Path = SEED_RESULTS) -> str:
+                 seed_results: Path = SEED_RESULTS, size: str = "cpu") -> str:
     rows = grid_rows(path, elsewhere)
-    done = {name: len(recorded_seeds(seed_results, name)) for name in CELLS}
+    done = {name: len(recorded_seeds(seed_results, name)) for name in ALL_CELLS}
     lines = ["| paper | model | settings | paper's claim | centralized | FedAvg 4 sites iid | "
              "FedAvg 4 sites Dirichlet 0.5 | best site alone (iid) |",
              "|---|---|---|---|---|---|---|---|"]
     overridden = []
-    for model in TABLE_ORDER:
+    for model in size_models(size):
         paper = MODELS[model]
-        iid_name, dir_name = cell_name(model, "iid"), cell_name(model, "dirichlet0.5")
+        iid_name, dir_name = cell_name(model, "iid", size), cell_name(model, "dirichlet0.5", size)
         iid, dirichlet = rows.get(iid_name), rows.get(dir_name)
         overridden += [f"{r['experiment']} ({', '.join(f'{k}={v}' for k, v in r['overrides'].items())})"
                        for r in (iid, dirichlet) if r and r.get("overrides")]
         centralized = None
         if iid is not None and "centralized" in iid["methods"]:
             centralized = {"row": iid, "method": iid["methods"]["centralized"]}
-        cells = [paper.paper, f"`{model}`: {paper.label}", settings_text(model), paper.claim,
+        cells = [paper.paper, f"`{model}`: {paper.label}", settings_text(model, size), paper.claim,
                  interval(accuracy(centralized["method"])) if centralized else not_run(iid_name, done[iid_name]),
                  federated_cell(iid, iid_name, centralized, done[iid_name]),
                  federated_cell(dirichlet, dir_name, centralized, done[dir_name]),
@@ -380,15 +403,24 @@ def parse_overrides(items: list[str]) -> dict:
     return found
 
 
-def selected(only: list[str] | None) -> list[str] | None:
-    """--only names: cells, or models (both of their cells)."""
+def selected(only: list[str] | None, size: str = "cpu") -> list[str] | None:
+    """--only names: cells, or models (both of their cells at the grid size)."""
     if not only:
         return None
-    return [cell for name in only for cell in ([cell_name(name, p) for p in PARTITIONS] if name in MODELS else [name])]
+    return [cell for name in only
+            for cell in ([cell_name(name, p, size) for p in PARTITIONS] if name in MODELS else [name])]
+
+
+def gpu_present() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = experiment_parser(__doc__, choices=[*CELLS, *MODELS])
+    parser = experiment_parser(__doc__, choices=[*ALL_CELLS, *MODELS])
+    parser.add_argument("--size", choices=("cpu", "paper"), default="cpu",
+                        help="cpu: the sizes 2 CPU cores finish (default); paper: the papers' own input sizes "
+                        "(224/299 px; needs a GPU)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the results and exit")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default: %(default)s)")
     parser.add_argument("--runs", type=Path, default=RUNS, help="folder of the cells' runs (default: %(default)s)")
@@ -403,20 +435,17 @@ def main(argv: list[str] | None = None) -> None:
                         "(0: torch's default; each federated site uses cpus_per_site)")
     args = parser.parse_args(argv)
     if args.table:
-        print(render_table(args.results, args.elsewhere, args.seed_results))
+        print(render_table(args.results, args.elsewhere, args.seed_results, args.size))
         return
     if args.list:
-        from leukfed.models import resolve_data_config
-
         done, elsewhere = recorded_experiments(args.results), measured_elsewhere(args.elsewhere)
-        for name, spec in CELLS.items():
-            model, partition = spec["model"], name.removeprefix(spec["model"] + "-")
-            minutes = MODELS[model].minutes[partition != "iid"]
+        for name, spec in GRID[args.size].items():
+            model, partition = spec["model"], spec["partition"]
+            minutes = f"~{MODELS[model].minutes[partition != 'iid']:3d} min" if args.size == "cpu" else "GPU"
             seeds = len(recorded_seeds(args.seed_results, name))
             state = ("done" if name in done else "done (federated.py)" if name in elsewhere
                      else f"{seeds}/3 seeds" if seeds else "not run")
-            print(f"{name:36} {state:8} ~{minutes:3d} min  "
-                  f"{resolve_data_config(model, spec.get('image_size') or None).input_size[1]} px, {settings_text(model)}, pretrained {spec['pretrained']}")
+            print(f"{name:36} {state:8} {minutes:8}  {settings_text(model, args.size)}, pretrained {spec['pretrained']}")
         return
     overrides = parse_overrides(args.override)
     if overrides and (args.results == RESULTS or args.seed_results == SEED_RESULTS):
@@ -428,9 +457,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads > 0:
         import torch
         torch.set_num_threads(args.threads)
-    cells = {name: {**spec, **overrides} for name, spec in CELLS.items()}
+    cells = {name: {**spec, **overrides} for name, spec in ALL_CELLS.items()}
     elsewhere = measured_elsewhere(args.elsewhere) if not overrides else {}
-    for name in pending_experiments(cells, selected(args.only), args.results):
+    pending = pending_experiments(cells if args.only else GRID[args.size], selected(args.only, args.size), args.results)
+    if any(cells[name].get("gpus_per_site") for name in pending) and not gpu_present():
+        sys.exit("error: cells at the papers' sizes need a GPU (224 px on 2 CPU cores would take days)")
+    for name in pending:
         if name in elsewhere:
             print(f"== {name}: measured by `{elsewhere[name]['measured_by']}` with the same settings; not run again")
             continue

@@ -33,6 +33,26 @@ def test_every_cell_builds_a_valid_config(papers, tmp_path):
     assert papers.config_for("inception_v3-iid", tmp_path, papers.CELLS).image_size >= 75
 
 
+def test_the_papers_sizes_are_a_grid_of_their_own_that_needs_a_gpu(papers, tmp_path, monkeypatch):
+    assert set(papers.PAPER_CELLS) == {f"{m}-{p}-{px}px" for m, px in (
+        ("dscnet", 224), ("vgg16", 224), ("efficientnet_b0_attn", 224), ("efficientnet_lite0", 224),
+        ("inception_v3", 299)) for p in ("iid", "dirichlet0.5")}
+    for name, spec in papers.PAPER_CELLS.items():
+        cfg = papers.config_for(name, tmp_path, papers.PAPER_CELLS, tmp_path / "runs")
+        assert cfg.image_size == int(name.rsplit("-", 1)[1].removesuffix("px")) and cfg.gpus_per_site == 0.25
+        cpu = papers.CELLS[name.rsplit("-", 1)[0]]
+        assert {k: v for k, v in spec.items() if k not in ("image_size", "gpus_per_site")} == \
+            {k: v for k, v in cpu.items() if k not in ("image_size", "gpus_per_site")}   # only the size differs
+    assert papers.selected(["dscnet"], "paper") == ["dscnet-iid-224px", "dscnet-dirichlet0.5-224px"]
+    table = papers.render_table(tmp_path / "none", None, tmp_path / "none", size="paper")
+    assert "`resnet50`" not in table and "`smallcnn`" not in table and "--only dscnet-iid-224px" in table
+    assert "| 224 px, 15×1 ep" in table and "| 299 px, 10×1 ep" in table
+    if not papers.gpu_present():                  # CI's machines: a clear refusal, not days of CPU training
+        monkeypatch.setenv("LEUK_DATA_ROOT", str(tmp_path))
+        with pytest.raises(SystemExit, match="need a GPU"):
+            papers.main(["--size", "paper", "--only", "dscnet", "--results", str(tmp_path / "r.jsonl")])
+
+
 def test_list_and_only(papers, tmp_path, capsys):
     papers.main(["--list", "--results", str(tmp_path / "none.jsonl"), "--elsewhere", str(tmp_path / "none.jsonl"),
                  "--seed-results", str(tmp_path / "none.jsonl")])
