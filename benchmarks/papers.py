@@ -152,15 +152,15 @@ def cell_spec(model: str, partition: str, size: str = "cpu") -> dict:
                 baselines=partition == "iid", seed=0, **settings)
 
 
-def size_models(size: str) -> list[str]:
-    """The models of a grid size in table order: every model on the CPU, those whose paper used a larger
-    input at the paper's size (ResNet-50 at 64 px and smallcnn at 50 px are already)."""
-    return [m for m in TABLE_ORDER if size == "cpu" or MODELS[m].paper_px]
+def size_models(size: str, order: tuple[str, ...] = TABLE_ORDER) -> list[str]:
+    """The models of a grid size: every model on the CPU; at the paper's size those whose paper used a
+    larger input (ResNet-50 at 64 px and smallcnn at 50 px already run at theirs)."""
+    return [m for m in order if size == "cpu" or MODELS[m].paper_px]
 
 
 # The CPU grid (sizes 2 cores finish) and the papers' own input sizes (`--size paper`: needs a GPU).
 GRID: dict[str, dict[str, dict]] = {size: {cell_name(m, p, size): cell_spec(m, p, size)
-                                           for m in MODELS if size == "cpu" or MODELS[m].paper_px for p in PARTITIONS}
+                                           for m in size_models(size, tuple(MODELS)) for p in PARTITIONS}
                                     for size in ("cpu", "paper")}
 CELLS, PAPER_CELLS = GRID["cpu"], GRID["paper"]
 ALL_CELLS = {**CELLS, **PAPER_CELLS}
@@ -192,10 +192,14 @@ def latest_rows(path: Path) -> dict[str, dict]:
     return rows
 
 
-def recorded_seeds(path: Path, name: str) -> dict[int, dict]:
-    """The last recorded row of every finished seed of cell `name`."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return {row["seed"]: row for row in rows if row["experiment"] == name}
+def recorded_seeds(path: Path) -> dict[str, dict[int, dict]]:
+    """Per cell, the last recorded row of each of its finished seeds."""
+    found: dict[str, dict[int, dict]] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if line.strip():
+            row = json.loads(line)
+            found.setdefault(row["experiment"], {})[row["seed"]] = row
+    return found
 
 
 def training_settings(config: dict) -> dict:
@@ -306,7 +310,7 @@ def federated_cell(row: dict | None, name: str, centralized: dict | None, seeds_
 def render_table(path: Path = RESULTS, elsewhere: Path | None = FEDERATED_RESULTS,
                  seed_results: Path = SEED_RESULTS, size: str = "cpu") -> str:
     rows = grid_rows(path, elsewhere)
-    done = {name: len(recorded_seeds(seed_results, name)) for name in ALL_CELLS}
+    done = {name: len(seeds) for name, seeds in recorded_seeds(seed_results).items()}
     lines = ["| paper | model | settings | paper's claim | centralized | FedAvg 4 sites iid | "
              "FedAvg 4 sites Dirichlet 0.5 | best site alone (iid) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -321,10 +325,10 @@ def render_table(path: Path = RESULTS, elsewhere: Path | None = FEDERATED_RESULT
         if iid is not None and "centralized" in iid["methods"]:
             centralized = {"row": iid, "method": iid["methods"]["centralized"]}
         cells = [paper.paper, f"`{model}`: {paper.label}", settings_text(model, size), paper.claim,
-                 interval(accuracy(centralized["method"])) if centralized else not_run(iid_name, done[iid_name]),
-                 federated_cell(iid, iid_name, centralized, done[iid_name]),
-                 federated_cell(dirichlet, dir_name, centralized, done[dir_name]),
-                 interval(best_site_alone(iid["methods"])) if iid else not_run(iid_name, done[iid_name])]
+                 interval(accuracy(centralized["method"])) if centralized else not_run(iid_name, done.get(iid_name, 0)),
+                 federated_cell(iid, iid_name, centralized, done.get(iid_name, 0)),
+                 federated_cell(dirichlet, dir_name, centralized, done.get(dir_name, 0)),
+                 interval(best_site_alone(iid["methods"])) if iid else not_run(iid_name, done.get(iid_name, 0))]
         lines.append("| " + " | ".join(cells) + " |")
     tested = sorted({r.get("test_images") for r in rows.values() if r.get("test_images")})
     lines += ["", f"Test accuracy (%) on the same {DATASET} test images (4 classes, "
@@ -366,7 +370,7 @@ def seed_recorder(name: str, seed_results: Path) -> SimulateOnce:
 
     def once(cfg: SimulateConfig, log: Log) -> dict:
         settings, split = seed_settings(cfg), file_sha256(Path(cfg.split))
-        row = recorded_seeds(seed_results, name).get(cfg.seed)
+        row = recorded_seeds(seed_results).get(name, {}).get(cfg.seed)
         if row and row["settings"] == settings and row["split_sha256"] == split:
             log(f"seed {cfg.seed}: recorded in {shown_path(seed_results)} ({row['finished']}); not trained again")
             return row["results"]
@@ -439,10 +443,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.list:
         done, elsewhere = recorded_experiments(args.results), measured_elsewhere(args.elsewhere)
+        seeds_done = recorded_seeds(args.seed_results)
         for name, spec in GRID[args.size].items():
             model, partition = spec["model"], spec["partition"]
             minutes = f"~{MODELS[model].minutes[partition != 'iid']:3d} min" if args.size == "cpu" else "GPU"
-            seeds = len(recorded_seeds(args.seed_results, name))
+            seeds = len(seeds_done.get(name, {}))
             state = ("done" if name in done else "done (federated.py)" if name in elsewhere
                      else f"{seeds}/3 seeds" if seeds else "not run")
             print(f"{name:36} {state:8} {minutes:8}  {settings_text(model, args.size)}, pretrained {spec['pretrained']}")
