@@ -92,9 +92,9 @@ SCRATCH = dict(pretrained="none", optimizer="adam", augment="flip", batch_size=3
 MODELS: dict[str, Paper] = {p.model: p for p in (
     # Run order: cheapest first, so that the table fills up early; the table itself is in paper order.
     # smallcnn: federated.py's converged recipe (60 x 1 at batch 64; paper 003 trains 30 epochs, ours had
-    # not plateaued at 60). ~450 img/s: iid ~17 min/seed, Dirichlet ~8 min/seed (60 federated rounds).
+    # not plateaued at 60). Measured 2026-12-06: iid 30 min (~10 min/seed), Dirichlet 12 min.
     Paper("003", "smallcnn", "modified CNN, grayscale + median blur (scratch)", "97.6 %",
-          dict(CONVERGED, pretrained="none", seeds=SEEDS, evaluate_every=10), (52, 25)),
+          dict(CONVERGED, pretrained="none", seeds=SEEDS, evaluate_every=10), (30, 12)),
     # efficientnet_lite0 at 96 px with the offline ImageNet package: federated.py's LITE0 recipe
     # (10 x 1, lr 5e-4); measured ~16.5 min/seed iid (FedAvg 320-410 s, centralized 262 s, sites 270 s).
     Paper("ref", "efficientnet_lite0", "EfficientNet-Lite0, ImageNet (offline package): pretrained "
