@@ -124,15 +124,23 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
                      if n))
 
 
+# Scoring the same images again (another batch size or summation order) moves a score by float noise
+# (1.4e-10 between `leuk calibrate` and `leuk predict` on one patient); a threshold exactly at the
+# boundary case's score then missed that case. The threshold sits this far (relative) below that score.
+THRESHOLD_MARGIN = 1e-6
+
+
 def choose_threshold(scores: np.ndarray, is_positive: np.ndarray, target_sensitivity: float) -> float:
-    """The highest threshold t for which `score >= t` flags at least `target_sensitivity` of the positives."""
+    """The highest threshold t for which `score >= t` flags at least `target_sensitivity` of the positives,
+    less THRESHOLD_MARGIN, so that the same cases scored again are flagged again."""
     if not 0 < target_sensitivity <= 1:
         raise LeukError(f"target sensitivity must be in (0, 1], not {target_sensitivity}")
     positives = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(is_positive, dtype=bool)])[::-1]
     if len(positives) == 0:
         raise LeukError("no positive samples in the calibration subset: cannot choose a threshold")
     needed = max(1, math.ceil(target_sensitivity * len(positives) - 1e-9))
-    return float(positives[needed - 1])
+    boundary = float(positives[needed - 1])
+    return boundary - THRESHOLD_MARGIN * max(1.0, abs(boundary))
 
 
 def rates_at_threshold(scores: np.ndarray, is_positive: np.ndarray, threshold: float) -> dict[str, Any]:

@@ -71,13 +71,11 @@ def temporal_split(patients: Sequence[str], labels: Sequence[int], *, test_fract
 
 
 def threshold_for_sensitivity(y: Sequence[int], score: Sequence[float], target: float = 0.9) -> float:
-    """Highest threshold t with sensitivity (score >= t among positives) >= `target` on these (validation) data."""
-    y, s = np.asarray(y), np.asarray(score, dtype=np.float64)
-    positives = np.sort(s[y == 1])[::-1]
-    if len(positives) == 0:
-        raise LeukError("no positive patients to choose a threshold on")
-    needed = math.ceil(target * len(positives) - 1e-9)
-    return float(positives[max(needed, 1) - 1])
+    """Highest threshold t with sensitivity (score >= t among positives) >= `target` on these (validation)
+    data (`choose_threshold`, with its margin for float noise)."""
+    from leukfed.common.calibration import choose_threshold
+
+    return choose_threshold(np.asarray(score), np.asarray(y) == 1, target)
 
 
 def sensitivity_specificity(y: Sequence[int], score: Sequence[float], threshold: float) -> tuple[float, float]:

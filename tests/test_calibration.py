@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from leukfed.common.calibration import (CALIBRATION_JSON, ECE_BINS, calibrate_logits, choose_threshold,
-                                        expected_calibration_error, fit_temperature, load_calibration,
-                                        rates_at_threshold, save_calibration, softmax)
+from leukfed.common.calibration import (CALIBRATION_JSON, ECE_BINS, THRESHOLD_MARGIN, calibrate_logits,
+                                        choose_threshold, expected_calibration_error, fit_temperature,
+                                        load_calibration, rates_at_threshold, save_calibration, softmax)
 from leukfed.common.errors import LeukError
 
 
@@ -77,9 +77,22 @@ def test_the_threshold_is_the_highest_that_reaches_the_target_sensitivity(target
     scores = np.clip(rng.normal(np.where(is_positive, 0.65, 0.35), 0.15), 0, 1)
     threshold = choose_threshold(scores, is_positive, target)
     assert rates_at_threshold(scores, is_positive, threshold)["sensitivity"] >= target
-    higher = np.min(scores[scores > threshold], initial=np.inf)   # the next candidate above it
+    boundary = np.min(scores[scores >= threshold])                # the case it sits just below
+    assert boundary - threshold == pytest.approx(THRESHOLD_MARGIN)    # scores are probabilities: <= 1
+    higher = np.min(scores[scores > boundary], initial=np.inf)    # the next candidate above it
     if np.isfinite(higher):
         assert rates_at_threshold(scores, is_positive, higher)["sensitivity"] < target
+
+
+def test_the_boundary_case_scored_again_with_float_noise_is_still_flagged() -> None:
+    """`leuk predict` scored a validation APL patient 1.4e-10 below the score `leuk calibrate` had
+    chosen its threshold at, and missed it; the threshold now keeps a margin below that score."""
+    scores = np.array([0.4065462446164413, 0.4186089922596082, 0.36, 0.35])
+    is_positive = np.array([True, True, False, False])
+    threshold = choose_threshold(scores, is_positive, 0.9)
+    rescored = np.array([0.4065462444790997, 0.4186089922596082, 0.36, 0.35])
+    assert rates_at_threshold(rescored, is_positive, threshold)["sensitivity"] == 1.0
+    assert rates_at_threshold(rescored, is_positive, threshold)["specificity"] == 1.0
 
 
 def test_calibrate_logits_stores_the_threshold_on_the_calibrated_probability(tmp_path: Path) -> None:
