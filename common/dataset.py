@@ -127,7 +127,10 @@ class BatchLoader:
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.drop_last = drop_last and len(dataset) > batch_size
+        # A shuffled (training) loader never ends on a batch of one image: BatchNorm cannot normalise one
+        # sample in training mode (BatchNorm1d raises); that image comes round in another epoch's order.
+        single = shuffle and len(dataset) % batch_size == 1 and len(dataset) > 1
+        self.drop_last = (drop_last and len(dataset) > batch_size) or single
         self.generator = torch.Generator().manual_seed(seed)
         self.augment = BatchAugment(dataset.augment_name, self.generator)
 

@@ -395,3 +395,25 @@ def test_image_cache_serves_later_processes_and_tracks_images_and_size(class_dat
 
 def torch_equal(a, b) -> bool:
     return a.shape == b.shape and bool((a == b).all())
+
+
+def test_a_training_loader_never_ends_on_a_single_image_batchnorm_cannot_train_on() -> None:
+    """A site with 33 training images at batch 32 crashed a model with BatchNorm1d in its head
+    (efficientnet_b0_attn: "Expected more than 1 value per channel when training")."""
+    import torch
+    from torch import nn
+
+    from leukfed.common.dataset import SmearDataset, make_loader
+    from leukfed.common.train import make_loss, make_optimizer, select_hardware, train_epoch
+    from leukfed.models import create_model
+
+    config = create_model("tinycnn", 2).leuk_info.data_config
+    images = torch.randint(0, 256, (33, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    dataset = SmearDataset(images, np.arange(33) % 2, config, train=True, augment="flip")
+    loader = make_loader(dataset, 32, shuffle=True, seed=0)
+    assert len(loader) == 1 and [len(y) for _, y in loader] == [32]
+    assert [len(y) for _, y in make_loader(dataset, 32, shuffle=False)] == [32, 1]   # scoring sees every image
+    assert [len(y) for _, y in make_loader(dataset, 16, shuffle=True)] == [16, 16]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    stats = train_epoch(model, loader, make_optimizer(model, "adam", 1e-3), make_loss("ce", 2), select_hardware("cpu"))
+    assert stats.num_examples == 32
