@@ -22,6 +22,7 @@ from leukfed.common.site import (load_site_data, local_evaluate, local_train, si
 from leukfed.common.train import batchnorm_keys
 
 LOCAL_BATCHNORM = "local-batchnorm"  # FedBN: this site's own BatchNorm entries, in Flower's per-site state
+LOCAL_OPTIMIZER = "local-optimizer"  # --local-optimizer-state: this site's optimizer state, in the same place
 
 
 class AuditedClientApp(ClientApp):
@@ -131,10 +132,12 @@ def train(msg: Message, context: Context) -> Message:
     scores = score_first(fed, site, data, state, model) if config.get("evaluate-first") else {}
     # BudgetSpent is a refusal: AuditedClientApp sends its text and logs it as one.
     result = local_train(fed, site, data, state, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)),
-                         run_id=msg.metadata.run_id, model=model)
+                         run_id=msg.metadata.run_id, model=model, optimizer_state=kept_optimizer_state(fed, context))
     if fed.local_batchnorm:
         own = {k: result.state[k] for k in batchnorm_keys(model) if k in result.state}  # none under DP (GroupNorm)
         context.state[LOCAL_BATCHNORM] = encode_state(own)
+    if result.optimizer_state is not None:
+        context.state[LOCAL_OPTIMIZER] = encode_state(result.optimizer_state)
     metrics = {**result.metrics, "load_seconds": data.load_seconds, **scores}
     arrays = encode_state(result.state, fed.transfer_dtype)
     return _reply(msg, fed, num_examples=result.num_examples, metrics=metrics,
@@ -147,6 +150,13 @@ def with_local_batchnorm(fed: FedConfig, context: Context, state: dict) -> dict:
         return state
     own = decode_state(context.state[LOCAL_BATCHNORM])
     return {**state, **{k: v for k, v in own.items() if k in state}}
+
+
+def kept_optimizer_state(fed: FedConfig, context: Context) -> dict | None:
+    """--local-optimizer-state: this site's optimizer state from its last round, when it has one."""
+    if not fed.local_optimizer_state or LOCAL_OPTIMIZER not in context.state.array_records:
+        return None
+    return decode_state(context.state[LOCAL_OPTIMIZER])
 
 
 def score_first(fed: FedConfig, site: SiteConfig, data, state, model) -> dict[str, float]:

@@ -21,8 +21,9 @@ from leukfed.common.checkpoint import load_checkpoint, save_checkpoint
 from leukfed.common.runs import (CHECKPOINT, HISTORY_JSON, config_difference, export_model, model_description,
                                  refuse_legacy_checkpoint)
 from leukfed.common.splits import Split, load_split, make_split, save_split
-from leukfed.common.train import (class_weights_from_counts, evaluate, make_loss, make_optimizer, prepare_model,
-                                  recalibrate_batchnorm, seed_everything, select_hardware, train_epoch)
+from leukfed.common.train import (check_optimizer_state, class_weights_from_counts, evaluate, make_loss,
+                                  make_optimizer, prepare_model, recalibrate_batchnorm, seed_everything,
+                                  select_hardware, train_epoch)
 
 # Settings that may change between an interrupted run and its resumption.
 RESUMABLE = ("epochs", "device", "patience")
@@ -209,7 +210,7 @@ def _restore(ckpt: dict, path: Path, model, optimizer, train_loader) -> tuple[li
         model.load_state_dict(_part(ckpt, "model", dict, path))
         if best.get("state") is not None:
             _check_same_shapes(best["state"], model.state_dict())
-        _check_optimizer_state(state, params)
+        check_optimizer_state(state, params)
         optimizer.load_state_dict(state)
         torch.set_rng_state(ckpt["rng"])
         train_loader.generator.set_state(ckpt["loader_rng"])
@@ -217,22 +218,6 @@ def _restore(ckpt: dict, path: Path, model, optimizer, train_loader) -> tuple[li
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise LeukError(f"checkpoint {path} does not fit this run: {str(exc).strip().splitlines()[0][:300]}") from None
     return history, best, epoch + 1
-
-
-def _check_optimizer_state(state: dict, params: list) -> None:
-    """Every saved per-parameter tensor has the parameter's shape (or is a scalar, like Adam's step)."""
-    groups, per_param = state["param_groups"], state["state"]
-    ids = [i for group in groups for i in group["params"]]
-    if len(ids) != len(params):
-        raise ValueError(f"the optimizer state has {len(ids)} parameters, the model {len(params)}")
-    shapes = {i: tuple(p.shape) for i, p in zip(ids, params)}
-    for index, values in per_param.items():
-        if index not in shapes or not isinstance(values, dict):
-            raise ValueError(f"optimizer state for unknown parameter {index!r}")
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor) and value.dim() and tuple(value.shape) != shapes[index]:
-                raise ValueError(f"optimizer state {name} of parameter {index} has shape "
-                                 f"{tuple(value.shape)}, the parameter {shapes[index]}")
 
 
 def _check_same_shapes(state: dict, reference: dict) -> None:

@@ -46,6 +46,10 @@ class FedConfig:
     augment: str = setting("paper002", "Training augmentation: paper002, flip or none.")
     local_batchnorm: bool = setting(False, "FedBN: each site keeps its own BatchNorm weights and statistics from "
                                     "round to round (Flower's per-site state); the exported model's are the average.")
+    local_optimizer_state: bool = setting(
+        False, "Each site keeps its optimizer's state (Adam's moments and step count, SGD's momentum) from round "
+        "to round in Flower's per-site state instead of starting it afresh every round; it never leaves the "
+        "site. Not with DP-SGD.")
     bn_recalibration: int = setting(0, "After local training, recompute BatchNorm statistics over up to N training "
                                     "batches with the new weights (0: off; steadies DSCNet).")
     proximal_mu: float = setting(0.01, "FedProx mu.")
@@ -111,6 +115,9 @@ class FedConfig:
         if self.dp_min_noise_multiplier > self.dp_noise_multiplier:
             problems.append(f"dp-min-noise-multiplier {self.dp_min_noise_multiplier:g} exceeds the run's "
                             f"dp-noise-multiplier {self.dp_noise_multiplier:g}: every update would be refused")
+        if self.local_optimizer_state and self.dp:
+            problems.append("local-optimizer-state is not available with DP-SGD (its optimizer starts afresh "
+                            "every round)")
         if self.secure_aggregation and self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi"):
             problems.append(f"strategy {self.strategy} needs each site's own update; with secure aggregation "
                             "use fedavg, fedprox, fedadam or fedyogi")
@@ -161,7 +168,8 @@ def _patient_task_problems(fed: FedConfig) -> list[str]:
     except LeukError as exc:
         problems.append(str(exc))
     unsupported = {"strategy " + fed.strategy: fed.strategy != "fedavg", "DP-SGD": fed.dp,
-                   "local-batchnorm": fed.local_batchnorm, "resume": fed.resume, "eval-data": bool(fed.eval_data)}
+                   "local-batchnorm": fed.local_batchnorm,
+                   "local-optimizer-state": fed.local_optimizer_state, "resume": fed.resume, "eval-data": bool(fed.eval_data)}
     problems += [f"--task patients does not support {what} (FedAvg of the head only)"
                  for what, used in unsupported.items() if used]
     return problems

@@ -22,9 +22,9 @@ from leukfed.common.dp_training import private_train
 from leukfed.common.errors import LeukError, SiteRefusal
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.common.splits import make_split
-from leukfed.common.train import (EpochStats, Hardware, LossFn, class_weights_from_counts, evaluate, make_loss,
-                                  make_optimizer, prepare_model, proximal_term, recalibrate_batchnorm, seed_everything,
-                                  select_hardware, train_epoch)
+from leukfed.common.train import (EpochStats, Hardware, LossFn, class_weights_from_counts, evaluate,
+                                  load_optimizer_tensors, make_loss, make_optimizer, optimizer_tensors, prepare_model,
+                                  proximal_term, recalibrate_batchnorm, seed_everything, select_hardware, train_epoch)
 
 State = dict[str, torch.Tensor]
 
@@ -175,6 +175,7 @@ class LocalResult:
     state: State
     num_examples: int
     metrics: dict[str, float]
+    optimizer_state: State | None = None   # --local-optimizer-state: kept by the site for its next round
 
 
 def site_dp_settings(fed: FedConfig, site: SiteConfig) -> DPSettings | None:
@@ -207,9 +208,10 @@ def site_model(fed: FedConfig, site: SiteConfig, data: SiteData, state: State) -
 
 def local_train(fed: FedConfig, site: SiteConfig, data: SiteData, state: State, server_round: int,
                 *, proximal_mu: float = 0.0, lr: float | None = None, run_id: int | None = None,
-                model: nn.Module | None = None) -> LocalResult:
+                model: nn.Module | None = None, optimizer_state: State | None = None) -> LocalResult:
     """Train the global weights (`model`, or a new site_model) on the site's data for the round's local
-    epochs or steps; with DP, DP-SGD, refusing (BudgetSpent) before any training once the round would
+    epochs or steps, the optimizer resuming `optimizer_state` (this site's from its last round) when
+    given and it fits; with DP, DP-SGD, refusing (BudgetSpent) before any training once the round would
     overspend the site's budget."""
     dp = site_dp_settings(fed, site)
     hardware = select_hardware(site.device)
@@ -219,6 +221,8 @@ def local_train(fed: FedConfig, site: SiteConfig, data: SiteData, state: State, 
         if fed.class_weights else None
     loss_fn = make_loss(fed.loss, len(data.class_names), label_smoothing=fed.label_smoothing, class_weights=weights)
     optimizer = make_optimizer(model, fed.optimizer, lr or fed.lr, fed.weight_decay)
+    if optimizer_state and dp is None:
+        load_optimizer_tensors(optimizer, optimizer_state)
     loader = make_loader(data.train, fed.batch_size, shuffle=True, seed=fed.seed + server_round)
     privacy: dict[str, float] = {}
     if dp is None:
@@ -239,7 +243,8 @@ def local_train(fed: FedConfig, site: SiteConfig, data: SiteData, state: State, 
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if data.tamper is not None:  # a simulated faulty or malicious site
         new_state = data.tamper(state, new_state, fed.seed + server_round)
-    return LocalResult(new_state, len(data.train), {**accounted(fed, site, metrics), **privacy})
+    kept = optimizer_tensors(optimizer) if fed.local_optimizer_state and dp is None else None
+    return LocalResult(new_state, len(data.train), {**accounted(fed, site, metrics), **privacy}, kept)
 
 
 def accounted(fed: FedConfig, site: SiteConfig, metrics: dict[str, float]) -> dict[str, float]:

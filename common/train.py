@@ -120,6 +120,46 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float =
     raise LeukError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+def check_optimizer_state(state: dict, params: list) -> None:
+    """Every saved per-parameter tensor has the parameter's shape (or is a scalar, like Adam's step)."""
+    groups, per_param = state["param_groups"], state["state"]
+    ids = [i for group in groups for i in group["params"]]
+    if len(ids) != len(params):
+        raise ValueError(f"the optimizer state has {len(ids)} parameters, the model {len(params)}")
+    shapes = {i: tuple(p.shape) for i, p in zip(ids, params)}
+    for index, values in per_param.items():
+        if index not in shapes or not isinstance(values, dict):
+            raise ValueError(f"optimizer state for unknown parameter {index!r}")
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() and tuple(value.shape) != shapes[index]:
+                raise ValueError(f"optimizer state {name} of parameter {index} has shape "
+                                 f"{tuple(value.shape)}, the parameter {shapes[index]}")
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state (Adam's moments and step, SGD's momentum) as flat tensors
+    keyed "<parameter index>.<name>"; its settings (learning rate ...) are the run's and not kept."""
+    return {f"{index}.{name}": (value.detach().cpu().clone() if isinstance(value, torch.Tensor)
+                                else torch.tensor(value))
+            for index, values in optimizer.state_dict()["state"].items() for name, value in values.items()}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> bool:
+    """Put back what optimizer_tensors kept, when it fits this optimizer's parameters; False (the
+    optimizer untouched, starting afresh) when it does not."""
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    try:
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            per_param.setdefault(int(index), {})[name] = value
+        state = {"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]}
+        check_optimizer_state(state, [p for group in optimizer.param_groups for p in group["params"]])
+    except ValueError:
+        return False
+    optimizer.load_state_dict(state)
+    return True
+
+
 def prepare_model(model: nn.Module, hardware: Hardware) -> nn.Module:
     model = model.to(hardware.device)
     if hardware.channels_last:

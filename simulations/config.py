@@ -40,6 +40,7 @@ class SimulateConfig:
     augment: str = _run("augment")
     bn_recalibration: int = _run("bn_recalibration")
     local_batchnorm: bool = _run("local_batchnorm")
+    local_optimizer_state: bool = _run("local_optimizer_state")
     proximal_mu: float = _run("proximal_mu")
     server_lr: float = _run("server_lr")
     pretrained: str = _run("pretrained")

@@ -57,7 +57,7 @@ def test_list_and_only(papers, tmp_path, capsys):
     papers.main(["--list", "--results", str(tmp_path / "none.jsonl"), "--elsewhere", str(tmp_path / "none.jsonl"),
                  "--seed-results", str(tmp_path / "none.jsonl")])
     listed = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in listed] == list(papers.CELLS)
+    assert [line.split()[0] for line in listed] == [*papers.CELLS, *papers.REMEDY_CELLS]
     assert all("not run" in line for line in listed)
     assert papers.selected(["dscnet", "vgg16-iid"]) == ["dscnet-iid", "dscnet-dirichlet0.5", "vgg16-iid"]
 
@@ -110,6 +110,26 @@ def test_dirichlet_pairs_with_the_iid_centralized_only_on_the_same_split(papers,
     row = next(line for line in papers.render_table(_write(tmp_path / "b.jsonl", [iid, other]), seed_results=tmp_path / "none").splitlines()
                if "`resnet50`" in line)
     assert "not paired" in row and "Δ -10.0" not in row
+
+
+def test_a_remedy_cell_is_the_iid_cell_with_one_change_paired_with_its_fedavg(papers, tmp_path):
+    for name, spec in papers.REMEDY_CELLS.items():
+        model, change = name.split("-iid-")
+        iid = papers.CELLS[f"{model}-iid"]
+        assert spec == {**iid, "baselines": False, **papers.REMEDIES[change][1]}   # FedAvg only, one change
+        assert papers.config_for(name, tmp_path, papers.ALL_CELLS).local_optimizer_state is True
+    iid = _row("inception_v3-iid", {"federated-fedavg": [0.80, 0.84, 0.79], "centralized": [0.97, 0.97, 0.97]})
+    kept = _row("inception_v3-iid-keep-optimizer", {"federated-fedavg": [0.95, 0.96, 0.94]})
+    table = papers.render_remedies(_write(tmp_path / "a.jsonl", [iid, kept]), tmp_path / "none")
+    row = next(line for line in table.splitlines() if "`inception_v3`" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2].startswith("97.0") and "Δ vs centralized -16.0" in cells[3]
+    assert cells[4].startswith("95.0 [") and "Δ vs centralized -2.0" in cells[4]
+    assert cells[5].startswith("Δ +14.0")                       # paired with the iid cell's FedAvg, seed by seed
+    assert "`smallcnn`" not in table                              # no iid cell to compare with yet
+    other = _row("inception_v3-iid-keep-optimizer", {"federated-fedavg": [0.95, 0.96, 0.94]}, split="other")
+    table = papers.render_remedies(_write(tmp_path / "b.jsonl", [iid, other]), tmp_path / "none")
+    assert "not paired" in table and "Δ +14.0" not in table
 
 
 def test_overrides_are_typed_and_kept_out_of_the_grid_results(papers, tmp_path):
