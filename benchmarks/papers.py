@@ -170,7 +170,7 @@ REMEDIES = {
     # Flower's sites are stateless: every round each site builds a fresh Adam, whose first steps after
     # a restart move every weight by about the learning rate whatever its gradient's size. A site alone
     # trained with Adam restarted every epoch fell from 90.8 to 47.2 % (inception_v3, seed 2, site 0;
-    # benchmarks/optimizer_restart.py: 1 to 44 points over that seed's 4 sites).
+    # benchmarks/optimizer_restart.py: 0.7 to 43.6 points over that seed's 4 sites).
     "keep-optimizer": ("each site keeps its Adam state between rounds (`--local-optimizer-state`)",
                        dict(local_optimizer_state=True)),
 }
