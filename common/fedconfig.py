@@ -168,8 +168,8 @@ def _patient_task_problems(fed: FedConfig) -> list[str]:
     except LeukError as exc:
         problems.append(str(exc))
     unsupported = {"strategy " + fed.strategy: fed.strategy != "fedavg", "DP-SGD": fed.dp,
-                   "local-batchnorm": fed.local_batchnorm,
-                   "local-optimizer-state": fed.local_optimizer_state, "resume": fed.resume, "eval-data": bool(fed.eval_data)}
+                   "local-batchnorm": fed.local_batchnorm, "local-optimizer-state": fed.local_optimizer_state,
+                   "resume": fed.resume, "eval-data": bool(fed.eval_data)}
     problems += [f"--task patients does not support {what} (FedAvg of the head only)"
                  for what, used in unsupported.items() if used]
     return problems
