@@ -309,22 +309,24 @@ def settings_text(model: str, size: str = "cpu") -> str:
             + (f", BN recal. {s['bn_recalibration']}" if s.get("bn_recalibration") else ""))
 
 
-def federated_cell(row: dict | None, name: str, centralized: dict | None, seeds_done: int = 0) -> str:
+def federated_cell(row: dict | None, name: str, iid_row: dict | None, seeds_done: int = 0) -> str:
     """FedAvg's accuracy and its difference to the iid cell's centralized model, paired by seed when the
     two cells scored the same test images (split.json) with the same seeds."""
     if row is None:
         return not_run(name, seeds_done)
+    own = "centralized" in row["methods"]   # trained in the same comparison: same test images and seeds
+    found = paired_to(row, row if own else iid_row, "centralized")
+    return interval(accuracy(row["methods"].get("federated-fedavg", {}))) + (f"<br>{found}" if found else "")
+
+
+def paired_to(row: dict, other: dict | None, method: str) -> str:
+    """The row's FedAvg minus `other`'s `method` (paired by seed), when both scored the same images and seeds."""
     fedavg = accuracy(row["methods"].get("federated-fedavg", {}))
-    text = interval(fedavg)
-    if "centralized" in row["methods"]:   # trained in the same comparison: same test images and seeds
-        centralized = {"row": row, "method": row["methods"]["centralized"]}
-    if fedavg is None or centralized is None:
-        return text
-    iid_row = centralized["row"]
-    if iid_row.get("split_sha256") != row.get("split_sha256") or iid_row.get("seeds") != row.get("seeds"):
-        return text + "<br>(not paired: split or seeds differ from the iid cell's)"
-    found = difference(paired_t(fedavg["values"], accuracy(centralized["method"])["values"]))
-    return text + (f"<br>{found}" if found else "")
+    if fedavg is None or other is None or method not in other["methods"]:
+        return ""
+    if other.get("split_sha256") != row.get("split_sha256") or other.get("seeds") != row.get("seeds"):
+        return "(not paired: split or seeds differ from the iid cell's)"
+    return difference(paired_t(fedavg["values"], accuracy(other["methods"][method])["values"]))
 
 
 def render_table(path: Path = RESULTS, elsewhere: Path | None = FEDERATED_RESULTS,
@@ -341,13 +343,11 @@ def render_table(path: Path = RESULTS, elsewhere: Path | None = FEDERATED_RESULT
         iid, dirichlet = rows.get(iid_name), rows.get(dir_name)
         overridden += [f"{r['experiment']} ({', '.join(f'{k}={v}' for k, v in r['overrides'].items())})"
                        for r in (iid, dirichlet) if r and r.get("overrides")]
-        centralized = None
-        if iid is not None and "centralized" in iid["methods"]:
-            centralized = {"row": iid, "method": iid["methods"]["centralized"]}
+        centralized = accuracy(iid["methods"]["centralized"]) if iid and "centralized" in iid["methods"] else None
         cells = [paper.paper, f"`{model}`: {paper.label}", settings_text(model, size), paper.claim,
-                 interval(accuracy(centralized["method"])) if centralized else not_run(iid_name, done.get(iid_name, 0)),
-                 federated_cell(iid, iid_name, centralized, done.get(iid_name, 0)),
-                 federated_cell(dirichlet, dir_name, centralized, done.get(dir_name, 0)),
+                 interval(centralized) if centralized else not_run(iid_name, done.get(iid_name, 0)),
+                 federated_cell(iid, iid_name, iid, done.get(iid_name, 0)),
+                 federated_cell(dirichlet, dir_name, iid, done.get(dir_name, 0)),
                  interval(best_site_alone(iid["methods"])) if iid else not_run(iid_name, done.get(iid_name, 0))]
         lines.append("| " + " | ".join(cells) + " |")
     tested = sorted({r.get("test_images") for r in rows.values() if r.get("test_images")})
@@ -368,16 +368,6 @@ def render_table(path: Path = RESULTS, elsewhere: Path | None = FEDERATED_RESULT
     return "\n".join(lines)
 
 
-def paired_to(row: dict, other: dict | None, method: str) -> str:
-    """The row's FedAvg minus `other`'s `method` (paired by seed), when both scored the same images and seeds."""
-    if other is None or method not in other["methods"]:
-        return ""
-    if other.get("split_sha256") != row.get("split_sha256") or other.get("seeds") != row.get("seeds"):
-        return "(not paired: split or seeds differ)"
-    fedavg = accuracy(row["methods"].get("federated-fedavg", {}))
-    return difference(paired_t(fedavg["values"], accuracy(other["methods"][method])["values"])) if fedavg else ""
-
-
 def render_remedies(path: Path = RESULTS, seed_results: Path = SEED_RESULTS) -> str:
     """What closed FedAvg's gap: each remedy cell's FedAvg against the iid cell's centralized and plain FedAvg."""
     rows = latest_rows(path)
@@ -390,15 +380,11 @@ def render_remedies(path: Path = RESULTS, seed_results: Path = SEED_RESULTS) -> 
             iid, row = rows.get(iid_name), rows.get(name)
             if iid is None:
                 continue   # nothing to compare with yet
-            fedavg = iid["methods"].get("federated-fedavg", {})
-            changed = (not_run(name, done.get(name, 0)) if row is None else
-                       interval(accuracy(row["methods"]["federated-fedavg"])) + "<br>"
-                       + paired_to(row, iid, "centralized").replace("Δ", "Δ vs centralized"))
             gain = "" if row is None else paired_to(row, iid, "federated-fedavg")
             lines.append("| " + " | ".join([
                 f"`{model}`", label, interval(accuracy(iid["methods"]["centralized"])),
-                interval(accuracy(fedavg)) + "<br>" + paired_to(iid, iid, "centralized").replace("Δ", "Δ vs centralized"),
-                changed, gain]) + " |")
+                federated_cell(iid, iid_name, iid).replace("Δ", "Δ vs centralized"),
+                federated_cell(row, name, iid, done.get(name, 0)).replace("Δ", "Δ vs centralized"), gain]) + " |")
     lines += ["", f"Test accuracy (%) on the grid's {DATASET} test images, mean over seeds 0, 1, 2 [95 % "
               "t-interval]; every Δ paired by seed, in points. The change's cell trains FedAvg only, with the "
               "iid cell's settings, split, seeds and partitions; its own command is `python "
