@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from leukfed.common.cli_support import new_app, print_json, progress_bar, run_app
+from leukfed.common.fedconfig import STRATEGY_HELP
 from leukfed.common.settings import with_options
 
 app = new_app("leukfed: federated learning for leukemia diagnosis from blood-smear images.")
@@ -299,8 +300,7 @@ def dashboard_cmd(
 
 
 def simulate_cmd(
-    strategy: str = typer.Option("fedavg", "--strategy", help="One or more, comma-separated: fedavg, fedprox, "
-                                 "fedadam, fedyogi, fedmedian, fedtrimmedavg, krum."),
+    strategy: str = typer.Option("fedavg", "--strategy", help="One or more, comma-separated: " + STRATEGY_HELP + "."),
     **settings,
 ) -> None:
     """Virtual hospitals on this machine: federated vs centralized vs local-only, with a report."""

@@ -9,7 +9,11 @@ from typing import Any, Mapping
 from leukfed.common.errors import LeukError
 from leukfed.common.settings import from_mapping, kebab, setting
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+# Strategies that only combine the weighted average can run on the secure sum; the others must
+# see each site's update (median, trimmed mean, Krum) and would silently degrade to plain FedAvg.
+COMPATIBLE_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")
+STRATEGY_HELP = ", ".join(STRATEGIES[:-1]) + " or " + STRATEGIES[-1]
 TRANSFER_DTYPES = ("float32", "float16", "bfloat16")
 TASKS = ("cells", "patients")
 
@@ -33,7 +37,7 @@ class FedConfig:
     image_size: int = setting(0, "Input size in px (0: the model's default).")
     pretrained: str = setting("auto", "Initial weights: auto, none, hub, package or a weights file.")
     rounds: int = setting(3, "Federated rounds.")
-    strategy: str = setting("fedavg", "fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg or krum.")
+    strategy: str = setting("fedavg", STRATEGY_HELP + ".")
     local_epochs: int = setting(1, "Local epochs per round.")
     local_steps: int = setting(0, "Local batches per round instead of epochs (0: use epochs).")
     batch_size: int = setting(32, "Local batch size.")
@@ -54,6 +58,10 @@ class FedConfig:
                                     "batches with the new weights (0: off; steadies DSCNet).")
     proximal_mu: float = setting(0.01, "FedProx mu.")
     server_lr: float = setting(0.01, "FedAdam/FedYogi server learning rate.")
+    fedavgm_lr: float = setting(1.0, "FedAvgM server learning rate (the step along the averaged update; 1: FedAvg's).")
+    server_momentum: float = setting(0.5, "FedAvgM server momentum: the global model moves along a running sum of "
+                                     "past averaged updates (0: plain FedAvg at --fedavgm-lr). 0.5 with rate 1 was "
+                                     "best of 5 on smallcnn's site validation; 0.9 with rate 1 swung (benchmarks/server_momentum.py).")
     trim_beta: float = setting(0.2, "FedTrimmedAvg: fraction trimmed at each end.")
     krum_malicious: int = setting(1, "Krum: assumed number of malicious sites.")
     min_sites: int = setting(3, "Sites needed before a round starts (and to keep going).")
@@ -75,7 +83,7 @@ class FedConfig:
         "--evaluate-separately sends it again in an evaluation message of its own.",
         flag="--evaluate-with-train/--evaluate-separately")
     secure_aggregation: bool = setting(False, "Masked updates: the server sees only the sum of the sites' updates "
-                                       "(fedavg, fedprox, fedadam, fedyogi).")
+                                       "(" + ", ".join(COMPATIBLE_STRATEGIES) + ").")
     secagg_threshold: int = setting(0, "Sites needed to unmask (0: a majority, at least 2).")
     secagg_clip: float = setting(1024.0, "Secure aggregation: per-element bound on a site's update (new - global).")
     dp_noise_multiplier: float = setting(0.0, "> 0: sites train with DP-SGD at this noise multiplier.")
@@ -118,9 +126,11 @@ class FedConfig:
         if self.local_optimizer_state and self.dp:
             problems.append("local-optimizer-state is not available with DP-SGD (its optimizer starts afresh "
                             "every round)")
-        if self.secure_aggregation and self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi"):
+        if self.secure_aggregation and self.strategy not in COMPATIBLE_STRATEGIES:
             problems.append(f"strategy {self.strategy} needs each site's own update; with secure aggregation "
-                            "use fedavg, fedprox, fedadam or fedyogi")
+                            f"use one of {', '.join(COMPATIBLE_STRATEGIES)}")
+        if self.fedavgm_lr <= 0 or not 0 <= self.server_momentum < 1:
+            problems.append("FedAvgM needs fedavgm-lr > 0 and server-momentum in [0, 1)")
         if self.secure_aggregation and self.min_sites < 2:
             problems.append("secure aggregation needs min-sites >= 2 (>= 3 to survive a dropout)")
         if self.task not in TASKS:

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from leukfed.common.errors import LeukError, SiteRefusal
+from leukfed.common.fedconfig import COMPATIBLE_STRATEGIES
 
 MESSAGE_TYPE = "train.secagg"                  # Flower's MessageType.TRAIN + ".secagg": @app.train("secagg")
 RECORD = "secagg"                              # ConfigRecord with the protocol fields
@@ -50,9 +51,6 @@ VERSION = b"leukfed-secagg/v2"
 _BF16_SUFFIX = "::bf16"
 _ROUND_ID = re.compile(r"^(\d+):(\d+):([0-9a-f]{16})$")
 
-# Strategies that only combine the weighted average can run on the secure sum; the others must
-# see each site's update (median, trimmed mean, Krum) and would silently degrade to plain FedAvg.
-COMPATIBLE_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 
 SiteKey = Union[ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
 SitePublicKey = Union[ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey]

@@ -223,8 +223,10 @@ class GuardedStrategy(Strategy):
             if problem:
                 self.log.rejected.append(self._entry(node, reason=problem))
                 continue
-            if set(arrays) != set(record.keys()) or any(record[k].dtype == "float16" for k in record.keys()):
-                msg.content["arrays"] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
+            # In the global model's order: Flower's FedAvgM pairs the average with the model by position, so a
+            # reply listing its arrays in another order would swap arrays of the same shape.
+            if list(record.keys()) != list(self.reference) or any(record[k].dtype == "float16" for k in record.keys()):
+                msg.content["arrays"] = ArrayRecord({k: Array(np.asarray(arrays[k], order="C")) for k in self.reference})
             accepted.append(msg)
         accepted = self._reject_norm_outliers(accepted)
         keep_common_metrics(accepted)

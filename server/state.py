@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,10 @@ def _difference(ckpt: dict, fed: FedConfig) -> list[str]:
     current = fed.training_settings()
     if not fed.class_names:  # not given again: the run keeps the classes it fixed in round 1
         current["class_names"] = ckpt["settings"].get("class_names", "")
-    return config_difference(ckpt["settings"], current)
+    # A setting added after the checkpoint was written: the run then behaved as its default does.
+    defaults = {f.name: f.default for f in fields(FedConfig) if f.name in current}
+    saved = {**defaults, **ckpt["settings"]}
+    return config_difference(saved, current)
 
 
 def load_resumed(state_dir: Path, fed: FedConfig) -> Resumed:
@@ -89,14 +92,20 @@ def _read(state_dir: Path) -> dict:
 
 
 def _check_strategy_arrays(value, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
-    """Arrays the strategy keeps per model tensor (FedAdam's moments) must have that tensor's shape."""
+    """Arrays the strategy keeps per model tensor must have that tensor's shape: by name (FedAdam's moments)
+    or, for a list of arrays (FedAvgM's momentum), in the model's order."""
+    if isinstance(value, list) and value and all(isinstance(item, (np.ndarray, np.generic)) for item in value):
+        if len(value) != len(shapes):
+            raise LeukError(f"checkpoint {path} is malformed: strategy state holds {len(value)} arrays, the model "
+                            f"{len(shapes)} tensors")
+        value = dict(zip(shapes, value))
     if not isinstance(value, dict):
         return
     for key, item in value.items():
-        if key in shapes and isinstance(item, np.ndarray) and item.shape != shapes[key]:
+        if key in shapes and isinstance(item, (np.ndarray, np.generic)) and np.shape(item) != shapes[key]:
             raise LeukError(f"checkpoint {path} is malformed: strategy state for {key} has shape "
-                            f"{item.shape}, the model {shapes[key]}")
-        if isinstance(item, dict):
+                            f"{np.shape(item)}, the model {shapes[key]}")
+        if isinstance(item, (dict, list)):
             _check_strategy_arrays(item, shapes, path)
 
 

@@ -1,17 +1,18 @@
 """Flower strategies by name, each wrapped in the guard; the strategy state a checkpoint carries."""
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 
 from leukfed.common.fedconfig import FedConfig
 from leukfed.server.guard import GuardedStrategy, GuardSettings
 from leukfed.server.registered_sites import RegisteredSites
 
-BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
          "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
 
-# FedAdam/FedYogi moments: the strategy state a checkpoint must carry.
-STATE_ATTRIBUTES = ("m_t", "v_t")
+# FedAdam/FedYogi moments (per array name) and FedAvgM's momentum (a list in the model's order): the strategy
+# state a checkpoint must carry. Each strategy takes its current model from the first round's arrays.
+STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
 
 
 def guard_settings(fed: FedConfig) -> GuardSettings:
@@ -31,6 +32,7 @@ def make_strategy(fed: FedConfig) -> GuardedStrategy:
     common = dict(fraction_train=fed.fraction_train, fraction_evaluate=evaluate, min_train_nodes=fed.min_sites,
                   min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites)
     extra = {"fedprox": {"proximal_mu": fed.proximal_mu}, "fedadam": {"eta": fed.server_lr},
+             "fedavgm": {"server_learning_rate": fed.fedavgm_lr, "server_momentum": fed.server_momentum},
              "fedyogi": {"eta": fed.server_lr}, "fedtrimmedavg": {"beta": fed.trim_beta},
              "krum": {"num_malicious_nodes": fed.krum_malicious}}.get(fed.strategy, {})
     strategy = BASES[fed.strategy](**common, **extra)

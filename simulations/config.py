@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 
 from leukfed.common.errors import LeukError
-from leukfed.common.fedconfig import STRATEGIES, FedConfig
+from leukfed.common.fedconfig import STRATEGIES, STRATEGY_HELP, FedConfig
 from leukfed.common.settings import inherit, setting
 
 
@@ -28,8 +28,8 @@ class SimulateConfig:
     partition: str = setting("dirichlet:1.0", "iid, dirichlet:ALPHA, patient or quantity:W1,W2,... (default: each "
                              "site its own case mix).", "simulation")
     model: str = _run("model")
-    strategies: tuple[str, ...] = setting(("fedavg",), "One or more, comma-separated: fedavg, fedprox, fedadam, "
-                                          "fedyogi, fedmedian, fedtrimmedavg, krum.", "simulation", cli=False)
+    strategies: tuple[str, ...] = setting(("fedavg",), "One or more, comma-separated: " + STRATEGY_HELP + ".",
+                                          "simulation", cli=False)
     rounds: int = _run("rounds", default=5)
     local_epochs: int = _run("local_epochs", default=2)
     image_size: int = _run("image_size")
@@ -43,6 +43,8 @@ class SimulateConfig:
     local_optimizer_state: bool = _run("local_optimizer_state")
     proximal_mu: float = _run("proximal_mu")
     server_lr: float = _run("server_lr")
+    fedavgm_lr: float = _run("fedavgm_lr")
+    server_momentum: float = _run("server_momentum")
     pretrained: str = _run("pretrained")
     seed: int = _run("seed")
     split: str = setting("", "Split JSON (default: make one).", "simulation")
@@ -90,8 +92,13 @@ class SimulateConfig:
 
     def digest(self) -> str:
         """What trained models depend on: every setting but the statistics' own (seeds, bootstrap)."""
-        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in STATISTICS_ONLY}
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in STATISTICS_ONLY
+                    and not (k in LATER_SETTINGS and v == FIELD_DEFAULTS[k])}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 STATISTICS_ONLY = ("seeds", "bootstrap")
+# Settings added after studies were recorded: at their default they leave the digest as it was, so that
+# re-running such a study resumes the methods it finished.
+LATER_SETTINGS = ("fedavgm_lr", "server_momentum")
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SimulateConfig)}

@@ -2,6 +2,7 @@
 ClientApp, every message through protobuf): history, logs, tracking and model card in seconds."""
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from pathlib import Path
 
@@ -15,7 +16,8 @@ RUN_ID = 7
 
 
 def run_federation(out: Path, monkeypatch, *, sites: int = 2, rounds: int = 2, tracking: str = "",
-                   contexts_out: dict | None = None, **extra) -> tuple[Path, list[str]]:
+                   contexts_out: dict | None = None, strategy: str = "fedavg", resume: bool = False,
+                   **extra) -> tuple[Path, list[str]]:
     """`leuk simulate`'s data and federated run settings, the ServerApp's main in-process; returns the
     state dir and the ServerApp's log lines (and fills `contexts_out` with each site's Flower Context)."""
     from leukfed.server import server_app
@@ -35,7 +37,7 @@ def run_federation(out: Path, monkeypatch, *, sites: int = 2, rounds: int = 2, t
     cfg = SimulateConfig(out=str(out), sites=sites, rounds=rounds, model="tinycnn", image_size=24, batch_size=16,
                          synthetic_per_class=8, baselines=False, tracking=tracking, **extra)
     prep = prepare_data(cfg, out, lambda line: None)
-    fed = fed_config(cfg, prep, out, "fedavg")
+    fed = dataclasses.replace(fed_config(cfg, prep, out, strategy), resume=resume)
     run_config = {**fed.to_run_config(), **simulation_sites(out)}
     nodes = {1000 + 17 * k: k for k in range(sites)}           # Flower node ids; partition K is site-K
     contexts = {n: Context(RUN_ID, n, {"partition-id": k}, RecordDict(), run_config) for n, k in nodes.items()}

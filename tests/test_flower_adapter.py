@@ -170,6 +170,34 @@ def test_read_rows_still_hold() -> None:
         assert line in sources, line
 
 
+def test_strategy_state_rows_still_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attributes a checkpoint saves (leukfed.server.strategies.STATE_ATTRIBUTES) hold each strategy's
+    state after Flower's own round loop: FedAdam's moments per array name, FedAvgM's momentum in order."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAdam, FedAvgM
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from leukfed.common.flower.inprocess import InProcessGrid
+    from leukfed.server.strategies import STATE_ATTRIBUTES
+
+    for attribute in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+
+    def site(message: Message) -> Message:
+        arrays = ArrayRecord({k: Array(v.numpy() + 1) for k, v in message.content["arrays"].items()})
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 5})}), reply_to=message)
+
+    start = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32)), "b": Array(np.zeros(2, dtype=np.float32))})
+    adam, avgm = FedAdam(fraction_evaluate=0.0), FedAvgM(server_momentum=0.9, fraction_evaluate=0.0)
+    for strategy in (adam, avgm):
+        strategy.start(grid=InProcessGrid({1: site, 2: site}, run_id=1), initial_arrays=start, num_rounds=1)
+    assert {"m_t", "v_t", "momentum_vector"} == set(STATE_ATTRIBUTES)
+    assert {k: v.shape for k, v in adam.m_t.items()} == {k: v.shape for k, v in adam.v_t.items()} == \
+        {"w": (3,), "b": (2,)}
+    assert [v.shape for v in avgm.momentum_vector] == [(3,), (2,)]
+
+
 # ----------------------------------------------------------------------------- the public-socket filter
 
 def _ask(app, method: str, path: str, port: int, client: str = "203.0.113.9", kind: str = "http") -> int:

@@ -117,7 +117,9 @@ def test_a_remedy_cell_is_the_iid_cell_with_one_change_paired_with_its_fedavg(pa
         model, change = name.split("-iid-")
         iid = papers.CELLS[f"{model}-iid"]
         assert spec == {**iid, "baselines": False, **papers.REMEDIES[change][1]}   # FedAvg only, one change
-        assert papers.config_for(name, tmp_path, papers.ALL_CELLS).local_optimizer_state is True
+        cfg = papers.config_for(name, tmp_path, papers.ALL_CELLS)
+        assert cfg.local_optimizer_state is (change == "keep-optimizer")
+        assert cfg.strategies == (("fedavgm",) if change == "fedavgm" else ("fedavg",))
     iid = _row("inception_v3-iid", {"federated-fedavg": [0.80, 0.84, 0.79], "centralized": [0.97, 0.97, 0.97]})
     kept = _row("inception_v3-iid-keep-optimizer", {"federated-fedavg": [0.95, 0.96, 0.94]})
     table = papers.render_remedies(_write(tmp_path / "a.jsonl", [iid, kept]), tmp_path / "none")
@@ -127,6 +129,10 @@ def test_a_remedy_cell_is_the_iid_cell_with_one_change_paired_with_its_fedavg(pa
     assert cells[4].startswith("95.0 [") and "Δ vs centralized -2.0" in cells[4]
     assert cells[5].startswith("Δ +14.0")                       # paired with the iid cell's FedAvg, seed by seed
     assert "`smallcnn`" not in table                              # no iid cell to compare with yet
+    momentum = _row("inception_v3-iid-fedavgm", {"federated-fedavgm": [0.90, 0.91, 0.92]})
+    table = papers.render_remedies(_write(tmp_path / "m.jsonl", [iid, momentum]), tmp_path / "none")
+    row = next(line for line in table.splitlines() if "`inception_v3`" in line and "FedAvgM" in line)
+    assert "91.0 [" in row and "Δ +10.0" in row                 # the cell's one strategy, paired with FedAvg
     other = _row("inception_v3-iid-keep-optimizer", {"federated-fedavg": [0.95, 0.96, 0.94]}, split="other")
     table = papers.render_remedies(_write(tmp_path / "b.jsonl", [iid, other]), tmp_path / "none")
     assert "not paired" in table and "Δ +14.0" not in table
@@ -247,3 +253,18 @@ def test_a_cell_resumes_seed_by_seed_from_the_recorded_seeds(tmp_path):
     accuracy = again["methods"]["federated-fedavg"]["across_seeds"]["accuracy"]
     assert accuracy["values"] == first["methods"]["federated-fedavg"]["across_seeds"]["accuracy"]["values"]
     assert again["seeds"] == [0, 1]
+
+
+def test_every_recorded_seed_still_matches_its_cell(papers, tmp_path):
+    """A setting added to the product since a seed was recorded (at its default) must not make the grid
+    train that seed again: each committed row still matches its cell's settings."""
+    import dataclasses
+
+    rows = papers.recorded_seeds(papers.SEED_RESULTS)
+    assert rows, "benchmarks/results/papers-seeds.jsonl holds the grid's finished seeds"
+    for name, seeds in rows.items():
+        cfg = papers.config_for(name, tmp_path, papers.ALL_CELLS, tmp_path / "runs")
+        for seed, row in seeds.items():
+            settings = papers.seed_settings(dataclasses.replace(cfg, seeds="", seed=seed))
+            assert papers.same_settings(row["settings"], settings), (name, seed)
+            assert not papers.same_settings(row["settings"], {**settings, "server_momentum": 0.5})

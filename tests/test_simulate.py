@@ -172,3 +172,8 @@ def test_seed_settings_are_checked_and_do_not_invalidate_trained_methods() -> No
     # Statistics-only settings leave the digest that decides whether a finished method is reused.
     assert SimulateConfig(seeds="0,1", bootstrap=50).digest() == SimulateConfig().digest()
     assert SimulateConfig(seed=1).digest() != SimulateConfig().digest()
+    # Settings added later leave it as it was while at their default, so that studies recorded before them
+    # resume (the value below is the digest before FedAvgM's settings existed; a new setting belongs in
+    # simulations.config.LATER_SETTINGS).
+    assert SimulateConfig().digest() == "3f68c5a438d51dba"
+    assert SimulateConfig(server_momentum=0.5).digest() != SimulateConfig().digest()

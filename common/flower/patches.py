@@ -97,6 +97,12 @@ PATCHES: tuple[Patch, ...] = (
           "no public route maps a registered key to its node id (`flwr supernode list` omits keys): read table "
           "`node` (node_id, public_key) of the SuperLink's SQLite file (leukfed.common.flower.cli.registered_node_id)",
           kind="read"),
+    Patch("strategy-state", "flwr.serverapp.strategy.fedopt:FedOpt._compute_deltat_and_mt",
+          "flwr.serverapp.strategy.fedavgm:FedAvgM.aggregate_train", "serverapp",
+          "a resumed run must continue FedAdam/FedYogi's moments and FedAvgM's momentum, which Flower keeps only "
+          "in the strategy's attributes m_t, v_t and momentum_vector: the checkpoint reads and restores them "
+          "(leukfed.server.strategies.STATE_ATTRIBUTES)",
+          kind="read"),
     Patch("supernode-log-lines", "flwr.supercore.exit.exit:flwr_exit",
           "flwr.supernode.start_client_internal:start_client_internal", "site",
           "a SuperNode's reason to exit (refused key 2004, missing key 2001, TLS) and its node id reach the "
