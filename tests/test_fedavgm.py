@@ -111,8 +111,8 @@ def test_a_checkpoint_written_before_these_settings_existed_resumes(tmp_path: Pa
     path = state_dir / "checkpoint.safetensors"
     ckpt = load_checkpoint(path)
     older = {k: v for k, v in ckpt["settings"].items() if k not in ("fedavgm_lr", "server_momentum")}
-    save_checkpoint(path, {**ckpt, "settings": {**older, "server_momentum": 0.5}})
-    with pytest.raises(LeukError, match="server_momentum: checkpoint has 0.5, now 0.9"):
+    save_checkpoint(path, {**ckpt, "settings": {**older, "server_momentum": 0.9}})
+    with pytest.raises(LeukError, match="server_momentum: checkpoint has 0.9, now 0.5"):
         run_federation(tmp_path / "run", monkeypatch, rounds=2, resume=True)
     save_checkpoint(path, {**ckpt, "settings": older})   # as written before the settings existed
     run_federation(tmp_path / "run", monkeypatch, rounds=2, resume=True)
