@@ -267,4 +267,4 @@ def test_every_recorded_seed_still_matches_its_cell(papers, tmp_path):
         for seed, row in seeds.items():
             settings = papers.seed_settings(dataclasses.replace(cfg, seeds="", seed=seed))
             assert papers.same_settings(row["settings"], settings), (name, seed)
-            assert not papers.same_settings(row["settings"], {**settings, "server_momentum": 0.5})
+            assert not papers.same_settings(row["settings"], {**settings, "server_momentum": 0.9})

@@ -176,4 +176,4 @@ def test_seed_settings_are_checked_and_do_not_invalidate_trained_methods() -> No
     # resume (the value below is the digest before FedAvgM's settings existed; a new setting belongs in
     # simulations.config.LATER_SETTINGS).
     assert SimulateConfig().digest() == "3f68c5a438d51dba"
-    assert SimulateConfig(server_momentum=0.5).digest() != SimulateConfig().digest()
+    assert SimulateConfig(server_momentum=0.9).digest() != SimulateConfig().digest()
