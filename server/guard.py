@@ -48,6 +48,8 @@ class GuardedStrategy(Strategy):
     per-site metrics, bytes and timings go to `self.log`. `start` is Flower's own."""
 
     norm_outlier_factor: float = 10.0
+    statistics: frozenset[str] = frozenset()   # arrays that take the accepted replies' weighted mean, whatever
+                                               # the wrapped strategy makes of them (see strategies.SERVER_OPTIMIZERS)
     fused_mean: bool = True  # FedAvg/FedProx: checks, norms and the weighted mean in one pass (FusedMean)
 
     def __init__(self, strategy: Strategy, settings: GuardSettings = GuardSettings(),
@@ -233,11 +235,25 @@ class GuardedStrategy(Strategy):
         start = time.perf_counter()
         arrays, metrics = self.strategy.aggregate_train(server_round, accepted) if accepted else (None, None)
         if arrays is not None:
-            arrays = self._restore_dtypes(arrays)
+            arrays = self._restore_dtypes(self._average_statistics(arrays, accepted))
         self.log.aggregation_seconds = time.perf_counter() - start
         self.log.train_phase_seconds = time.perf_counter() - self.log.started
         self.log.aggregated_train = dict(metrics) if metrics else {}
         return arrays, metrics
+
+    def _average_statistics(self, arrays: ArrayRecord, accepted: list[Message]) -> ArrayRecord:
+        """`self.statistics` as the accepted replies' weighted mean (float64 sums)."""
+        if not self.statistics:
+            return arrays
+        weights = [reply_weight(m, self.weighted_by_key) for m in accepted]
+        averaged = ArrayRecord()
+        for key, array in arrays.items():
+            if key in self.statistics:
+                total = sum(w * m.content["arrays"][key].numpy().astype(np.float64) for w, m in zip(weights, accepted))
+                averaged[key] = Array(np.asarray(total / sum(weights), order="C"))
+            else:
+                averaged[key] = array
+        return averaged
 
     def _restore_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
         """Weighted averaging promotes integer buffers (BatchNorm counters) to float: cast them back."""

@@ -264,7 +264,7 @@ def main(grid: Grid, context: Context) -> None:
     history = resumed.history if resumed else []
     if start_round > fed.rounds:
         log(f"all {fed.rounds} rounds are already complete")
-    strategy = make_strategy(fed)
+    strategy = make_strategy(fed, statistics=frozenset(name for name, _ in model.named_buffers()))
     strategy.sites = sites   # the same names (and claims) as the class query saw
     strategy.round_offset = start_round - 1
     if resumed:

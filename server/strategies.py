@@ -26,8 +26,16 @@ def guard_settings(fed: FedConfig) -> GuardSettings:
                          evaluate_with_train=with_train and not patients)
 
 
-def make_strategy(fed: FedConfig) -> GuardedStrategy:
-    """The named Flower strategy, wrapped in the guard for the run's registered sites."""
+# Strategies that step the global model with a server optimizer (momentum, Adam): applied to BatchNorm's
+# running statistics that step extrapolates them (a running variance turned negative: NaN on round 2 of
+# Inception-v3 under FedAvgM), so their model statistics take the sites' weighted mean instead.
+SERVER_OPTIMIZERS = ("fedavgm", "fedadam", "fedyogi")
+
+
+def make_strategy(fed: FedConfig, statistics: frozenset[str] = frozenset()) -> GuardedStrategy:
+    """The named Flower strategy, wrapped in the guard for the run's registered sites. `statistics`: the
+    model's buffers (BatchNorm running statistics and counters), averaged rather than stepped by a server
+    optimizer."""
     evaluate = 0.0 if fed.task == "patients" else 1.0   # the patient task's calibration round is its own
     common = dict(fraction_train=fed.fraction_train, fraction_evaluate=evaluate, min_train_nodes=fed.min_sites,
                   min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites)
@@ -36,7 +44,9 @@ def make_strategy(fed: FedConfig) -> GuardedStrategy:
              "fedyogi": {"eta": fed.server_lr}, "fedtrimmedavg": {"beta": fed.trim_beta},
              "krum": {"num_malicious_nodes": fed.krum_malicious}}.get(fed.strategy, {})
     strategy = BASES[fed.strategy](**common, **extra)
-    return GuardedStrategy(strategy, guard_settings(fed), RegisteredSites.parse(fed.registered_sites))
+    guarded = GuardedStrategy(strategy, guard_settings(fed), RegisteredSites.parse(fed.registered_sites))
+    guarded.statistics = statistics if fed.strategy in SERVER_OPTIMIZERS else frozenset()
+    return guarded
 
 
 def strategy_state(strategy: GuardedStrategy) -> dict:

@@ -75,6 +75,33 @@ def test_a_site_sending_its_arrays_in_another_order_cannot_mix_them_up(monkeypat
     np.testing.assert_allclose(final["b"], [10 + 1 + 1.5] * 3, rtol=1e-6)
 
 
+def test_batchnorm_statistics_take_the_sites_mean_not_the_servers_step(monkeypatch) -> None:
+    """Momentum extrapolates: a running variance falling from 1.0 to 0.1 would be stepped to 1 - 1.5 x 0.9
+    = -0.35 (NaN in the next forward pass). The model's statistics take the sites' weighted mean instead."""
+    for attribute in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    start = {"w": torch.zeros(3), "bn.running_var": torch.ones(3), "bn.num_batches_tracked": torch.tensor(4)}
+
+    def variance_site(message: Message) -> Message:
+        reply = shifting_site(1.0)(message)
+        if message.metadata.message_type == "train":
+            reply.content["arrays"]["bn.running_var"] = Array(np.full(3, 0.1, dtype=np.float32))
+        return reply
+
+    for name in ("fedavgm", "fedadam"):
+        statistics = frozenset({"bn.running_var", "bn.num_batches_tracked"})
+        strategy = make_strategy(FedConfig(strategy=name, fedavgm_lr=1.5, server_momentum=0.9, min_sites=2),
+                                 statistics=statistics)
+        result = strategy.start(grid=InProcessGrid({11: variance_site, 12: variance_site}, run_id=1),
+                                initial_arrays=encode_state(start), num_rounds=2, timeout=30)
+        final = {k: v.numpy() for k, v in result.arrays.items()}
+        np.testing.assert_allclose(final["bn.running_var"], [0.1] * 3, rtol=1e-6, err_msg=name)
+        assert final["bn.running_var"].dtype == np.float32 and final["bn.num_batches_tracked"] == 8, name
+        assert final["w"][0] > (2.0 if name == "fedavgm" else 0.0), name      # the weights still take the step
+    fedavg = make_strategy(FedConfig(strategy="fedavg"), statistics=frozenset({"bn.running_var"}))
+    assert fedavg.statistics == frozenset()   # its mean already is one
+
+
 def test_bad_fedavgm_settings_are_refused_in_one_line() -> None:
     for bad in (dict(server_momentum=1.0), dict(server_momentum=-0.1), dict(fedavgm_lr=0.0)):
         with pytest.raises(LeukError, match="FedAvgM needs"):
