@@ -12,10 +12,8 @@ rows (cell, seed, site, optimizer, metric, value) to results/optimizer_restart.c
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from papers import CELLS, config_for  # noqa: E402
+from papers import CELLS, cell_study_parser, config_for, data_root  # noqa: E402
 
 from leukfed.common.centralized import TrainConfig, build_model  # noqa: E402
 from leukfed.common.data import scan_dataset  # noqa: E402
@@ -105,22 +103,16 @@ def summary(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cell", choices=[c for c in CELLS if c.endswith("-iid")], default="inception_v3-iid")
-    parser.add_argument("--seed", type=int, default=2, help="the grid seed whose partition is used (default: 2)")
+    parser = cell_study_parser(__doc__, "inception_v3-iid", 2, RESULTS, "print the paired differences and exit")
     parser.add_argument("--sites", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as a simulated site)")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--summary", action="store_true", help="print the paired differences and exit")
     args = parser.parse_args(argv)
     if args.summary:
         print(summary(args.results))
         return
-    root = os.environ.get("LEUK_DATA_ROOT")
-    if not root:
-        sys.exit("error: set LEUK_DATA_ROOT to the folder holding all_taleqani/")
+    root = data_root()
     torch.set_num_threads(args.threads)
-    cfg = config_for(args.cell, Path(root), CELLS, RUNS)
+    cfg = config_for(args.cell, root, CELLS, RUNS)
     sites, test, manifest = site_images(cfg, args.seed)
     finished = done(args.results)
     command = "python benchmarks/optimizer_restart.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -37,6 +37,7 @@ each site alone under the Dirichlet partition (skewed sites, a weaker baseline t
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -484,6 +485,24 @@ def selected(only: list[str] | None, size: str = "cpu") -> list[str] | None:
             for cell in ([cell_name(name, p, size) for p in PARTITIONS] if name in MODELS else [name])]
 
 
+def cell_study_parser(description: str, cell: str, seed: int, results: Path, summary: str) -> argparse.ArgumentParser:
+    """The options of a study on one grid cell's partition (optimizer_restart.py, server_momentum.py)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cell", choices=[c for c in CELLS if c.endswith("-iid")], default=cell)
+    parser.add_argument("--seed", type=int, default=seed, help=f"the grid seed whose partition is used (default: {seed})")
+    parser.add_argument("--results", type=Path, default=results)
+    parser.add_argument("--summary", action="store_true", help=summary)
+    return parser
+
+
+def data_root() -> Path:
+    """LEUK_DATA_ROOT, or one line and exit."""
+    root = os.environ.get("LEUK_DATA_ROOT")
+    if not root:
+        sys.exit(f"error: set LEUK_DATA_ROOT to the folder holding {DATASET}/")
+    return Path(root)
+
+
 def gpu_present() -> bool:
     import torch
     return torch.cuda.is_available()
@@ -530,9 +549,7 @@ def main(argv: list[str] | None = None) -> None:
     if overrides and (args.results == RESULTS or args.seed_results == SEED_RESULTS):
         sys.exit("error: --override writes rows that are not the grid's: give --results, --seed-results "
                  "(and --runs) elsewhere")
-    root = os.environ.get("LEUK_DATA_ROOT")
-    if not root:
-        sys.exit(f"error: set LEUK_DATA_ROOT to the folder holding {DATASET}/")
+    root = data_root()
     if args.threads > 0:
         import torch
         torch.set_num_threads(args.threads)
@@ -545,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
         if name in elsewhere:
             print(f"== {name}: measured by `{elsewhere[name]['measured_by']}` with the same settings; not run again")
             continue
-        cfg = config_for(name, Path(root), cells, args.runs)
+        cfg = config_for(name, root, cells, args.runs)
         run_and_record(name, cfg, args.results, command(name),
                        extra=lambda found, cfg=cfg, name=name: {
                            "model": cfg.model, "partition": cfg.partition, "seeds": found.get("seeds", [cfg.seed]),

@@ -12,18 +12,16 @@ resumes.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from papers import CELLS, config_for  # noqa: E402
+from papers import CELLS, cell_study_parser, config_for, data_root  # noqa: E402
 
 from leukfed.simulations.bench.measure import append_csv, utc_now  # noqa: E402
 
@@ -79,26 +77,21 @@ def summary(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cell", choices=[c for c in CELLS if c.endswith("-iid")], default="smallcnn-iid")
-    parser.add_argument("--seed", type=int, default=0, help="the grid seed whose partition is used (default: 0)")
+    parser = cell_study_parser(__doc__, "smallcnn-iid", 0, RESULTS,
+                               "print each choice's last-round accuracy and exit")
     parser.add_argument("--choices", nargs="+", default=list(CHOICES), help="MOMENTUM:RATE pairs")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--summary", action="store_true", help="print each choice's last-round accuracy and exit")
     args = parser.parse_args(argv)
     if args.summary:
         print(summary(args.results))
         return
-    root = os.environ.get("LEUK_DATA_ROOT")
-    if not root:
-        sys.exit("error: set LEUK_DATA_ROOT to the folder holding all_taleqani/")
+    root = data_root()
     finished = done(args.results)
     command = "python benchmarks/server_momentum.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for momentum, rate in map(parse_choice, args.choices):
         if (args.cell, args.seed, momentum, rate) in finished:
             continue
         started = time.time()
-        curve = site_validation(args.cell, Path(root), args.seed, momentum, rate)
+        curve = site_validation(args.cell, root, args.seed, momentum, rate)
         print(f"{args.cell} seed {args.seed} momentum {momentum:g} rate {rate:g}: sites' validation accuracy "
               + ", ".join(f"r{r} {100 * a:.1f}" for r, a in curve) + f" ({time.time() - started:.0f} s)", flush=True)
         append_csv(args.results, FIELDS, [{"cell": args.cell, "seed": args.seed, "momentum": momentum, "rate": rate,
