@@ -56,7 +56,7 @@ from leukfed.common.machine import machine_info  # noqa: E402
 from leukfed.common.stats import across_seeds, paired_t  # noqa: E402
 from leukfed.simulations.bench.measure import (append_jsonl, experiment_parser, pending_experiments,  # noqa: E402
                                                recorded_experiments, utc_now)
-from leukfed.simulations.config import SimulateConfig  # noqa: E402
+from leukfed.simulations.config import FIELD_DEFAULTS, SimulateConfig  # noqa: E402
 from leukfed.simulations.seeds import Log, SimulateOnce  # noqa: E402
 
 RESULTS = HERE / "results" / "papers.jsonl"
@@ -237,8 +237,8 @@ def training_settings(config: dict) -> dict:
     """What a comparison's models depend on, comparable between the benchmark scripts' rows: every
     setting but where it ran, which extra strategies and baselines it trained, and its statistics."""
     skipped = {"out", "data", "strategies", "baselines", "bootstrap", "tracking"}
-    defaults = {f.name: f.default for f in dataclasses.fields(SimulateConfig)}  # settings added after the row ran
-    return {k: v for k, v in {**defaults, **config}.items() if k not in skipped} | {"dataset": Path(config["data"]).name}
+    # FIELD_DEFAULTS: settings added after the row ran
+    return {k: v for k, v in {**FIELD_DEFAULTS, **config}.items() if k not in skipped} | {"dataset": Path(config["data"]).name}
 
 
 def covers(row_config: dict, cell_config: dict) -> bool:
@@ -423,7 +423,7 @@ def seed_settings(cfg: SimulateConfig) -> dict:
 
 def same_settings(recorded: dict, settings: dict) -> bool:
     """A recorded seed trained with `settings`; a setting added after it was recorded counts as its default."""
-    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(SimulateConfig)}))
+    defaults = json.loads(json.dumps(FIELD_DEFAULTS))
     return {**{k: defaults[k] for k in settings if k in defaults}, **recorded} == settings
 
 
@@ -461,7 +461,7 @@ def run_cell(name: str, seed_results: Path) -> Callable[..., dict]:
 
 def parse_overrides(items: list[str]) -> dict:
     """`KEY=VALUE` settings of SimulateConfig, typed like the field's default (for smoke runs)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(SimulateConfig)}
+    defaults = FIELD_DEFAULTS
     found = {}
     for item in items:
         key, sep, value = item.partition("=")
