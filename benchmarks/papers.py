@@ -185,6 +185,10 @@ REMEDIES = {
                 f"--server-momentum {FEDAVGM_MOMENTUM:g} --fedavgm-lr {FEDAVGM_LR:g}`)",
                 dict(strategies=("fedavgm",), server_momentum=FEDAVGM_MOMENTUM, fedavgm_lr=FEDAVGM_LR)),
 }
+# The two are independent (one on the sites, one on the server): both at once.
+REMEDIES["keep-optimizer-fedavgm"] = ("both: each site keeps its Adam and the server uses FedAvgM (`--local-optimizer-state "
+                                      f"--strategy fedavgm --server-momentum {FEDAVGM_MOMENTUM:g} --fedavgm-lr {FEDAVGM_LR:g}`)",
+                                      {**REMEDIES["keep-optimizer"][1], **REMEDIES["fedavgm"][1]})
 REMEDY_MODELS = ("smallcnn", "inception_v3", "dscnet", "resnet50")   # from scratch, FedAvg behind
 
 
@@ -543,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
             seeds = len(seeds_done.get(name, {}))
             state = ("done" if name in done else "done (federated.py)" if name in elsewhere
                      else f"{seeds}/3 seeds" if seeds else "not run")
-            print(f"{name:36} {state:8} {minutes:8}  {settings_text(model, args.size)}, pretrained {spec['pretrained']}")
+            print(f"{name:39} {state:8} {minutes:8}  {settings_text(model, args.size)}, pretrained {spec['pretrained']}")
         return
     overrides = parse_overrides(args.override)
     if overrides and (args.results == RESULTS or args.seed_results == SEED_RESULTS):
