@@ -119,6 +119,8 @@ def test_a_remedy_cell_is_the_iid_cell_with_one_change_paired_with_its_fedavg(pa
         assert spec == {**iid, "baselines": False, **papers.REMEDIES[change][1]}   # FedAvg only, one change
         cfg = papers.config_for(name, tmp_path, papers.ALL_CELLS)
         assert cfg.local_optimizer_state is change.startswith("keep-optimizer")
+        assert cfg.bn_recalibration == (50 if change == "bn-recalibration" else iid.get("bn_recalibration", 0))
+        assert cfg.baselines is (change == "bn-recalibration")   # it changes the centralized model too
         assert cfg.strategies == (("fedavgm",) if change.endswith("fedavgm") else ("fedavg",))
     iid = _row("inception_v3-iid", {"federated-fedavg": [0.80, 0.84, 0.79], "centralized": [0.97, 0.97, 0.97]})
     kept = _row("inception_v3-iid-keep-optimizer", {"federated-fedavg": [0.95, 0.96, 0.94]})
@@ -165,7 +167,8 @@ def test_a_cell_that_federated_py_ran_with_the_same_settings_is_reused(papers, t
     assert "--only taleqani-dirichlet-3seeds" in table and "python other" not in table
     papers.main(["--list", "--results", str(tmp_path / "none.jsonl"), "--elsewhere", str(elsewhere),
                  "--seed-results", str(tmp_path / "none.jsonl")])
-    assert "efficientnet_lite0-dirichlet0.5      done (federated.py)" in capsys.readouterr().out
+    listed = {line.split()[0]: line.split()[1:3] for line in capsys.readouterr().out.splitlines()}
+    assert listed["efficientnet_lite0-dirichlet0.5"] == ["done", "(federated.py)"]
 
 
 def test_federated_py_tables_a_multi_seed_row_and_reads_the_sites_validation():
