@@ -132,8 +132,21 @@ def summary(path: Path) -> str:
                      f"{difference_text(recomputed, saved)} | {each} |")
     lines += ["", f"Accuracy (%) on the {DATASET} split's validation and test images; mean over the seeds; interval: "
               "paired t over seeds (none with one seed). Weights as trained; recomputed: BatchNorm statistics over up "
-              "to `--batches` (default 50) augmented batches of the method's own training images."]
+              "to `--batches` (default 50) augmented batches of the method's own training images.", "",
+              *federated_gap(table)]
     return "\n".join(lines)
+
+
+def federated_gap(table: dict[tuple[str, str, str, str], dict[int, float]]) -> list[str]:
+    """Per cell with both: the federated model minus centralized on test, with each one's statistics."""
+    lines = ["| cell | federated − centralized, saved statistics | with recomputed statistics |", "|---|---|---|"]
+    for cell, method in sorted({(c, m) for c, m, _, _ in table if m.startswith("federated-")}):
+        if (cell, "centralized", "saved", "test") not in table:
+            continue
+        gaps = [difference_text(table[cell, method, stats, "test"], table[cell, "centralized", stats, "test"])
+                for stats in ("saved", "recomputed")]
+        lines.append(f"| {cell} ({method}) | {gaps[0]} | {gaps[1]} |")
+    return lines if len(lines) > 2 else []
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ from leukfed.client.wire_checks import check_received, expected_records, max_mod
 from leukfed.common.fedconfig import FedConfig, SiteConfig
 from leukfed.client.secagg import refuse_plain_training, secure_train
 from leukfed.common.site import (load_site_data, local_evaluate, local_train, site_class_names, site_model,
-                                 suppress_small)
+                                 site_statistics, STATISTICS_TASK, suppress_small)
 from leukfed.common.train import batchnorm_keys
 
 LOCAL_BATCHNORM = "local-batchnorm"  # FedBN: this site's own BatchNorm entries, in Flower's per-site state
@@ -126,6 +126,10 @@ def train(msg: Message, context: Context) -> Message:
     data = load_site_data(fed, site)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 1)) + int(config.get("round-offset", 0))
+    if int(config.get(STATISTICS_TASK, 0)) > 0:   # the statistics round: the global weights as they are
+        result = site_statistics(fed, site, data, decode_state(msg.content["arrays"]), int(config[STATISTICS_TASK]))
+        return _reply(msg, fed, num_examples=result.num_examples, metrics=result.metrics,
+                      arrays=encode_state(result.state, fed.transfer_dtype), started=started)
     state = with_local_batchnorm(fed, context, decode_state(msg.content["arrays"]))
     model = site_model(fed, site, data, state)
     # The server asks for the previous round's scores here rather than in a message of their own.

@@ -56,6 +56,11 @@ class FedConfig:
         "site. Not with DP-SGD.")
     bn_recalibration: int = setting(0, "After local training, recompute BatchNorm statistics over up to N training "
                                     "batches with the new weights (0: off; steadies DSCNet).")
+    bn_statistics_round: int = setting(
+        0, "After the last round, each site recomputes the model's BatchNorm statistics under the final global "
+        "weights over up to N of its training batches and the server averages them into the exported model (0: "
+        "off). Otherwise the model keeps the average of statistics each site computed under its own weights "
+        "(Inception-v3 FedAvg: 82.7 % with those, 94.0 % with recomputed ones; benchmarks/bn_statistics.py).")
     proximal_mu: float = setting(0.01, "FedProx mu.")
     server_lr: float = setting(0.01, "FedAdam/FedYogi server learning rate.")
     fedavgm_lr: float = setting(1.0, "FedAvgM server learning rate (the step along the averaged update; 1: FedAvg's).")
@@ -116,8 +121,8 @@ class FedConfig:
             problems.append("evaluate-every must be >= 0")
         if self.local_epochs < 1 and self.local_steps < 1:
             problems.append("local work must be >= 1 epoch or >= 1 step")
-        if self.bn_recalibration < 0:
-            problems.append("bn-recalibration must be >= 0")
+        if self.bn_recalibration < 0 or self.bn_statistics_round < 0:
+            problems.append("bn-recalibration and bn-statistics-round must be >= 0")
         if self.dp_noise_multiplier < 0 or self.dp_max_grad_norm <= 0 or not 0 < self.dp_delta < 1:
             problems.append("DP needs noise multiplier >= 0, max grad norm > 0 and delta in (0, 1)")
         if self.dp_min_noise_multiplier > self.dp_noise_multiplier:

@@ -247,6 +247,20 @@ def local_train(fed: FedConfig, site: SiteConfig, data: SiteData, state: State, 
     return LocalResult(new_state, len(data.train), {**accounted(fed, site, metrics), **privacy}, kept)
 
 
+STATISTICS_TASK = "bn-statistics"   # train-config key: only recompute BatchNorm statistics (--bn-statistics-round)
+
+
+def site_statistics(fed: FedConfig, site: SiteConfig, data: SiteData, state: State, batches: int) -> LocalResult:
+    """The statistics round: the global weights unchanged, their BatchNorm statistics recomputed over up to
+    `batches` of the site's training batches (as they are augmented in training); no weight moves."""
+    model = site_model(fed, site, data, state)
+    loader = make_loader(data.train, fed.batch_size, shuffle=True, seed=fed.seed)
+    used = recalibrate_batchnorm(model, loader, select_hardware(site.device), batches)
+    examples = min(used * fed.batch_size, len(data.train))
+    new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return LocalResult(new_state, examples, {"statistics_batches": float(used), "examples_processed": float(examples)})
+
+
 def accounted(fed: FedConfig, site: SiteConfig, metrics: dict[str, float]) -> dict[str, float]:
     """Under DP only what the privacy accounting covers leaves the site (the update, its epsilon and the
     example count): losses, accuracies and timings computed on the data in clear are withheld, unless the

@@ -20,6 +20,7 @@ from leukfed.server.grids import PromptGrid
 from leukfed.server.registered_sites import RegisteredSites, describe
 from leukfed.server.run_status import write_status
 from leukfed.server.state import Resumed, export_final, load_resumed, save_round
+from leukfed.server.statistics_round import statistics_round
 from leukfed.server.strategies import make_strategy, restore_strategy_state, strategy_state
 from leukfed.server.tracking import SafeTracker, evaluation_scalars, open_tracker, round_scalars
 
@@ -326,6 +327,9 @@ def main(grid: Grid, context: Context) -> None:
             tracker.close()
     if not history:
         raise LeukError("no round completed")
+    if statistics_round(train_grid, fed, model, sites, {"round-offset": fed.rounds, "class-names": fed.class_names},
+                        log) and score:
+        final_metrics = score(model)   # the exported model, with its new statistics
     if not final_metrics:
         final_metrics = history[-1]["server_evaluate"] or history[-1]["evaluate"]
     export_final(state_dir, model, class_names, fed, final_metrics, history)

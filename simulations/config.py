@@ -39,6 +39,7 @@ class SimulateConfig:
     weight_decay: float = _run("weight_decay")
     augment: str = _run("augment")
     bn_recalibration: int = _run("bn_recalibration")
+    bn_statistics_round: int = _run("bn_statistics_round")
     local_batchnorm: bool = _run("local_batchnorm")
     local_optimizer_state: bool = _run("local_optimizer_state")
     proximal_mu: float = _run("proximal_mu")
@@ -100,5 +101,5 @@ class SimulateConfig:
 STATISTICS_ONLY = ("seeds", "bootstrap")
 # Settings added after studies were recorded: at their default they leave the digest as it was, so that
 # re-running such a study resumes the methods it finished.
-LATER_SETTINGS = ("fedavgm_lr", "server_momentum")
+LATER_SETTINGS = ("fedavgm_lr", "server_momentum", "bn_statistics_round")
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SimulateConfig)}

@@ -144,3 +144,11 @@ def hospital_share_source():
     from leukfed.common.site import hospital_share, use_share_source
 
     use_share_source(hospital_share)
+
+
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hospital's folder for the real ClientApp: patient folders, so there are patient IDs and cell-type
+    names that must not leave the site."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("site") / "hospital", per_class=12, size=24,
+                                  layout="patient_folders", classes=("AML", "APL"), patients_per_class=3)

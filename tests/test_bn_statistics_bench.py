@@ -38,7 +38,7 @@ def test_each_saved_model_is_rescored_with_its_statistics_saved_and_recomputed(t
         if r["statistics"] == "saved" and r["side"] == "test":      # as trained: the grid's own figure
             assert float(r["accuracy"]) == pytest.approx(recorded[r["method"]]["final"]["accuracy"], abs=1e-6)
     out = capsys.readouterr().out
-    assert "| smallcnn-iid | federated-fedavg | 1 |" in out
+    assert "| smallcnn-iid | federated-fedavg | 1 |" in out and "| smallcnn-iid (federated-fedavg) |" in out
     bench.main(args)                                                # resumes: nothing rescored twice
     assert len(list(csv.DictReader(rows_file.open()))) == len(rows)
     assert "test" not in capsys.readouterr().out.split("| cell |")[0]

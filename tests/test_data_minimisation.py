@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -13,16 +12,8 @@ from leukfed.client.client_app import app
 from leukfed.client.audit import verify_chain
 from leukfed.common.flower.wire import PACKED_KEY, encode_state, record_digest, unpack_record
 from leukfed.common.fedconfig import FedConfig
-from leukfed.common.synthetic import make_synthetic_dataset
 from leukfed.models import create_model
 from site_policies import lenient_policy
-
-
-@pytest.fixture(scope="module")
-def site_data(tmp_path_factory) -> Path:
-    # Patient folders, so there are patient IDs and cell-type names that must not leave the site.
-    return make_synthetic_dataset(tmp_path_factory.mktemp("site") / "hospital", per_class=12, size=24,
-                                  layout="patient_folders", classes=("AML", "APL"), patients_per_class=3)
 
 
 def deliver(message_type: str, site_data: Path, tmp_path: Path, *, config: dict | None = None,

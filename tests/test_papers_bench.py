@@ -121,6 +121,7 @@ def test_a_remedy_cell_is_the_iid_cell_with_one_change_paired_with_its_fedavg(pa
         assert cfg.local_optimizer_state is change.startswith("keep-optimizer")
         assert cfg.bn_recalibration == (50 if change == "bn-recalibration" else iid.get("bn_recalibration", 0))
         assert cfg.baselines is (change == "bn-recalibration")   # it changes the centralized model too
+        assert cfg.bn_statistics_round == (50 if change == "bn-statistics-round" else 0)
         assert cfg.strategies == (("fedavgm",) if change.endswith("fedavgm") else ("fedavg",))
     iid = _row("inception_v3-iid", {"federated-fedavg": [0.80, 0.84, 0.79], "centralized": [0.97, 0.97, 0.97]})
     kept = _row("inception_v3-iid-keep-optimizer", {"federated-fedavg": [0.95, 0.96, 0.94]})
