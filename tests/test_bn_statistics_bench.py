@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from benchmark_scripts import load_benchmark
+from simulate_cli import run_simulate
 
 pytestmark = pytest.mark.slow
 
 
 def test_each_saved_model_is_rescored_with_its_statistics_saved_and_recomputed(tmp_path: Path, capsys) -> None:
     cell = tmp_path / "runs" / "smallcnn-iid"          # the layout benchmarks/papers.py leaves, seed 1 of 2
-    result = subprocess.run(
-        [sys.executable, "-c", "from leukfed.cli import main; main()", "simulate", "--out", str(cell),
-         "--synthetic-per-class", "40", "--partition", "iid", "--sites", "2", "--rounds", "1", "--seeds", "0,1",
-         "--model", "tinycnn", "--image-size", "24", "--batch-size", "16", "--bootstrap", "0"],
-        capture_output=True, text=True, env={**os.environ, "LEUK_NO_PROGRESS": "1"}, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_simulate(cell, "--synthetic-per-class", "40", "--partition", "iid", "--sites", "2", "--rounds", "1",
+                 "--seeds", "0,1", "--model", "tinycnn", "--image-size", "24", "--batch-size", "16", "--bootstrap", "0")
     bench = load_benchmark("bn_statistics", "bn_statistics_bench")
     rows_file = tmp_path / "rows.csv"
     args = ["--cells", "smallcnn-iid", "--seeds", "1", "--runs", str(tmp_path / "runs"), "--results", str(rows_file),

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from simulate_cli import run_simulate
 
 from leukfed.common.errors import LeukError
 from leukfed.simulations.faults import corrupt_update, flip_labels, parse_faults
@@ -45,13 +43,9 @@ def test_fault_injection() -> None:
 @pytest.mark.slow
 def test_one_poisoning_site_of_four_does_not_stop_a_robust_strategy(tmp_path: Path) -> None:
     out = tmp_path / "robust"
-    result = subprocess.run(
-        [sys.executable, "-c", "from leukfed.cli import main; main()", "simulate", "--out", str(out),
-         "--sites", "4", "--rounds", "4", "--model", "tinycnn", "--image-size", "24", "--batch-size", "16",
-         "--lr", "0.003", "--strategy", "fedmedian", "--no-baselines", "--faulty", "0:signflip:8",
-         "--synthetic-per-class", "60", "--partition", "iid", "--local-epochs", "1"],
-        capture_output=True, text=True, env={**os.environ, "LEUK_NO_PROGRESS": "1"}, timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_simulate(out, "--sites", "4", "--rounds", "4", "--model", "tinycnn", "--image-size", "24", "--batch-size", "16",
+                 "--lr", "0.003", "--strategy", "fedmedian", "--no-baselines", "--faulty", "0:signflip:8",
+                 "--synthetic-per-class", "60", "--partition", "iid", "--local-epochs", "1")
     results = json.loads((out / "results.json").read_text())
     partition = json.loads((out / "partition.json").read_text())
     assert partition["sites"][0]["fault"] == "signflip:8"

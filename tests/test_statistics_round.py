@@ -3,14 +3,12 @@ the weights leave the site and reach the exported model unchanged, only the stat
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from simulate_cli import run_simulate
 from test_data_minimisation import deliver
 
 from leukfed.common.fedconfig import FedConfig
@@ -50,14 +48,9 @@ def test_only_batchnorm_models_have_a_statistics_round() -> None:
 def test_the_exported_model_keeps_the_last_rounds_weights_with_recomputed_statistics(tmp_path: Path) -> None:
     """Under secure aggregation: the statistics round is masked like every train exchange."""
     out = tmp_path / "sim"
-    result = subprocess.run(
-        [sys.executable, "-c", "from leukfed.cli import main; main()", "simulate", "--out", str(out),
-         "--synthetic-per-class", "40", "--partition", "iid", "--sites", "3", "--rounds", "2", "--model", "tinycnn",
-         "--image-size", "24", "--batch-size", "16", "--bootstrap", "0", "--no-baselines",
-         "--bn-statistics-round", "3", "--secure-aggregation"],
-        capture_output=True, text=True, env={**os.environ, "LEUK_NO_PROGRESS": "1"}, timeout=600)
-    printed = result.stdout + result.stderr
-    assert result.returncode == 0, printed
+    printed = run_simulate(out, "--synthetic-per-class", "40", "--partition", "iid", "--sites", "3", "--rounds", "2",
+                           "--model", "tinycnn", "--image-size", "24", "--batch-size", "16", "--bootstrap", "0",
+                           "--no-baselines", "--bn-statistics-round", "3", "--secure-aggregation")
     assert "statistics round: BatchNorm statistics of 3 layers recomputed" in printed
     assert printed.count("secure aggregation 3 sampled") == 3      # 2 rounds and the statistics round, each masked
     state_dir = out / "federated-fedavg"
