@@ -38,7 +38,7 @@ from leukfed.common.dataset import build_dataset, make_loader  # noqa: E402
 from leukfed.common.runs import load_run  # noqa: E402
 from leukfed.common.splits import load_split  # noqa: E402
 from leukfed.common.stats import paired_t  # noqa: E402
-from leukfed.common.train import predict, recalibrate_batchnorm, select_hardware  # noqa: E402
+from leukfed.common.train import evaluate, recalibrate_batchnorm, select_hardware  # noqa: E402
 from leukfed.simulations.bench.measure import append_csv, utc_now  # noqa: E402
 
 RESULTS = HERE / "results" / "bn_statistics.csv"
@@ -66,8 +66,7 @@ def manifest_of(seed_dir: Path):
 
 def accuracy(model, manifest, paths: list[str], data_config, hardware) -> float:
     loader = make_loader(build_dataset(manifest, paths, data_config, train=False), 64, shuffle=False)
-    proba, labels = predict(model, loader, hardware)
-    return float((proba.argmax(1) == labels).mean())
+    return evaluate(model, loader, hardware, manifest.class_names)["accuracy"]
 
 
 def rescore(seed_dir: Path, method: str, batches: int, hardware) -> list[dict]:

@@ -13,15 +13,14 @@ from torch import nn
 from leukfed.common.fedconfig import FedConfig
 from leukfed.common.flower.wire import encode_state
 from leukfed.common.site import STATISTICS_TASK
+from leukfed.common.train import batchnorm_keys
 from leukfed.server.registered_sites import RegisteredSites
 from leukfed.server.strategies import SERVER_OPTIMIZERS, make_strategy
 
 
 def running_statistics(model: nn.Module) -> list[str]:
     """The state-dict keys of the model's BatchNorm running means and variances."""
-    return [f"{name}.{key}" for name, module in model.named_modules()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
-            for key in ("running_mean", "running_var")]
+    return [k for k in batchnorm_keys(model) if k.rpartition(".")[2] in ("running_mean", "running_var")]
 
 
 def statistics_round(grid: Grid, fed: FedConfig, model: nn.Module, sites: RegisteredSites, config: dict,
