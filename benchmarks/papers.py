@@ -128,12 +128,13 @@ MODELS: dict[str, Paper] = {p.model: p for p in (
           dict(SCRATCH, model="resnet50", image_size=64, rounds=10, seeds=SEEDS, evaluate_every=2), (79, 29)),
     # vgg16 from scratch (no offline weights; the paper fine-tunes ImageNet weights at 224 px): 134 M
     # parameters (the 7x7 fully-connected layer dominates at any input size), no BatchNorm, so lr 1e-4.
-    # ~9 img/s at 48 px, 6 x 1: iid ~68 min/seed, Dirichlet ~25 min/seed. Each site's update is 0.54 GB:
-    # a 2-site, 1-round smoke run at 32 px raised the machine's used memory by up to ~13 GB (of 23 GiB;
-    # other jobs were running), so run the vgg16 cells last and alone. FedAvg trains first in a cell,
-    # so running out of memory shows within minutes; then add transfer_dtype="float16" here.
+    # ~9 img/s at 48 px, 6 x 1: iid ~68 min/seed, Dirichlet ~25 min/seed. Each site's update is 0.54 GB
+    # and a training site holds ~6.5 GB (weights, Adam's moments, gradients): two virtual sites at once
+    # next to the ServerApp (~5 GB) ran the 23.5 GB machine out of memory and Ray killed them (2026-12-06,
+    # round 2), so one site trains at a time with both cores (cpus_per_site=2). Run the vgg16 cells alone.
     Paper("001", "vgg16", "VGG16 (scratch; the paper fine-tunes ImageNet weights at 224 px)", "94 %",
-          dict(SCRATCH, model="vgg16", image_size=48, lr=1e-4, rounds=6, seeds=SEEDS, evaluate_every=2),
+          dict(SCRATCH, model="vgg16", image_size=48, lr=1e-4, rounds=6, seeds=SEEDS, evaluate_every=2,
+               cpus_per_site=2),
           (205, 74), paper_px=224),
 )}
 TABLE_ORDER = ("resnet50", "vgg16", "inception_v3", "efficientnet_b0_attn", "smallcnn", "dscnet",

@@ -32,7 +32,12 @@ def statistics_round(grid: Grid, fed: FedConfig, model: nn.Module, sites: Regist
     statistics each site computed under its own weights, which the averaged weights do not match
     (benchmarks/bn_statistics.py). The weights stay exactly as they are. True when the statistics changed."""
     keys = running_statistics(model)
-    if fed.bn_statistics_round <= 0 or not keys:
+    if not keys:
+        return False
+    if fed.bn_statistics_round <= 0:
+        log(f"note: the model has {len(keys) // 2} BatchNorm layers and keeps the average of statistics each site "
+            "computed under its own weights; --bn-statistics-round 50 recomputes them under the final weights "
+            "(benchmarks/RESULTS.md: Inception-v3 82.7 % -> 94.5 %)")
         return False
     base = "fedavg" if fed.strategy in SERVER_OPTIMIZERS else fed.strategy
     strategy = make_strategy(dataclasses.replace(fed, strategy=base, evaluate_with_train=False))

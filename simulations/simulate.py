@@ -171,10 +171,26 @@ def run_federated(cfg: SimulateConfig, prep: Prepared, out: Path, strategy: str,
     resources = SimulationResources(cfg.sites, cfg.cpus_per_site, cfg.gpus_per_site)
     run_simulation(fed, resources, out / f"flower-{strategy}", on_line=lambda line: log(f"  [{strategy}] {line}"),
                    sites=simulation_sites(out))
-    model, description = load_run(fed.state_dir)
     history = read_history(Path(fed.state_dir))
+    refuse_site_failures(strategy, history)
+    model, description = load_run(fed.state_dir)
     passes = sum(site["train"].get("examples_processed", 0) for row in history for site in row["sites"].values())
     return model, history, int(passes), description
+
+
+def refuse_site_failures(strategy: str, history: list[dict]) -> None:
+    """A virtual site that failed a round (out of memory, most often) leaves the comparison short of equal
+    compute: one line naming the first failure, never a result that looks whole."""
+    failed = [(row["round"], entry) for row in history for entry in row.get("failures", [])]
+    if not failed:
+        return
+    round_, first = failed[0]
+    reason = (str(first.get("reason") or "").strip().splitlines() or ["no reason given"])[-1]
+    hint = (" Each virtual site held too much memory: --cpus-per-site 2 runs one site at a time."
+            if "OutOfMemory" in reason else "")
+    raise LeukError(f"federated-{strategy}: {len(failed)} site failure(s), the first in round {round_} "
+                    f"({first.get('site', '?')}, {first.get('phase', '?')}): {reason[:160]}; the run is not "
+                    f"kept as a result.{hint}")
 
 
 def _method_file(out: Path, name: str) -> Path:

@@ -57,6 +57,21 @@ def test_report_and_outputs(first_run) -> None:
         assert set(method["cross_site"]) == {"global-test", "site-0-test", "site-1-test", "site-2-test"}
 
 
+def test_a_run_with_a_failed_virtual_site_is_refused_not_kept_as_a_result(first_run) -> None:
+    """Ray kills a virtual site that runs the machine out of memory; the round goes on with the others."""
+    from leukfed.common.errors import LeukError
+    from leukfed.simulations.simulate import refuse_site_failures
+
+    out, _ = first_run
+    history = json.loads((out / "results.json").read_text())["methods"]["federated-fedavg"]["history"]
+    refuse_site_failures("fedavg", history)     # whole rounds: nothing to refuse
+    history[1]["failures"] = [{"site": "site-1", "node": 7, "phase": "train",
+                               "reason": "Traceback ...\n<class 'ray.exceptions.OutOfMemoryError'>: 1 worker killed"}]
+    with pytest.raises(LeukError, match=r"fedavg: 1 site failure\(s\), the first in round 2 \(site-1, train\): "
+                       r"<class 'ray.exceptions.OutOfMemoryError'>.*not kept.*--cpus-per-site 2"):
+        refuse_site_failures("fedavg", history)
+
+
 def test_equal_compute_and_partition_accounting(first_run) -> None:
     out, _ = first_run
     results = json.loads((out / "results.json").read_text())

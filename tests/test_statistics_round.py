@@ -15,7 +15,7 @@ from leukfed.common.fedconfig import FedConfig
 from leukfed.common.flower.wire import record_digest, unpack_record
 from leukfed.common.site import STATISTICS_TASK
 from leukfed.models import create_model
-from leukfed.server.statistics_round import running_statistics
+from leukfed.server.statistics_round import running_statistics, statistics_round
 
 
 def test_a_site_asked_for_statistics_returns_the_global_weights_with_new_statistics(site_data: Path, tmp_path: Path):
@@ -42,6 +42,15 @@ def test_only_batchnorm_models_have_a_statistics_round() -> None:
     assert running_statistics(create_model("smallcnn", 4, image_size=50)) == []         # none: no round
     with pytest.raises(Exception, match="bn-statistics-round must be >= 0"):
         FedConfig(bn_statistics_round=-1)
+
+
+def test_a_batchnorm_run_without_the_round_says_how_to_ask_for_it() -> None:
+    printed: list[str] = []
+    for model in ("tinycnn", "smallcnn"):      # the round is off: nothing is sent, so no grid is needed
+        changed = statistics_round(None, FedConfig(), create_model(model, 4, image_size=24 if model == "tinycnn" else 50),
+                                   None, {}, printed.append)
+        assert changed is False
+    assert printed == [printed[0]] and "3 BatchNorm layers" in printed[0] and "--bn-statistics-round 50" in printed[0]
 
 
 @pytest.mark.slow
