@@ -452,6 +452,20 @@ def same_settings(recorded: dict, settings: dict) -> bool:
     return {**{k: defaults[k] for k in settings if k in defaults}, **recorded} == settings
 
 
+def short_of_compute(results: dict) -> str | None:
+    """Which federated method of a recorded seed trained fewer sample passes than its sites' training images
+    x rounds x local epochs (a site that failed rounds); a site may drop one image per epoch (a training
+    loader never ends on a one-image batch)."""
+    config, sites = results["config"], results["partition"]
+    epochs = config["rounds"] * config["local_epochs"]
+    expected = epochs * sum(sum(site["train"].values()) for site in sites)
+    for name, method in results["methods"].items():
+        passes = method.get("sample_passes", expected)
+        if name.startswith("federated-") and passes < expected - epochs * len(sites):
+            return f"{name} trained {passes} of {expected} sample passes"
+    return None
+
+
 def without_history(results: dict) -> dict:
     """One seed's results.json less the methods' round-by-round history (nothing across seeds reads it)."""
     return {**results, "methods": {name: {k: v for k, v in method.items() if k != "history"}
@@ -467,8 +481,11 @@ def seed_recorder(name: str, seed_results: Path) -> SimulateOnce:
         settings, split = seed_settings(cfg), file_sha256(Path(cfg.split))
         row = recorded_seeds(seed_results).get(name, {}).get(cfg.seed)
         if row and same_settings(row["settings"], settings) and row["split_sha256"] == split:
-            log(f"seed {cfg.seed}: recorded in {shown_path(seed_results)} ({row['finished']}); not trained again")
-            return row["results"]
+            short = short_of_compute(row["results"])
+            if not short:
+                log(f"seed {cfg.seed}: recorded in {shown_path(seed_results)} ({row['finished']}); not trained again")
+                return row["results"]
+            log(f"seed {cfg.seed}: recorded, but {short}: trained again")
         results = simulate_once(cfg, log)
         append_jsonl(seed_results, [{"experiment": name, "seed": cfg.seed, "settings": settings, "split_sha256": split,
                                      "results": without_history(results), "command": command(name),

@@ -211,7 +211,8 @@ def _cached(out: Path, name: str, digest: str) -> dict | None:
     path = _method_file(out, name)
     if path.exists() and (run_dir(out, name) / MODEL_FILE).exists() and predictions_file(out, name).exists():
         saved = json.loads(path.read_text())
-        if saved.get("config_digest") == digest:
+        failed = any(row.get("failures") for row in saved.get("history", []))   # trained before the refusal
+        if saved.get("config_digest") == digest and not failed:
             return saved
     return None
 
