@@ -466,6 +466,12 @@ def short_of_compute(results: dict) -> str | None:
     return None
 
 
+def short_cells(seed_results: Path) -> list[str]:
+    """Cells with a recorded seed short of its sample passes: they run again (that seed only)."""
+    return [name for name, seeds in recorded_seeds(seed_results).items()
+            if name in ALL_CELLS and any(short_of_compute(row["results"]) for row in seeds.values())]
+
+
 def without_history(results: dict) -> dict:
     """One seed's results.json less the methods' round-by-round history (nothing across seeds reads it)."""
     return {**results, "methods": {name: {k: v for k, v in method.items() if k != "history"}
@@ -578,12 +584,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.list:
         done, elsewhere = recorded_experiments(args.results), measured_elsewhere(args.elsewhere)
-        seeds_done = recorded_seeds(args.seed_results)
+        seeds_done, short = recorded_seeds(args.seed_results), short_cells(args.seed_results)
         for name, spec in {**GRID[args.size], **(REMEDY_CELLS if args.size == "cpu" else {})}.items():
             model = spec["model"]   # FedAvg-only cells (Dirichlet, remedies) cost what a Dirichlet cell does
             minutes = f"~{MODELS[model].minutes[not spec['baselines']]:3d} min" if args.size == "cpu" else "GPU"
             seeds = len(seeds_done.get(name, {}))
-            state = ("done" if name in done else "done (federated.py)" if name in elsewhere
+            state = ("done, a seed short" if name in short else "done" if name in done else "done (federated.py)" if name in elsewhere
                      else f"{seeds}/3 seeds" if seeds else "not run")
             print(f"{name:39} {state:8} {minutes:8}  {settings_text(model, args.size)}, pretrained {spec['pretrained']}")
         return
@@ -597,7 +603,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     cells = {name: {**spec, **overrides} for name, spec in ALL_CELLS.items()}
     elsewhere = measured_elsewhere(args.elsewhere) if not overrides else {}
-    pending = pending_experiments(cells if args.only else GRID[args.size], selected(args.only, args.size), args.results)
+    asked = selected(args.only, args.size)
+    pending = pending_experiments(cells if args.only else GRID[args.size], asked, args.results)
+    pending += [name for name in short_cells(args.seed_results) if name not in pending and (not asked or name in asked)]
     if any(cells[name].get("gpus_per_site") for name in pending) and not gpu_present():
         sys.exit("error: cells at the papers' sizes need a GPU (224 px on 2 CPU cores would take days)")
     for name in pending:

@@ -272,3 +272,16 @@ def test_every_recorded_seed_still_matches_its_cell(papers, tmp_path):
             settings = papers.seed_settings(dataclasses.replace(cfg, seeds="", seed=seed))
             assert papers.same_settings(row["settings"], settings), (name, seed)
             assert not papers.same_settings(row["settings"], {**settings, "server_momentum": 0.9})
+            assert papers.short_of_compute(row["results"]) is None, (name, seed)    # every site, every round
+
+
+def test_a_recorded_seed_with_a_failed_site_is_not_taken(papers):
+    """A seed whose federated run lost a site for rounds trained fewer sample passes: it is trained again."""
+    rows = papers.recorded_seeds(papers.SEED_RESULTS)
+    results = rows["efficientnet_b0_attn-iid"][0]["results"]
+    fedavg = results["methods"]["federated-fedavg"]
+    one_site_one_round = sum(results["partition"][2]["train"].values())
+    dropped = {**results, "methods": {**results["methods"], "federated-fedavg": {
+        **fedavg, "sample_passes": fedavg["sample_passes"] - one_site_one_round}}}
+    assert papers.short_of_compute(dropped) == (f"federated-fedavg trained {fedavg['sample_passes'] - one_site_one_round}"
+                                                f" of {fedavg['sample_passes']} sample passes")
