@@ -589,8 +589,8 @@ def main(argv: list[str] | None = None) -> None:
             model = spec["model"]   # FedAvg-only cells (Dirichlet, remedies) cost what a Dirichlet cell does
             minutes = f"~{MODELS[model].minutes[not spec['baselines']]:3d} min" if args.size == "cpu" else "GPU"
             seeds = len(seeds_done.get(name, {}))
-            state = ("done, a seed short" if name in short else "done" if name in done else "done (federated.py)" if name in elsewhere
-                     else f"{seeds}/3 seeds" if seeds else "not run")
+            state = ("done, a seed short" if name in short else "done" if name in done
+                     else "done (federated.py)" if name in elsewhere else f"{seeds}/3 seeds" if seeds else "not run")
             print(f"{name:39} {state:8} {minutes:8}  {settings_text(model, args.size)}, pretrained {spec['pretrained']}")
         return
     overrides = parse_overrides(args.override)

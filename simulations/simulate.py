@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -169,8 +170,12 @@ def run_federated(cfg: SimulateConfig, prep: Prepared, out: Path, strategy: str,
 
     fed = fed_config(cfg, prep, out, strategy)
     resources = SimulationResources(cfg.sites, cfg.cpus_per_site, cfg.gpus_per_site)
-    run_simulation(fed, resources, out / f"flower-{strategy}", on_line=lambda line: log(f"  [{strategy}] {line}"),
-                   sites=simulation_sites(out))
+
+    def on_line(line: str) -> None:
+        log(f"  [{strategy}] {line}")
+        stop_on_site_failure(strategy, line)
+
+    run_simulation(fed, resources, out / f"flower-{strategy}", on_line=on_line, sites=simulation_sites(out))
     history = read_history(Path(fed.state_dir))
     refuse_site_failures(strategy, history)
     model, description = load_run(fed.state_dir)
@@ -178,19 +183,32 @@ def run_federated(cfg: SimulateConfig, prep: Prepared, out: Path, strategy: str,
     return model, history, int(passes), description
 
 
-def refuse_site_failures(strategy: str, history: list[dict]) -> None:
+FAILED_SITE_LINE = re.compile(r"^\s+(?P<site>.+?) failed in (?P<phase>train|evaluate): (?P<reason>.*)$")
+
+
+def site_failure_error(strategy: str, where: str, reason: str) -> LeukError:
     """A virtual site that failed a round (out of memory, most often) leaves the comparison short of equal
-    compute: one line naming the first failure, never a result that looks whole."""
-    failed = [(row["round"], entry) for row in history for entry in row.get("failures", [])]
-    if not failed:
-        return
-    round_, first = failed[0]
-    reason = (str(first.get("reason") or "").strip().splitlines() or ["no reason given"])[-1]
+    compute: one line naming the failure, never a result that looks whole."""
     hint = (" Each virtual site held too much memory: --cpus-per-site 2 runs one site at a time."
             if "OutOfMemory" in reason else "")
-    raise LeukError(f"federated-{strategy}: {len(failed)} site failure(s), the first in round {round_} "
-                    f"({first.get('site', '?')}, {first.get('phase', '?')}): {reason[:160]}; the run is not "
-                    f"kept as a result.{hint}")
+    return LeukError(f"federated-{strategy}: {where}: {reason[:160]}; the run is not kept as a result.{hint}")
+
+
+def stop_on_site_failure(strategy: str, line: str) -> None:
+    """The ServerApp logged a failed site: stop the simulation now rather than finish it short of sites."""
+    found = FAILED_SITE_LINE.match(line)
+    if found:
+        raise site_failure_error(strategy, f"{found['site']} failed in {found['phase']}", found["reason"])
+
+
+def refuse_site_failures(strategy: str, history: list[dict]) -> None:
+    """The same refusal from a finished run's history (a failure whose log line was not seen)."""
+    failed = [(row["round"], entry) for row in history for entry in row.get("failures", [])]
+    if failed:
+        round_, first = failed[0]
+        reason = (str(first.get("reason") or "").strip().splitlines() or ["no reason given"])[-1]
+        raise site_failure_error(strategy, f"{len(failed)} site failure(s), the first in round {round_} "
+                                 f"({first.get('site', '?')}, {first.get('phase', '?')})", reason)
 
 
 def _method_file(out: Path, name: str) -> Path:

@@ -57,16 +57,26 @@ def test_report_and_outputs(first_run) -> None:
         assert set(method["cross_site"]) == {"global-test", "site-0-test", "site-1-test", "site-2-test"}
 
 
-def test_a_run_with_a_failed_virtual_site_is_refused_not_kept_as_a_result(first_run) -> None:
-    """Ray kills a virtual site that runs the machine out of memory; the round goes on with the others."""
+def test_a_run_with_a_failed_virtual_site_is_stopped_and_not_kept_as_a_result(first_run, capsys) -> None:
+    """Ray kills a virtual site that runs the machine out of memory; the round would go on with the others."""
     from leukfed.common.errors import LeukError
-    from leukfed.simulations.simulate import refuse_site_failures
+    from leukfed.server.server_app import print_round
+    from leukfed.simulations.simulate import refuse_site_failures, stop_on_site_failure
 
     out, _ = first_run
     history = json.loads((out / "results.json").read_text())["methods"]["federated-fedavg"]["history"]
     refuse_site_failures("fedavg", history)     # whole rounds: nothing to refuse
+    capsys.readouterr()
+    print_round(history[1], 2)
+    for line in capsys.readouterr().out.splitlines():      # the ServerApp's own round lines pass
+        stop_on_site_failure("fedavg", line[line.index("[leukfed]") + 10:])
     history[1]["failures"] = [{"site": "site-1", "node": 7, "phase": "train",
                                "reason": "Traceback ...\n<class 'ray.exceptions.OutOfMemoryError'>: 1 worker killed"}]
+    print_round(history[1], 2)
+    failed_line = capsys.readouterr().out.splitlines()[-1]
+    with pytest.raises(LeukError, match=r"fedavg: site site-1 \(node 7\) failed in train: "
+                       r"<class 'ray.exceptions.OutOfMemoryError'>.*not kept.*--cpus-per-site 2"):
+        stop_on_site_failure("fedavg", failed_line[failed_line.index("[leukfed]") + 10:])   # as the engine streams it
     with pytest.raises(LeukError, match=r"fedavg: 1 site failure\(s\), the first in round 2 \(site-1, train\): "
                        r"<class 'ray.exceptions.OutOfMemoryError'>.*not kept.*--cpus-per-site 2"):
         refuse_site_failures("fedavg", history)
