@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leukfed.common.cli_support import run_guarded
 from leukfed.common.data import scan_dataset
 from leukfed.common.metrics import binary_auc
 from leukfed.common.patient_features import load_feature_cache
@@ -258,4 +259,4 @@ def _fmt(v) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_guarded(main)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from leukfed.common.cli_support import run_guarded
 from leukfed.common.data import scan_dataset
 from leukfed.common.patient_features import extract_features, feature_backbone, save_feature_cache
 
@@ -62,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_guarded(main)

@@ -88,6 +88,7 @@ import numpy as np
 import torch
 
 from leukfed.common.atomic import atomic_write_text
+from leukfed.common.cli_support import run_guarded
 from leukfed.common.metrics import binary_auc
 from leukfed.common.partition import partition_samples
 from leukfed.common.patient_federated import (Moments, federable_recipe, histogram_calibration, logit_histogram,
@@ -541,4 +542,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_guarded(main)

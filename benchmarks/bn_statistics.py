@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from papers import ALL_CELLS, DATASET  # noqa: E402
 
+from leukfed.common.cli_support import run_guarded  # noqa: E402
 from leukfed.common.data import scan_dataset  # noqa: E402
 from leukfed.common.dataset import build_dataset, make_loader  # noqa: E402
 from leukfed.common.runs import load_run  # noqa: E402
@@ -185,4 +186,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_guarded(main)

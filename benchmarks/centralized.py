@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from leukfed.common.centralized import TrainConfig, train_centralized
+from leukfed.common.cli_support import run_guarded
 from leukfed.common.data import scan_dataset
 from leukfed.common.machine import machine_info
 from leukfed.common.splits import make_split, save_split
@@ -109,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_guarded(main)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from leukfed.common.cli_support import run_guarded
 from leukfed.common.data import scan_dataset
 from leukfed.common.dataset import build_dataset, make_loader
 from leukfed.common.splits import make_split
@@ -239,4 +240,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_guarded(main)

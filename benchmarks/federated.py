@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from leukfed.common.cli_support import run_guarded
 from leukfed.common.machine import machine_info
 from leukfed.simulations.bench.measure import append_jsonl, experiment_parser, pending_experiments, utc_now
 from leukfed.simulations.simulate import SimulateConfig, simulate
@@ -296,4 +297,4 @@ def shown_path(path: Path) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_guarded(main)

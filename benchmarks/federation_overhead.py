@@ -15,6 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from leukfed.common.cli_support import run_guarded
 from leukfed.common.machine import git_state, machine_info
 from leukfed.simulations.bench.measure import append_jsonl, utc_now
 from leukfed.simulations.overhead import measure
@@ -49,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_guarded(main)

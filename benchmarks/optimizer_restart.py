@@ -25,6 +25,7 @@ sys.path.insert(0, str(HERE))
 from papers import CELLS, cell_study_parser, config_for, data_root  # noqa: E402
 
 from leukfed.common.centralized import TrainConfig, build_model  # noqa: E402
+from leukfed.common.cli_support import run_guarded  # noqa: E402
 from leukfed.common.data import scan_dataset  # noqa: E402
 from leukfed.common.dataset import build_dataset, make_loader  # noqa: E402
 from leukfed.common.splits import make_split, save_split  # noqa: E402
@@ -131,4 +132,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_guarded(main)

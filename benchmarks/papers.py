@@ -52,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from federated import CONVERGED, LITE0, config_for, run_and_record, shown_path  # noqa: E402
 
+from leukfed.common.cli_support import run_guarded  # noqa: E402
 from leukfed.common.machine import machine_info  # noqa: E402
 from leukfed.common.stats import across_seeds, paired_t  # noqa: E402
 from leukfed.simulations.bench.measure import (append_jsonl, experiment_parser, pending_experiments,  # noqa: E402
@@ -129,7 +130,7 @@ MODELS: dict[str, Paper] = {p.model: p for p in (
     # vgg16 from scratch (no offline weights; the paper fine-tunes ImageNet weights at 224 px): 134 M
     # parameters (the 7x7 fully-connected layer dominates at any input size), no BatchNorm, so lr 1e-4.
     # ~9 img/s at 48 px, 6 x 1: iid ~68 min/seed, Dirichlet ~25 min/seed. Each site's update is 0.54 GB
-    # and a training site holds ~6.5 GB (weights, Adam's moments, gradients): two virtual sites at once
+    # and a training site holds 6.5-9 GB (weights, Adam's moments, gradients): two virtual sites at once
     # next to the ServerApp (~5 GB) ran the 23.5 GB machine out of memory and Ray killed them (2026-12-06,
     # round 2), so one site trains at a time with both cores (cpus_per_site=2). Run the vgg16 cells alone.
     Paper("001", "vgg16", "VGG16 (scratch; the paper fine-tunes ImageNet weights at 224 px)", "94 %",
@@ -454,14 +455,17 @@ def same_settings(recorded: dict, settings: dict) -> bool:
 
 def short_of_compute(results: dict) -> str | None:
     """Which federated method of a recorded seed trained fewer sample passes than its sites' training images
-    x rounds x local epochs (a site that failed rounds); a site may drop one image per epoch (a training
-    loader never ends on a one-image batch)."""
+    x rounds x local epochs (a site that failed or missed rounds). A training loader drops a last batch of one
+    image, so such a site trains one image less an epoch. DP-SGD's Poisson batches vary: not checked."""
     config, sites = results["config"], results["partition"]
-    epochs = config["rounds"] * config["local_epochs"]
-    expected = epochs * sum(sum(site["train"].values()) for site in sites)
+    if config.get("dp_noise_multiplier"):
+        return None
+    batch = config["batch_size"]
+    per_epoch = sum(n - (n > 1 and n % batch == 1) for n in (sum(site["train"].values()) for site in sites))
+    expected = config["rounds"] * config["local_epochs"] * per_epoch
     for name, method in results["methods"].items():
         passes = method.get("sample_passes", expected)
-        if name.startswith("federated-") and passes < expected - epochs * len(sites):
+        if name.startswith("federated-") and passes < expected:
             return f"{name} trained {passes} of {expected} sample passes"
     return None
 
@@ -492,6 +496,8 @@ def seed_recorder(name: str, seed_results: Path) -> SimulateOnce:
                 log(f"seed {cfg.seed}: recorded in {shown_path(seed_results)} ({row['finished']}); not trained again")
                 return row["results"]
             log(f"seed {cfg.seed}: recorded, but {short}: trained again")
+            for kept in (Path(cfg.out) / "methods").glob("federated-*.json"):
+                kept.unlink()       # its federated runs, short as recorded, are not taken from the runs folder either
         results = simulate_once(cfg, log)
         append_jsonl(seed_results, [{"experiment": name, "seed": cfg.seed, "settings": settings, "split_sha256": split,
                                      "results": without_history(results), "command": command(name),
@@ -591,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
             seeds = len(seeds_done.get(name, {}))
             state = ("done, a seed short" if name in short else "done" if name in done
                      else "done (federated.py)" if name in elsewhere else f"{seeds}/3 seeds" if seeds else "not run")
-            print(f"{name:39} {state:8} {minutes:8}  {settings_text(model, args.size)}, pretrained {spec['pretrained']}")
+            print(f"{name:39} {state:19} {minutes:8}  {settings_text(model, args.size)}, pretrained {spec['pretrained']}")
         return
     overrides = parse_overrides(args.override)
     if overrides and (args.results == RESULTS or args.seed_results == SEED_RESULTS):
@@ -605,7 +611,8 @@ def main(argv: list[str] | None = None) -> None:
     elsewhere = measured_elsewhere(args.elsewhere) if not overrides else {}
     asked = selected(args.only, args.size)
     pending = pending_experiments(cells if args.only else GRID[args.size], asked, args.results)
-    pending += [name for name in short_cells(args.seed_results) if name not in pending and (not asked or name in asked)]
+    runnable = asked or [*GRID[args.size], *(REMEDY_CELLS if args.size == "cpu" else {})]
+    pending += [name for name in short_cells(args.seed_results) if name not in pending and name in runnable]
     if any(cells[name].get("gpus_per_site") for name in pending) and not gpu_present():
         sys.exit("error: cells at the papers' sizes need a GPU (224 px on 2 CPU cores would take days)")
     for name in pending:
@@ -622,4 +629,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_guarded(main)

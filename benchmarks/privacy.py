@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from leukfed.common.cli_support import run_guarded
 from leukfed.common.data import scan_dataset
 from leukfed.common.dataset import build_dataset, make_loader
 from leukfed.common.dp_accounting import noise_for_epsilon
@@ -180,4 +181,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_guarded(main)

@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from papers import CELLS, cell_study_parser, config_for, data_root  # noqa: E402
 
+from leukfed.common.cli_support import run_guarded  # noqa: E402
 from leukfed.simulations.bench.measure import append_csv, utc_now  # noqa: E402
 
 RESULTS = HERE / "results" / "server_momentum.csv"
@@ -101,4 +102,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_guarded(main)

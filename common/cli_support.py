@@ -22,29 +22,31 @@ def new_app(help_text: str) -> typer.Typer:
                        pretty_exceptions_enable=False)
 
 
+def run_guarded(entry: Callable[[], None]) -> None:
+    """Run a command line (a console script or a benchmark script): LeukError -> `error: ...` on one line,
+    exit 2; a bug -> one line, exit 1, unless LEUK_DEBUG is set."""
+    # SIGTERM (kill, systemd, docker stop) unwinds like an error, so the Flower processes a command
+    # started are stopped by its `finally` blocks instead of being orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        entry()
+    except LeukError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted", markup=False)
+        sys.exit(130)
+    except Exception as exc:  # a bug, not bad input: one line unless the user asks for detail
+        if os.environ.get("LEUK_DEBUG"):
+            raise
+        err_console.print(f"internal error: {type(exc).__name__}: {exc} (set LEUK_DEBUG=1 for the traceback)",
+                          markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
 def run_app(app: typer.Typer) -> Callable[[], None]:
-    """Wrap a Typer app as a console script: LeukError -> `error: ...` on one line, exit 2."""
-
-    def main() -> None:
-        # SIGTERM (kill, systemd, docker stop) unwinds like an error, so the Flower processes a command
-        # started are stopped by its `finally` blocks instead of being orphaned.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        try:
-            app()
-        except LeukError as exc:
-            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            err_console.print("interrupted", markup=False)
-            sys.exit(130)
-        except Exception as exc:  # a bug, not bad input: one line unless the user asks for detail
-            if os.environ.get("LEUK_DEBUG"):
-                raise
-            err_console.print(f"internal error: {type(exc).__name__}: {exc} (set LEUK_DEBUG=1 for the traceback)",
-                              markup=False, highlight=False, soft_wrap=True)
-            sys.exit(1)
-
-    return main
+    """Wrap a Typer app as a console script (run_guarded)."""
+    return lambda: run_guarded(app)
 
 
 def print_json(obj) -> None:

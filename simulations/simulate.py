@@ -189,8 +189,8 @@ FAILED_SITE_LINE = re.compile(r"^\s+(?P<site>.+?) failed in (?P<phase>train|eval
 def site_failure_error(strategy: str, where: str, reason: str) -> LeukError:
     """A virtual site that failed a round (out of memory, most often) leaves the comparison short of equal
     compute: one line naming the failure, never a result that looks whole."""
-    hint = (" Each virtual site held too much memory: --cpus-per-site 2 runs one site at a time."
-            if "OutOfMemory" in reason else "")
+    hint = (" Each virtual site held too much memory: --cpus-per-site 2 halves the sites that train at once "
+            "(one at a time on 2 cores)." if "OutOfMemory" in reason else "")
     return LeukError(f"federated-{strategy}: {where}: {reason[:160]}; the run is not kept as a result.{hint}")
 
 
@@ -201,14 +201,24 @@ def stop_on_site_failure(strategy: str, line: str) -> None:
         raise site_failure_error(strategy, f"{found['site']} failed in {found['phase']}", found["reason"])
 
 
+def missing_sites(row: dict) -> bool:
+    """A round in which a sampled site failed or never replied."""
+    return bool(row.get("failures")) or row.get("sites_replied", 0) < row.get("sites_sampled", 0)
+
+
 def refuse_site_failures(strategy: str, history: list[dict]) -> None:
-    """The same refusal from a finished run's history (a failure whose log line was not seen)."""
+    """The same refusal from a finished run's history: a failure whose log line was not seen, or a site that
+    never replied within the round's timeout."""
     failed = [(row["round"], entry) for row in history for entry in row.get("failures", [])]
     if failed:
         round_, first = failed[0]
         reason = (str(first.get("reason") or "").strip().splitlines() or ["no reason given"])[-1]
         raise site_failure_error(strategy, f"{len(failed)} site failure(s), the first in round {round_} "
                                  f"({first.get('site', '?')}, {first.get('phase', '?')})", reason)
+    short = next((row for row in history if missing_sites(row)), None)
+    if short:
+        raise site_failure_error(strategy, f"round {short['round']}", f"{short['sites_replied']} of "
+                                 f"{short['sites_sampled']} sampled sites replied")
 
 
 def _method_file(out: Path, name: str) -> Path:
@@ -229,7 +239,7 @@ def _cached(out: Path, name: str, digest: str) -> dict | None:
     path = _method_file(out, name)
     if path.exists() and (run_dir(out, name) / MODEL_FILE).exists() and predictions_file(out, name).exists():
         saved = json.loads(path.read_text())
-        failed = any(row.get("failures") for row in saved.get("history", []))   # trained before the refusal
+        failed = any(map(missing_sites, saved.get("history", [])))   # trained before the refusal
         if saved.get("config_digest") == digest and not failed:
             return saved
     return None

@@ -285,3 +285,47 @@ def test_a_recorded_seed_with_a_failed_site_is_not_taken(papers):
         **fedavg, "sample_passes": fedavg["sample_passes"] - one_site_one_round}}}
     assert papers.short_of_compute(dropped) == (f"federated-fedavg trained {fedavg['sample_passes'] - one_site_one_round}"
                                                 f" of {fedavg['sample_passes']} sample passes")
+
+
+@pytest.mark.slow
+def test_a_benchmark_stopped_with_sigterm_leaves_no_flower_process(tmp_path):
+    """`kill` of a benchmark mid-run stops the simulation's SuperLink, SuperExec, Ray and ClientApp actors too
+    (they held gigabytes after the script had gone), and the stop is one line, not a traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from leukfed.common.flower.processes import _alive, descendants
+    from leukfed.common.synthetic import make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "data" / "all_taleqani", per_class=12, size=24, seed=5)
+    output = tmp_path / "output.txt"
+    env = {**os.environ, "LEUK_DATA_ROOT": str(tmp_path / "data"), "LEUK_NO_PROGRESS": "1"}
+    with output.open("w") as sink:
+        run = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "papers.py"), "--only", "smallcnn-iid",
+             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "r.jsonl"), "--seed-results",
+             str(tmp_path / "s.jsonl"), "--override", "model=tinycnn", "image_size=24", "sites=2", "rounds=200",
+             "batch_size=16", "seeds=0", "baselines=false", "bootstrap=0", "evaluate_every=50"],
+            stdout=sink, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 300
+            while "round 1/200" not in output.read_text() and time.monotonic() < deadline and run.poll() is None:
+                time.sleep(0.5)
+            assert "round 1/200" in output.read_text(), output.read_text()[-2000:]
+            tree = descendants(run.pid)
+            names = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") for pid in tree
+                             if Path(f"/proc/{pid}/cmdline").exists())
+            assert "flwr-simulation" in names and "superlink" in names     # Flower's processes were running
+            run.send_signal(signal.SIGTERM)
+            assert run.wait(timeout=90) == 143
+        finally:
+            if run.poll() is None:
+                run.kill()
+    deadline = time.monotonic() + 10
+    while any(map(_alive, tree)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in tree if _alive(pid)]
+    assert "Traceback" not in output.read_text()

@@ -75,11 +75,28 @@ def test_a_run_with_a_failed_virtual_site_is_stopped_and_not_kept_as_a_result(fi
     print_round(history[1], 2)
     failed_line = capsys.readouterr().out.splitlines()[-1]
     with pytest.raises(LeukError, match=r"fedavg: site site-1 \(node 7\) failed in train: "
-                       r"<class 'ray.exceptions.OutOfMemoryError'>.*not kept.*--cpus-per-site 2"):
+                       r"<class 'ray.exceptions.OutOfMemoryError'>.*not kept.*--cpus-per-site 2 halves"):
         stop_on_site_failure("fedavg", failed_line[failed_line.index("[leukfed]") + 10:])   # as the engine streams it
     with pytest.raises(LeukError, match=r"fedavg: 1 site failure\(s\), the first in round 2 \(site-1, train\): "
                        r"<class 'ray.exceptions.OutOfMemoryError'>.*not kept.*--cpus-per-site 2"):
         refuse_site_failures("fedavg", history)
+    history[1]["failures"], history[1]["sites_replied"] = [], 2          # a site that never replied
+    with pytest.raises(LeukError, match=r"fedavg: round 2: 2 of 3 sampled sites replied; the run is not kept"):
+        refuse_site_failures("fedavg", history)
+
+
+def test_a_kept_run_with_a_missing_site_is_trained_again_not_reused(first_run, tmp_path: Path) -> None:
+    import shutil
+
+    from leukfed.simulations.simulate import _cached, _method_file
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run[0], out)
+    record = json.loads(_method_file(out, "federated-fedavg").read_text())
+    assert _cached(out, "federated-fedavg", record["config_digest"]) == record          # whole: reused
+    record["history"][0]["sites_replied"] = 2
+    _method_file(out, "federated-fedavg").write_text(json.dumps(record))
+    assert _cached(out, "federated-fedavg", record["config_digest"]) is None            # short: trained again
 
 
 def test_equal_compute_and_partition_accounting(first_run) -> None:
