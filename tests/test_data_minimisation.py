@@ -76,3 +76,32 @@ def test_metrics_on_fewer_than_k_examples_are_suppressed(site_data: Path, tmp_pa
     assert set(metrics) <= {"num-examples", "client_seconds"}
     reply, _ = deliver("evaluate", site_data, tmp_path, min_metric_examples=1)
     assert "eval_accuracy" in dict(reply.content["metrics"])
+
+
+def test_a_task_frees_the_last_tasks_records_whatever_the_cycle_collector_does(site_data: Path, tmp_path: Path):
+    """Flower's records sit in reference cycles; a simulation actor serving one site after another must not
+    keep every past task's model-sized buffers until Python's collector happens to run."""
+    import gc
+
+    from flwr.app import Array
+
+    def garbage_bytes() -> int:
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        found = sum(len(o.data) for o in gc.garbage if isinstance(o, Array))
+        gc.set_debug(0)
+        gc.garbage.clear()
+        return found
+
+    gc.collect()
+    gc.disable()        # the worst case: the collector does not run by itself between tasks
+    try:
+        deliver("train", site_data, tmp_path)
+        one_task = garbage_bytes()
+        for _ in range(3):
+            deliver("train", site_data, tmp_path)
+        three_more = garbage_bytes()
+    finally:
+        gc.enable()
+    assert one_task > 0                     # what one task leaves to the collector (its reply's records)
+    assert three_more == one_task           # not three tasks' worth: each task freed the one before
