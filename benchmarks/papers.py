@@ -130,9 +130,10 @@ MODELS: dict[str, Paper] = {p.model: p for p in (
     # vgg16 from scratch (no offline weights; the paper fine-tunes ImageNet weights at 224 px): 134 M
     # parameters (the 7x7 fully-connected layer dominates at any input size), no BatchNorm, so lr 1e-4.
     # ~9 img/s at 48 px, 6 x 1: iid ~68 min/seed, Dirichlet ~25 min/seed. Each site's update is 0.54 GB
-    # and a training site holds 6.5-9 GB (weights, Adam's moments, gradients): two virtual sites at once
-    # next to the ServerApp (~5 GB) ran the 23.5 GB machine out of memory and Ray killed them (2026-12-06,
-    # round 2), so one site trains at a time with both cores (cpus_per_site=2). Run the vgg16 cells alone.
+    # and a training site peaks at ~4.8 GB at 32 px (weights, Adam's moments, gradients, the records in and
+    # out); before each task freed the last one's records, the actor grew to 13 GB and Ray killed the sites
+    # (2026-12-06). One site trains at a time with both cores (cpus_per_site=2), beside the ServerApp's
+    # ~6 GB. Run the vgg16 cells alone.
     Paper("001", "vgg16", "VGG16 (scratch; the paper fine-tunes ImageNet weights at 224 px)", "94 %",
           dict(SCRATCH, model="vgg16", image_size=48, lr=1e-4, rounds=6, seeds=SEEDS, evaluate_every=2,
                cpus_per_site=2),
