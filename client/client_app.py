@@ -26,16 +26,28 @@ LOCAL_BATCHNORM = "local-batchnorm"  # FedBN: this site's own BatchNorm entries,
 LOCAL_OPTIMIZER = "local-optimizer"  # --local-optimizer-state: this site's optimizer state, in the same place
 
 
+# Flower's records (ArrayRecord, Array) sit in reference cycles, so a task's model-sized buffers outlive it
+# until Python's cycle collector runs, which counts objects, not bytes: a simulation actor serving VGG16's
+# sites one after another grew to 13 GB until Ray killed it. A full collection costs ~0.1 s, so only tasks
+# that move a large model pay it (deployed sites run each task in a fresh process anyway).
+COLLECT_ABOVE_BYTES = 32 * 2**20
+
+
+def received_bytes(message: Message) -> int:
+    """The bytes of the arrays a task received (0 for a message without content)."""
+    if not message.has_content():
+        return 0
+    return sum(len(array.data) for record in message.content.array_records.values() for array in record.values())
+
+
 class AuditedClientApp(ClientApp):
     """Every task ends in one audit entry (answered, refused or failed), and no exception reaches
     Flower, whose error reply would carry its text (file paths, patient IDs) to the coordinator: a
     failure leaves as a site error code and a generic text, a policy refusal (SiteRefusal) as its rule."""
 
     def __call__(self, message: Message, context: Context) -> Message:
-        # Flower's records (ArrayRecord, Array) sit in reference cycles, so a task's model-sized buffers
-        # outlive it until the cycle collector runs, which counts objects, not bytes: a simulation actor
-        # serving VGG16's sites grew by ~1 GB a task until Ray killed it. Collect the last task's now.
-        gc.collect()
+        if received_bytes(message) >= COLLECT_ABOVE_BYTES:
+            gc.collect()    # the last task's records, before this task allocates as much again
         started, wall = time.perf_counter(), time.time()
         try:
             reply, outcome, detail = super().__call__(message, context), "answered", {}

@@ -78,12 +78,15 @@ def test_metrics_on_fewer_than_k_examples_are_suppressed(site_data: Path, tmp_pa
     assert "eval_accuracy" in dict(reply.content["metrics"])
 
 
-def test_a_task_frees_the_last_tasks_records_whatever_the_cycle_collector_does(site_data: Path, tmp_path: Path):
+def test_a_task_frees_the_last_tasks_records_whatever_the_cycle_collector_does(site_data: Path, tmp_path: Path,
+                                                                               monkeypatch) -> None:
     """Flower's records sit in reference cycles; a simulation actor serving one site after another must not
     keep every past task's model-sized buffers until Python's collector happens to run."""
     import gc
 
     from flwr.app import Array
+
+    from leukfed.client import client_app
 
     def garbage_bytes() -> int:
         gc.set_debug(gc.DEBUG_SAVEALL)
@@ -93,15 +96,20 @@ def test_a_task_frees_the_last_tasks_records_whatever_the_cycle_collector_does(s
         gc.garbage.clear()
         return found
 
+    def left_after(tasks: int) -> int:
+        garbage_bytes()
+        for _ in range(tasks):
+            deliver("train", site_data, tmp_path)
+        return garbage_bytes()
+
     gc.collect()
     gc.disable()        # the worst case: the collector does not run by itself between tasks
     try:
-        deliver("train", site_data, tmp_path)
-        one_task = garbage_bytes()
-        for _ in range(3):
-            deliver("train", site_data, tmp_path)
-        three_more = garbage_bytes()
+        small = left_after(4)                   # tinycnn's few kB: under the threshold, left to Python
+        monkeypatch.setattr(client_app, "COLLECT_ABOVE_BYTES", 1)   # as if this model were VGG16's 0.54 GB
+        one_task, four_tasks = left_after(1), left_after(4)
     finally:
         gc.enable()
     assert one_task > 0                     # what one task leaves to the collector (its reply's records)
-    assert three_more == one_task           # not three tasks' worth: each task freed the one before
+    assert four_tasks == one_task           # not four tasks' worth: each task freed the one before
+    assert small == 4 * one_task            # below the threshold no task pays for a full collection
