@@ -19,7 +19,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_save_npy(path: str | Path, array: np.ndarray, mode: int = 0o600) -> Path:
     """np.save `array` to `path` atomically (streamed to the temporary file, no copy held in memory)."""
-    return _atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False), mode)
+    return atomic_write_stream(path, lambda fh: np.save(fh, array, allow_pickle=False), mode)
+
+
+def atomic_write_stream(path: str | Path, write: Callable[[BinaryIO], object], mode: int | None = None) -> Path:
+    """`write(file)` streams the content into a temporary file that then replaces `path` atomically."""
+    return _atomic_write(path, write, mode)
 
 
 def _atomic_write(path: str | Path, write: Callable[[BinaryIO], object], mode: int | None = None) -> Path:

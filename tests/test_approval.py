@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,29 @@ def test_summary_shows_version_files_digest_and_diff(package: Path, tmp_path: Pa
     assert "changed: server/guard.py" in summary and "added: client/extra.py" in summary
     assert "-    norm_outlier_factor: float = 10.0" in summary and "+    norm_outlier_factor: float = 1e9" in summary
     assert "+SECRET_ENDPOINT" in summary
+
+
+def test_large_and_binary_files_are_covered_by_digest_without_being_copied_or_loaded(package: Path,
+                                                                                    tmp_path: Path) -> None:
+    # An editable install's tree also holds run outputs (a VGG16 benchmark's checkpoints: gigabytes); an
+    # approval once copied every file into an in-memory zip (8.8 GB resident) and onto disk.
+    outputs = package / "benchmarks" / "runs"
+    outputs.mkdir(parents=True)
+    (outputs / "checkpoint.safetensors").write_bytes(os.urandom(3 << 20))
+    (outputs / "history.json").write_text("[" + "1, " * (1 << 20) + "1]")          # text, but over 1 MiB
+    (outputs / "small.bin").write_bytes(b"\0\1\2")
+    approvals = tmp_path / "approvals.json"
+    entry = approve(approvals, "Dr. L", root=package)
+    assert {"benchmarks/runs/checkpoint.safetensors", "benchmarks/runs/history.json"} <= set(entry["files"])
+    snapshot = next((tmp_path / "approvals.snapshots").glob("*.zip"))
+    assert snapshot.stat().st_size < 2 << 20 and "client/client_app.py" in zipfile.ZipFile(snapshot).namelist()
+    assert not any(n.startswith("benchmarks/runs/") for n in zipfile.ZipFile(snapshot).namelist())
+    (outputs / "checkpoint.safetensors").write_bytes(os.urandom(3 << 20))
+    with pytest.raises(LeukError, match="benchmarks/runs/checkpoint.safetensors"):
+        verify(approvals, root=package)
+    summary = show_code_summary(approvals, root=package)
+    assert "changed: benchmarks/runs/checkpoint.safetensors" in summary
+    assert "binary file or over 1 MiB, benchmarks/runs/checkpoint.safetensors: content diff not shown" in summary
 
 
 def test_app_bundles(tmp_path: Path) -> None:

@@ -8,7 +8,15 @@ from pathlib import Path
 import typer
 
 from leukfed.client.approval import manifest
-from leukfed.client.approval.store import approve, last_approval, own_fab_digest, snapshot_files, flwr_version
+from leukfed.client.approval.store import (
+    DIFFABLE_MAX_BYTES,
+    approve,
+    diffable_text,
+    flwr_version,
+    last_approval,
+    own_fab_digest,
+    snapshot_files,
+)
 from leukfed.common.errors import LeukError
 
 
@@ -54,9 +62,9 @@ def _diff(approvals_file: Path, code_digest: str, root: Path, changes: dict[str,
     diff: list[str] = []
     for rel in changes["changed"] + changes["added"] + changes["removed"]:
         old = old_files.get(rel, b"")
-        new = (root / rel).read_bytes() if (root / rel).is_file() and rel not in changes["removed"] else b""
-        if b"\0" in old or b"\0" in new:
-            diff.append(f"(binary file {rel}: content diff not shown)\n")
+        new = b"" if rel in changes["removed"] else diffable_text(root / rel)
+        if new is None or b"\0" in old:
+            diff.append(f"(binary file or over {DIFFABLE_MAX_BYTES >> 20} MiB, {rel}: content diff not shown)\n")
             continue
         if rel in changes["changed"] and not old:
             diff.append(f"(no snapshot of the approved {rel}: content diff unavailable)\n")

@@ -1,22 +1,24 @@
 """The site's approvals file: who approved which code and bundles, when (JSON, atomic writes).
 
 The last entry is the approval in force; earlier entries stay as history. Beside the file, a
-snapshot of every approved file (`<name>.snapshots/<digest>.zip`) lets the next review show a diff.
+snapshot of every approved text file up to 1 MiB (`<name>.snapshots/<digest>.zip`) lets the next
+review show a diff; larger and binary files are covered by their digests only.
 """
 from __future__ import annotations
 
-import io
 import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from leukfed.client.approval import manifest
-from leukfed.common.atomic import atomic_write_bytes, atomic_write_json
+from leukfed.common.atomic import atomic_write_json, atomic_write_stream
 from leukfed.common.errors import LeukError
 
 FORMAT = 2   # 2: every file of the package and the start-up hooks (1: *.py only)
+DIFFABLE_MAX_BYTES = 1 << 20   # a review diffs text files up to this size; an editable install's tree can hold
+                               # gigabytes of run outputs, which a snapshot must neither copy nor load
 
 
 def load_approvals(approvals_file: str | Path) -> dict[str, Any]:
@@ -115,13 +117,27 @@ def snapshot_path(approvals_file: Path, code_digest: str) -> Path:
     return approvals_file.parent / f"{approvals_file.stem}.snapshots" / f"{code_digest[:16]}.zip"
 
 
+def diffable_text(path: Path) -> bytes | None:
+    """The file's bytes when a review can show them as a diff: a regular text file (no NUL byte) of at most
+    DIFFABLE_MAX_BYTES; None otherwise (and never a FIFO or device opened: reading it could block)."""
+    try:
+        if not path.is_file() or path.stat().st_size > DIFFABLE_MAX_BYTES:
+            return None
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return None if b"\0" in data else data
+
+
 def _write_snapshot(path: Path, root: Path, files: dict[str, str]) -> None:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for rel in sorted(files):
-            if (root / rel).is_file():        # never a FIFO or device (reading it could block)
-                archive.writestr(zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0)), (root / rel).read_bytes())
-    atomic_write_bytes(path, buffer.getvalue())
+    def write(handle: BinaryIO) -> None:
+        with zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
+            for rel in sorted(files):
+                text = diffable_text(root / rel)
+                if text is not None:
+                    archive.writestr(zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0)), text)
+
+    atomic_write_stream(path, write)
 
 
 def snapshot_files(approvals_file: Path, code_digest: str) -> dict[str, bytes]:
