@@ -18,7 +18,8 @@ from leukfed.common.flower.wire import decode_arrays
 from leukfed.server.fused_mean import FusedMean, FusedUpdate
 from leukfed.server.registered_sites import RegisteredSites
 from leukfed.server.reply_checks import (check_consistency, count_problem, frozen_problem, keep_common_metrics,
-                                         norm_problem, reply_problem, reply_weight, split_evaluation, update_norm)
+                                         norm_problem, reply_problem, reply_weight, shape_problem, short_reason,
+                                         split_evaluation, update_norm)
 from leukfed.server.round_log import RoundLog
 
 
@@ -138,14 +139,17 @@ class GuardedStrategy(Strategy):
                                                                                             self.weighted_by_key))
 
     def _open_train_reply(self, msg: Message) -> tuple[int, ArrayRecord | None, dict, str | None] | None:
-        """Log a failed reply (None) or count its bytes; return (node, arrays record, metrics, count
-        problem). Scores of the previous model come off the train metrics (FedAvg must not average them)."""
+        """Log a failed reply (None) or count its bytes; return (node, arrays record, metrics, problem: a
+        misshapen reply (no record, no metrics) or its count). Scores of the previous model come off the
+        train metrics (FedAvg must not average them)."""
         node = msg.metadata.src_node_id
         if msg.has_error():
-            self.log.failures.append(self._entry(node, phase="train", reason=msg.error.reason))
+            self.log.failures.append(self._entry(node, phase="train", reason=short_reason(msg.error.reason)))
             return None
-        record = msg.content.array_records.get("arrays")
-        self.log.bytes_received += record.count_bytes() if record is not None else 0
+        self.log.bytes_received += sum(r.count_bytes() for r in msg.content.array_records.values())
+        if (shape := shape_problem(msg.content, self.weighted_by_key, train=True)) is not None:
+            return node, None, {}, shape      # none of its metrics is kept: they are what is wrong
+        record = msg.content.array_records["arrays"]
         name, metric_record = next(iter(msg.content.metric_records.items()), (None, None))
         metrics, scores = split_evaluation(dict(metric_record or {}))
         if scores:
@@ -153,7 +157,7 @@ class GuardedStrategy(Strategy):
                 self.log.evaluate_in_train[node] = scores
             msg.content[name] = MetricRecord(metrics)
         problem = count_problem(metrics, self.weighted_by_key, self.settings.max_examples)
-        if problem is None and record is not None and self.frozen:
+        if problem is None and self.frozen:
             problem = frozen_problem(record, self.frozen)
         return node, record, metrics, problem
 
@@ -174,7 +178,7 @@ class GuardedStrategy(Strategy):
             node, record, metrics, problem = opened
             self.log.train[node] = metrics
             update = FusedUpdate(msg, node, reply_weight(msg, self.weighted_by_key))
-            update.problem = problem or ("no arrays in reply" if record is None else fused.read(update, record))
+            update.problem = problem or fused.read(update, record)
             if update.problem is None:
                 noise = noise_problem(metrics, self.settings.min_noise_multiplier)
                 if noise is not None:  # as before: NaN/Inf is named first, which needs the data
@@ -215,8 +219,8 @@ class GuardedStrategy(Strategy):
             if (opened := self._open_train_reply(msg)) is None:
                 continue
             node, record, metrics, problem = opened
-            arrays = decode_arrays(record) if record is not None and problem is None else {}
-            problem = problem or ("no arrays in reply" if record is None else reply_problem(arrays, self.reference)) \
+            arrays = decode_arrays(record) if problem is None else {}
+            problem = problem or reply_problem(arrays, self.reference) \
                 or noise_problem(metrics, self.settings.min_noise_multiplier)
             if problem is None:
                 metrics["update_norm"] = update_norm(arrays, self.reference)
@@ -300,10 +304,11 @@ class GuardedStrategy(Strategy):
         for msg in self._from_registered(replies, "evaluate"):
             node = msg.metadata.src_node_id
             if msg.has_error():
-                self.log.failures.append(self._entry(node, phase="evaluate", reason=msg.error.reason))
+                self.log.failures.append(self._entry(node, phase="evaluate", reason=short_reason(msg.error.reason)))
                 continue
+            problem = shape_problem(msg.content, self.weighted_by_key, train=False)
             metrics = dict(next(iter(msg.content.metric_records.values()), {}))
-            problem = count_problem(metrics, self.weighted_by_key, self.settings.max_examples)
+            problem = problem or count_problem(metrics, self.weighted_by_key, self.settings.max_examples)
             if problem:
                 self.log.rejected.append(self._entry(node, reason=f"evaluation reply: {problem}"))
                 continue

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
@@ -67,9 +67,47 @@ def norm_problem(norm: float, max_norm: float) -> str | None:
     return None
 
 
+MAX_METRICS = 64            # a site's reply carries ~20 metrics; more is noise written into every checkpoint
+MAX_METRIC_NAME = 64
+MAX_REASON_CHARS = 300      # a failed task's reason, as kept in the history
+DP_REPORT = ("dp_epsilon", "dp_noise_multiplier", "dp_delta")
+
+
+def shape_problem(content: RecordDict, weighted_by_key: str, *, train: bool) -> str | None:
+    """Why a reply is not shaped as Flower's strategies read replies, or None: one metric record of at
+    most MAX_METRICS scalar numbers with the weight among them, an epsilon only with its noise and delta, and for
+    training one array record named `arrays`. A reply Flower's own checks would refuse would otherwise
+    raise InconsistentMessageReplies and end the run for every site; one site must not be able to."""
+    if train and not content.array_records:
+        return "no arrays in reply"
+    if train and list(content.array_records) != ["arrays"]:
+        return f"expected one array record 'arrays', got {sorted(content.array_records)[:3]}"
+    if len(content.metric_records) != 1:
+        return f"expected one metric record, got {len(content.metric_records)}"
+    metrics = next(iter(content.metric_records.values()))
+    if len(metrics) > MAX_METRICS:
+        return f"{len(metrics)} metrics (at most {MAX_METRICS})"
+    for key, value in metrics.items():
+        if len(key) > MAX_METRIC_NAME:
+            return f"a metric name of {len(key)} characters (at most {MAX_METRIC_NAME})"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric {key} is not a single number"
+    if weighted_by_key not in metrics:
+        return f"no {weighted_by_key} in the metrics"
+    if DP_REPORT[0] in metrics and (missing := [key for key in DP_REPORT if key not in metrics]):
+        return f"an incomplete DP report (dp_epsilon without {', '.join(missing)})"
+    return None
+
+
+def short_reason(reason: str | None) -> str:
+    """A site's error reason as kept in the history: at most MAX_REASON_CHARS characters."""
+    text = (reason or "error").strip()
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"
+
+
 def count_problem(metrics: dict, key: str, max_count: int) -> str | None:
     """FedAvg weighs each update by the count the site reports: it must be a whole number in
-    [1, max_count] (0: no upper bound). An absent count is left to Flower's own reply checks."""
+    [1, max_count] (0: no upper bound). An absent count is `shape_problem`'s to refuse."""
     if key not in metrics:
         return None
     value = metrics[key]

@@ -19,6 +19,7 @@ from leukfed.server.grids import _unpacked
 from leukfed.server.fused_mean import FusedMean
 from leukfed.server.guard import _plain_weighted_mean
 from leukfed.server.round_log import RoundLog
+from leukfed.server.reply_checks import check_consistency
 from leukfed.server.strategies import make_strategy
 
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -209,13 +210,18 @@ def test_dp_noise_policy_and_its_order_with_nan() -> None:
     assert "no DP noise" in reasons[100] and "NaN" in reasons[101] and 102 not in reasons
 
 
-def test_flowers_reply_checks_still_apply() -> None:
+def test_a_reply_flowers_checks_would_refuse_is_rejected_not_fatal() -> None:
+    """Flower raises InconsistentMessageReplies (the run ends) for a reply without its example count; the
+    guard refuses that reply alone, before Flower sees it."""
     state = model_state()
     replies = updates(state, 3, "float32")
     replies[1].content["metrics"] = MetricRecord({"train_loss": 0.0})          # no num-examples
     for fused in (True, False):
-        with pytest.raises(InconsistentMessageReplies):
-            aggregate("fedavg", state, replies, fused=fused)
+        arrays, _, log = aggregate("fedavg", state, replies, fused=fused)
+        assert [(r["node"], r["reason"]) for r in log.rejected] == [(101, "no num-examples in the metrics")]
+        assert arrays is not None
+    with pytest.raises(InconsistentMessageReplies):                           # what Flower alone would do
+        check_consistency(replies, "num-examples")
 
 
 def test_large_arrays_and_default_chunks() -> None:

@@ -3,10 +3,11 @@ Flower's own `strategy.start` loop; each hospital sends what the test scripts.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -39,6 +40,13 @@ class Hospital:
     examples: object = 50
     scale: float = 1.0
     asked: list[str] = field(default_factory=list)   # message types this hospital received
+    reshape: Callable[[RecordDict], RecordDict] | None = None   # what a lying ClientApp makes of its replies
+    error: str | None = None                                     # replies with this error instead
+
+    def reply(self, content: RecordDict, msg: Message) -> Message:
+        if self.error is not None:
+            return Message(Error(0, self.error), reply_to=msg)
+        return Message(self.reshape(content) if self.reshape else content, reply_to=msg)
 
     def update(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(self.seed)
@@ -54,17 +62,17 @@ def client_app(hospitals: dict[int, Hospital]) -> ClientApp:
         hospital = hospitals[context.node_id]
         hospital.asked.append("train")
         new = hospital.update({k: v.numpy() for k, v in msg.content["arrays"].items()})
-        return Message(RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in new.items()}),
-                                   "metrics": MetricRecord({"num-examples": hospital.examples, "train_loss": 0.5})}),
-                       reply_to=msg)
+        return hospital.reply(RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in new.items()}),
+                                          "metrics": MetricRecord({"num-examples": hospital.examples,
+                                                                   "train_loss": 0.5})}), msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         hospital = hospitals[context.node_id]
         hospital.asked.append("evaluate")
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": hospital.examples,
-                                                            "eval_accuracy": 0.1 * (context.node_id % 10)})}),
-                       reply_to=msg)
+        return hospital.reply(RecordDict({"metrics": MetricRecord({"num-examples": hospital.examples,
+                                                                   "eval_accuracy": 0.1 * (context.node_id % 10)})}),
+                              msg)
 
     return app
 
