@@ -151,6 +151,16 @@ def test_large_and_binary_files_are_covered_by_digest_without_being_copied_or_lo
     assert "binary file or over 1 MiB, benchmarks/runs/checkpoint.safetensors: content diff not shown" in summary
 
 
+def test_a_long_diff_stops_reading_files_once_its_lines_are_shown(package: Path, tmp_path: Path) -> None:
+    approvals = tmp_path / "approvals.json"
+    approve(approvals, "Dr. M", root=package)
+    for index in range(30):
+        (package / "client" / f"added_{index:02d}.py").write_text("".join(f"LINE_{i} = {i}\n" for i in range(50)))
+    summary = show_code_summary(approvals, root=package, max_diff_lines=100)
+    assert summary.count("added: client/added_") == 30                     # every file named
+    assert "+LINE_0 = 0" in summary and "more files not diffed" in summary  # only the first files read
+
+
 def test_app_bundles(tmp_path: Path) -> None:
     approvals = tmp_path / "approvals.json"
     with pytest.raises(LeukError, match="no approval"):

@@ -58,9 +58,14 @@ def show_code_summary(approvals_file: str | Path | None = None, *, root: str | P
 
 def _diff(approvals_file: Path, code_digest: str, root: Path, changes: dict[str, list[str]],
           max_lines: int) -> list[str]:
-    old_files = snapshot_files(approvals_file, code_digest)
+    listed = changes["changed"] + changes["added"] + changes["removed"]
+    old_files = snapshot_files(approvals_file, code_digest, changes["changed"] + changes["removed"])
     diff: list[str] = []
-    for rel in changes["changed"] + changes["added"] + changes["removed"]:
+    not_diffed = 0
+    for index, rel in enumerate(listed):
+        if len(diff) > max_lines:        # past what is shown: the rest is not read
+            not_diffed = len(listed) - index
+            break
         old = old_files.get(rel, b"")
         new = b"" if rel in changes["removed"] else diffable_text(root / rel)
         if new is None or b"\0" in old:
@@ -76,7 +81,8 @@ def _diff(approvals_file: Path, code_digest: str, root: Path, changes: dict[str,
         return []
     shown = ["diff against the approved code:", "".join(diff[:max_lines]).rstrip("\n")]
     if len(diff) > max_lines:
-        shown.append(f"... {len(diff) - max_lines} more diff lines")
+        shown.append(f"... {len(diff) - max_lines} more diff lines"
+                     + (f", and {not_diffed} more files not diffed" if not_diffed else ""))
     return shown
 
 

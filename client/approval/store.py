@@ -10,7 +10,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterable
 
 from leukfed.client.approval import manifest
 from leukfed.common.atomic import atomic_write_json, atomic_write_stream
@@ -140,9 +140,11 @@ def _write_snapshot(path: Path, root: Path, files: dict[str, str]) -> None:
     atomic_write_stream(path, write)
 
 
-def snapshot_files(approvals_file: Path, code_digest: str) -> dict[str, bytes]:
+def snapshot_files(approvals_file: Path, code_digest: str, names: Iterable[str]) -> dict[str, bytes]:
+    """The approved contents of `names` that the snapshot holds."""
     path = snapshot_path(approvals_file, code_digest)
     if not path.exists():
         return {}
     with zipfile.ZipFile(path) as archive:
-        return {n: archive.read(n) for n in archive.namelist()}
+        held = set(archive.namelist())
+        return {n: archive.read(n) for n in names if n in held}
