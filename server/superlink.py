@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import http.client
 import json
-import os
 import ssl
 import subprocess
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Self
 
 
+from leukfed.common.atomic import atomic_write_text
 from leukfed.common.errors import LeukError
 from leukfed.server.tls_certificates import check_server_certs, public_key_digest
 from leukfed.common.flower import superlink_process
@@ -219,14 +219,16 @@ class SuperLink:
             data = json.loads(self.sites_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
+        except (OSError, ValueError) as exc:
+            raise LeukError(f"{self.sites_path} is unreadable ({exc}); restore it or register the sites again") from None
+        if not isinstance(data, dict):
+            raise LeukError(f"{self.sites_path} is not a JSON object of sites; restore it or register the sites again")
         return {str(k): v for k, v in data.items()}
 
     def _remember_site(self, name: str, node_id: int, digest: str) -> None:
         sites = self.sites()
         sites[name] = {"node_id": node_id, "public_key_sha256": digest}
-        tmp = self.sites_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sites, indent=2, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.sites_path)
+        atomic_write_text(self.sites_path, json.dumps(sites, indent=2, sort_keys=True))
 
     def list_nodes(self) -> list[dict[str, object]]:
         """`flwr supernode list`: dicts with node-id, status (registered|online|offline|unregistered), ..."""

@@ -123,6 +123,11 @@ def test_superlink_healthy_registration_idempotent(link: SuperLink, pki: CertsLa
     assert link.sites()["h1"]["node_id"] == first
     listed = {int(str(n["node-id"])): n["status"] for n in link.list_nodes()}
     assert listed[first] in ("registered", "online", "offline")
+    record = link.sites_path.read_bytes()
+    link.sites_path.write_text("{torn", encoding="utf-8")       # damaged by hand: a clear refusal, not a traceback
+    with pytest.raises(LeukError, match="sites.json is unreadable"):
+        link.register_site(pki.site("h1").public_key, "h1")
+    link.sites_path.write_bytes(record)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from leukfed.common.atomic import atomic_write_text
 from leukfed.common.errors import LeukError
 
 OFFLINE_ENV = {
@@ -97,10 +98,7 @@ def write_flwr_config(flwr_home: Path, connections: Mapping[str, Mapping[str, ob
     home = Path(flwr_home)
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.toml"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "\n".join(lines))
 
 
 def _toml_literal(value: object) -> str:
