@@ -60,10 +60,10 @@ def export_model(run_dir: Path, model: nn.Module, description: dict, metrics: di
 
 def read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LeukError(f"{what} not found: {path}") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:       # ValueError: not JSON, or not UTF-8
         raise LeukError(f"{what} {path} is unreadable: {exc}") from None
 
 
@@ -75,7 +75,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[n
     if not run_dir.is_dir():
         raise LeukError(f"run directory not found: {run_dir}")
     description = read_json(run_dir / MODEL_JSON, "model description")
-    if description.get("format") != RUN_FORMAT:
+    if not isinstance(description, dict) or description.get("format") != RUN_FORMAT:
         raise LeukError(f"{run_dir / MODEL_JSON} is not a leukfed model description")
     image_size = description["data_config"]["input_size"][1]
     model = create_model(description["model"], description["num_classes"], image_size=image_size)

@@ -102,7 +102,7 @@ def from_mapping(cls, mapping: Mapping[str, Any]):
                 values[name] = float(raw)
             else:
                 values[name] = str(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise LeukError(f"setting {key!r} must be {kind}, got {raw!r}") from None
     return cls(**values)
 

@@ -129,6 +129,11 @@ def test_bad_inputs_get_one_line_errors(smear_data: Path, trained_run: Path, tmp
         (["evaluate", "--model", str(trained_run), "--data", str(three_classes)], "classes differ"),
         (["predict", "--model", str(tmp_path / "no-run"), str(smear_data)], "not found"),
     ]
+    for name, content in (("latin1", "{\"model\": \"caf\xe9\"}".encode("latin-1")), ("list", b"[1, 2]")):
+        damaged = tmp_path / f"run-{name}"                   # a model description damaged by hand
+        shutil.copytree(trained_run, damaged)
+        (damaged / "model.json").write_bytes(content)
+        cases.append((["predict", "--model", str(damaged), str(smear_data)], "model"))
     for args, needle in cases:
         assert_one_line_error(leuk(*args, check=False), needle)
 

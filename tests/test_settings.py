@@ -135,3 +135,11 @@ def test_leuk_client_policy_is_its_file_then_the_options_given(tmp_path: Path) -
     written = client_cli._site_policy(ctx, tmp_path / "policy.toml",
                                       {k: v for k, v in ctx.params.items() if k in names}, tmp_path)
     assert SitePolicy.load(written) == SitePolicy(min_sites=4, max_local_epochs=3, dp_delta=1e-6)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), "many", [3]])
+def test_a_site_policy_number_that_is_not_one_is_refused_by_name(value) -> None:
+    from leukfed.common.settings import from_mapping
+
+    with pytest.raises(LeukError, match="setting 'max-local-epochs' must be int"):
+        from_mapping(SitePolicy, {"max-local-epochs": value})
