@@ -257,3 +257,15 @@ def test_flowers_helpers_come_from_this_environment(tmp_path) -> None:
     path = flower_env(tmp_path)["PATH"].split(os.pathsep)
     assert path[0] == str(Path(sys.executable).parent)
     assert flower_env(tmp_path, {"PATH": "/site/bin"})["PATH"] == "/site/bin"   # a caller's own PATH wins
+
+
+def test_a_log_tail_is_the_last_lines_of_a_long_log_without_colours(tmp_path: Path) -> None:
+    from leukfed.common.flower.processes import LOG_TAIL_BYTES, log_tail
+
+    log_file = tmp_path / "superlink.log"
+    with log_file.open("w") as handle:        # ~20 x the bytes read: months of a site's log
+        for i in range(LOG_TAIL_BYTES // 2):
+            handle.write(f"\x1b[32mINFO\x1b[0m line {i}\n" if i % 2 else f"line {i}\n")
+    tail = log_tail(log_file, 2).splitlines()
+    assert tail == [f"line {LOG_TAIL_BYTES // 2 - 2}", f"INFO line {LOG_TAIL_BYTES // 2 - 1}"]
+    assert log_tail(tmp_path / "missing.log") == ""

@@ -95,10 +95,16 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+LOG_TAIL_BYTES = 256 * 1024
+
+
 def log_tail(path: Path, lines: int = 15) -> str:
-    """The last `lines` lines of a log file ('' if missing), ANSI colours removed."""
+    """The last `lines` lines of a log file ('' if missing), ANSI colours removed; only its last 256 KiB are
+    read (a coordinator's or site's log is appended to for as long as it runs)."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with path.open("rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            text = handle.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
     return "\n".join(strip_ansi(text).splitlines()[-lines:])
