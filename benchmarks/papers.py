@@ -334,6 +334,23 @@ def not_run(name: str, seeds_done: int = 0) -> str:
     return f"{state}: `{command(name)}`"
 
 
+def seeds_so_far(name: str, seeds: dict[int, dict], pick: Callable[[dict], float | None]) -> str:
+    """A cell short of seeds: each recorded seed's test accuracy so far (no interval yet), and the command
+    that finishes it; `pick` reads one seed's figure from its methods."""
+    if not seeds:
+        return not_run(name)
+    figures = ", ".join(f"seed {seed}: {pct(pick(row['results']['methods']))}" for seed, row in sorted(seeds.items()))
+    return f"{figures} ({len(seeds)} of 3 seeds; the rest: `{command(name)}`)"
+
+
+def final_accuracy(method: dict | None) -> float | None:
+    return method["final"]["accuracy"] if method else None
+
+
+def best_site_of_seed(methods: dict) -> float | None:
+    return max((final_accuracy(m) for name, m in methods.items() if name.startswith("local-site-")), default=None)
+
+
 def input_px(model: str, size: str = "cpu") -> int:
     from leukfed.models import resolve_data_config
 
@@ -346,11 +363,11 @@ def settings_text(model: str, size: str = "cpu") -> str:
             + (f", BN recal. {s['bn_recalibration']}" if s.get("bn_recalibration") else ""))
 
 
-def federated_cell(row: dict | None, name: str, iid_row: dict | None, seeds_done: int = 0) -> str:
+def federated_cell(row: dict | None, name: str, iid_row: dict | None, seeds: dict[int, dict] | None = None) -> str:
     """FedAvg's accuracy and its difference to the iid cell's centralized model, paired by seed when the
     two cells scored the same test images (split.json) with the same seeds."""
     if row is None:
-        return not_run(name, seeds_done)
+        return seeds_so_far(name, seeds or {}, lambda methods: final_accuracy(methods.get("federated-fedavg")))
     own = "centralized" in row["methods"]   # trained in the same comparison: same test images and seeds
     found = paired_to(row, row if own else iid_row, "centralized")
     return interval(accuracy(federated(row))) + (f"<br>{found}" if found else "")
@@ -377,7 +394,7 @@ def paired_to(row: dict, other: dict | None, method: str) -> str:
 def render_table(path: Path = RESULTS, elsewhere: Path | None = FEDERATED_RESULTS,
                  seed_results: Path = SEED_RESULTS, size: str = "cpu") -> str:
     rows = grid_rows(path, elsewhere)
-    done = {name: len(seeds) for name, seeds in recorded_seeds(seed_results).items()}
+    recorded = recorded_seeds(seed_results)
     lines = ["| paper | model | settings | paper's claim | centralized | FedAvg 4 sites iid | "
              "FedAvg 4 sites Dirichlet 0.5 | best site alone (iid) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -390,10 +407,12 @@ def render_table(path: Path = RESULTS, elsewhere: Path | None = FEDERATED_RESULT
                        for r in (iid, dirichlet) if r and r.get("overrides")]
         centralized = accuracy(iid["methods"]["centralized"]) if iid and "centralized" in iid["methods"] else None
         cells = [paper.paper, f"`{model}`: {paper.label}", settings_text(model, size), paper.claim,
-                 interval(centralized) if centralized else not_run(iid_name, done.get(iid_name, 0)),
-                 federated_cell(iid, iid_name, iid, done.get(iid_name, 0)),
-                 federated_cell(dirichlet, dir_name, iid, done.get(dir_name, 0)),
-                 interval(best_site_alone(iid["methods"])) if iid else not_run(iid_name, done.get(iid_name, 0))]
+                 interval(centralized) if centralized else seeds_so_far(
+                     iid_name, recorded.get(iid_name, {}), lambda methods: final_accuracy(methods.get("centralized"))),
+                 federated_cell(iid, iid_name, iid, recorded.get(iid_name)),
+                 federated_cell(dirichlet, dir_name, iid, recorded.get(dir_name)),
+                 interval(best_site_alone(iid["methods"])) if iid else seeds_so_far(
+                     iid_name, recorded.get(iid_name, {}), best_site_of_seed)]
         lines.append("| " + " | ".join(cells) + " |")
     tested = sorted({r.get("test_images") for r in rows.values() if r.get("test_images")})
     lines += ["", f"Test accuracy (%) on the same {DATASET} test images (4 classes, "
@@ -403,7 +422,9 @@ def render_table(path: Path = RESULTS, elsewhere: Path | None = FEDERATED_RESULT
               "alone train rounds × local epochs epochs, FedAvg the same sample passes in total. Centralized "
               "and the sites alone are trained in the iid cell; the Dirichlet column is paired with the iid "
               "cell's centralized (same split.json and seeds: checked). Best site alone: per seed the best of "
-              "the 4 iid sites on the test set (optimistic). Run cells with `LEUK_DATA_ROOT=../shared/datasets`."]
+              "the 4 iid sites on the test set (optimistic). A cell short of seeds shows each recorded seed's "
+              "accuracy (no interval yet) and the command that finishes it. Run cells with "
+              "`LEUK_DATA_ROOT=../shared/datasets`."]
     borrowed = [f"{name} from `{row['measured_by']}`" for name, row in rows.items() if row.get("measured_by")]
     if borrowed:
         lines += ["", "Measured by benchmarks/federated.py with the same settings (its own centralized model pairs "

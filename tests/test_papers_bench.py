@@ -82,7 +82,13 @@ def test_table_marks_missing_cells_not_run(papers, tmp_path):
     iid = _row("smallcnn-iid", {"federated-fedavg": [0.80, 0.82, 0.84], "centralized": [0.90, 0.91, 0.92],
                                 "local-site-0": [0.70, 0.75, 0.72], "local-site-1": [0.78, 0.71, 0.70],
                                 "local-site-2": [0.60, 0.60, 0.60], "local-site-3": [0.65, 0.66, 0.67]})
-    seeds = _write(tmp_path / "seeds.jsonl", [{"experiment": "dscnet-dirichlet0.5", "seed": 0}])
+    def seed_row(name, seed, **accuracies):
+        return {"experiment": name, "seed": seed,
+                "results": {"methods": {m.replace("_", "-"): {"final": {"accuracy": a}} for m, a in accuracies.items()}}}
+    seeds = _write(tmp_path / "seeds.jsonl", [
+        seed_row("dscnet-dirichlet0.5", 0, federated_fedavg=0.612),
+        seed_row("vgg16-iid", 0, federated_fedavg=0.5, centralized=0.7, local_site_0=0.4, local_site_1=0.45),
+        seed_row("vgg16-iid", 1, federated_fedavg=0.55, centralized=0.75, local_site_0=0.5, local_site_1=0.4)])
     table = papers.render_table(_write(tmp_path / "papers.jsonl", [iid]), elsewhere=None, seed_results=seeds)
     lines = table.splitlines()
     assert lines[0].startswith("| paper | model |") and len(lines[2:2 + len(papers.MODELS)]) == 7
@@ -95,7 +101,12 @@ def test_table_marks_missing_cells_not_run(papers, tmp_path):
     assert cells[7].startswith("75.0 [")                       # per seed the best site: 0.78, 0.75, 0.72
     dscnet = next(line for line in lines if "`dscnet`" in line)
     assert dscnet.count("not run") == 3 and "--only dscnet-iid" in dscnet and "99.85 %" in dscnet
-    assert "1 of 3 seeds done: `python benchmarks/papers.py --only dscnet-dirichlet0.5`" in dscnet
+    assert "seed 0: 61.2 (1 of 3 seeds; the rest: `python benchmarks/papers.py --only dscnet-dirichlet0.5`)" in dscnet
+    vgg16 = [c.strip() for c in next(line for line in lines if "`vgg16`" in line).strip("|").split("|")]
+    rest = "(2 of 3 seeds; the rest: `python benchmarks/papers.py --only vgg16-iid`)"
+    assert vgg16[4:] == [f"seed 0: 70.0, seed 1: 75.0 {rest}", f"seed 0: 50.0, seed 1: 55.0 {rest}",
+                         "not run: `python benchmarks/papers.py --only vgg16-dirichlet0.5`",
+                         f"seed 0: 45.0, seed 1: 50.0 {rest}"]   # per seed the best site alone
     for claim in ("99.42 %", "94 %", "94.06 % val"):
         assert claim in table
 
