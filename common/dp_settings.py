@@ -54,7 +54,7 @@ def noise_problem(metrics: Mapping[str, Any], min_noise_multiplier: float) -> st
     reported = metrics.get("dp_noise_multiplier")
     if reported is None:
         return f"no DP noise reported; the run requires noise multiplier >= {min_noise_multiplier:g}"
-    if float(reported) < min_noise_multiplier:
+    if not float(reported) >= min_noise_multiplier:   # NaN fails too
         return f"DP noise multiplier {float(reported):g} < the required {min_noise_multiplier:g}"
     return None
 

@@ -98,7 +98,10 @@ class GuardedStrategy(Strategy):
         return kept
 
     def _entry(self, node: int, **fields) -> dict:
-        """A failure or rejection for the log: the site's name (`node-<id>` where none is known), its node."""
+        """A failure or rejection for the log: the site's name (`node-<id>` where none is known), its node, and
+        the reason kept short (a site chooses the names it contains)."""
+        if "reason" in fields:
+            fields["reason"] = short_reason(fields["reason"])
         return {"site": self.sites.site_name(node), "node": node, **fields}
 
     # -- training ------------------------------------------------------------------------------------
@@ -144,7 +147,7 @@ class GuardedStrategy(Strategy):
         train metrics (FedAvg must not average them)."""
         node = msg.metadata.src_node_id
         if msg.has_error():
-            self.log.failures.append(self._entry(node, phase="train", reason=short_reason(msg.error.reason)))
+            self.log.failures.append(self._entry(node, phase="train", reason=msg.error.reason))
             return None
         self.log.bytes_received += sum(r.count_bytes() for r in msg.content.array_records.values())
         if (shape := shape_problem(msg.content, self.weighted_by_key, train=True)) is not None:
@@ -194,6 +197,7 @@ class GuardedStrategy(Strategy):
         self.log.rejected.extend(self._entry(u.node, reason=u.problem) for u in seen if u.problem)
         kept = self._reject_norm_outliers([u.msg for u in updates if u.problem is None])
         keep_common_metrics(kept)
+        self.log.train_accepted = len(kept)
         arrays = metrics = None
         if kept:
             self.strategy._check_and_log_replies(kept, is_train=True, validate=False)  # Flower's log line
@@ -236,6 +240,7 @@ class GuardedStrategy(Strategy):
             accepted.append(msg)
         accepted = self._reject_norm_outliers(accepted)
         keep_common_metrics(accepted)
+        self.log.train_accepted = len(accepted)
         start = time.perf_counter()
         arrays, metrics = self.strategy.aggregate_train(server_round, accepted) if accepted else (None, None)
         if arrays is not None:
@@ -304,7 +309,7 @@ class GuardedStrategy(Strategy):
         for msg in self._from_registered(replies, "evaluate"):
             node = msg.metadata.src_node_id
             if msg.has_error():
-                self.log.failures.append(self._entry(node, phase="evaluate", reason=short_reason(msg.error.reason)))
+                self.log.failures.append(self._entry(node, phase="evaluate", reason=msg.error.reason))
                 continue
             problem = shape_problem(msg.content, self.weighted_by_key, train=False)
             metrics = dict(next(iter(msg.content.metric_records.values()), {}))

@@ -74,17 +74,18 @@ DP_REPORT = ("dp_epsilon", "dp_noise_multiplier", "dp_delta")
 
 
 def shape_problem(content: RecordDict, weighted_by_key: str, *, train: bool) -> str | None:
-    """Why a reply is not shaped as Flower's strategies read replies, or None: one metric record of at
-    most MAX_METRICS scalar numbers with the weight among them, an epsilon only with its noise and delta, and for
-    training one array record named `arrays`. A reply Flower's own checks would refuse would otherwise
-    raise InconsistentMessageReplies and end the run for every site; one site must not be able to."""
+    """Why a reply is not shaped as Flower's strategies read replies, or None: one metric record named
+    `metrics` of at most MAX_METRICS single numbers with the weight among them, an epsilon only with its
+    noise multiplier and delta (finite, non-negative), and for training one array record named `arrays`.
+    A reply Flower's own checks would refuse would otherwise raise InconsistentMessageReplies and end the
+    run for every site; one site must not be able to."""
     if train and not content.array_records:
         return "no arrays in reply"
     if train and list(content.array_records) != ["arrays"]:
         return f"expected one array record 'arrays', got {sorted(content.array_records)[:3]}"
-    if len(content.metric_records) != 1:
-        return f"expected one metric record, got {len(content.metric_records)}"
-    metrics = next(iter(content.metric_records.values()))
+    if list(content.metric_records) != ["metrics"]:   # Flower reads the others' records by the first reply's name
+        return f"expected one metric record named 'metrics', got {len(content.metric_records)} metric record(s)"
+    metrics = content.metric_records["metrics"]
     if len(metrics) > MAX_METRICS:
         return f"{len(metrics)} metrics (at most {MAX_METRICS})"
     for key, value in metrics.items():
@@ -96,6 +97,9 @@ def shape_problem(content: RecordDict, weighted_by_key: str, *, train: bool) -> 
         return f"no {weighted_by_key} in the metrics"
     if DP_REPORT[0] in metrics and (missing := [key for key in DP_REPORT if key not in metrics]):
         return f"an incomplete DP report (dp_epsilon without {', '.join(missing)})"
+    for key in DP_REPORT:
+        if key in metrics and not 0 <= metrics[key] < math.inf:   # NaN too: it would pass any comparison
+            return f"{key} {metrics[key]!r} is not a finite non-negative number"
     return None
 
 

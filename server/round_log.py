@@ -17,7 +17,8 @@ class RoundLog:
     train: dict[int, dict] = field(default_factory=dict)       # node id -> metrics
     evaluate: dict[int, dict] = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
-    rejected: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)         # train and evaluation replies
+    train_accepted: int = 0                                     # train replies that reached the aggregate
     ignored: list[dict] = field(default_factory=list)          # replies from nodes the coordinator did not register
     bytes_sent: int = 0
     bytes_received: int = 0

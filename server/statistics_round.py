@@ -47,7 +47,7 @@ def statistics_round(grid: Grid, fed: FedConfig, model: nn.Module, sites: Regist
                             timeout=fed.round_timeout,
                             train_config=ConfigRecord({**config, STATISTICS_TASK: fed.bn_statistics_round}),
                             evaluate_config=ConfigRecord({"class-names": fed.class_names}))
-    accepted = len(strategy.log.train) - len(strategy.log.rejected)
+    accepted = strategy.log.train_accepted
     if accepted <= 0:
         log("statistics round: no reply accepted; the model keeps the averaged running statistics")
         return False

@@ -221,8 +221,11 @@ class SuperLink:
             return {}
         except (OSError, ValueError) as exc:
             raise LeukError(f"{self.sites_path} is unreadable ({exc}); restore it or register the sites again") from None
-        if not isinstance(data, dict):
-            raise LeukError(f"{self.sites_path} is not a JSON object of sites; restore it or register the sites again")
+        if not isinstance(data, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("node_id"), int) and isinstance(v.get("public_key_sha256"), str)
+                for v in data.values()):
+            raise LeukError(f"{self.sites_path} is not a JSON object of sites (node_id, public_key_sha256); "
+                            "restore it or register the sites again")
         return {str(k): v for k, v in data.items()}
 
     def _remember_site(self, name: str, node_id: int, digest: str) -> None:

@@ -127,6 +127,9 @@ def test_superlink_healthy_registration_idempotent(link: SuperLink, pki: CertsLa
     link.sites_path.write_text("{torn", encoding="utf-8")       # damaged by hand: a clear refusal, not a traceback
     with pytest.raises(LeukError, match="sites.json is unreadable"):
         link.register_site(pki.site("h1").public_key, "h1")
+    link.sites_path.write_text('{"h1": {"node_id": "one"}}', encoding="utf-8")
+    with pytest.raises(LeukError, match="sites.json is not a JSON object of sites"):
+        link.register_site(pki.site("h1").public_key, "h1")
     link.sites_path.write_bytes(record)
 
 

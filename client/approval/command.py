@@ -68,7 +68,7 @@ def _diff(approvals_file: Path, code_digest: str, root: Path, changes: dict[str,
             break
         old = old_files.get(rel, b"")
         new = b"" if rel in changes["removed"] else diffable_text(root / rel)
-        if new is None or b"\0" in old:
+        if new is None or b"\0" in old or (rel in changes["removed"] and rel not in old_files):
             diff.append(f"(binary file or over {DIFFABLE_MAX_BYTES >> 20} MiB, {rel}: content diff not shown)\n")
             continue
         if rel in changes["changed"] and not old:
