@@ -9,13 +9,15 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from leukfed.client.audit import verify_chain
+from leukfed.client.audit import ChainReport, verify_chain
 from leukfed.client.policy import SitePolicy
+from leukfed.common.atomic import read_tail
 from leukfed.common.errors import LeukError
 from leukfed.common.settings import kebab
 from leukfed.common.webui import ReadOnlyServer, WebApp, is_loopback, parse_listen
 
 AUDIT_SHOWN = 50
+AUDIT_TAIL_BYTES = 512 * 1024   # the shown entries come from the log's end: ~2 KB each
 INSTALLED_CHECK_EVERY_S = 30.0
 # What an audit line shows in the console (the full line stays in the file).
 AUDIT_FIELDS = ("seq", "time", "run_id", "round", "message", "outcome", "bytes_in", "bytes_out", "update_sha256",
@@ -70,6 +72,7 @@ class Console:
     def __init__(self, files: SiteFiles) -> None:
         self.files = files
         self._installed: tuple[float, dict] = (0.0, {})
+        self._audit: tuple[tuple, ChainReport | None] = ((), None)
 
     def overview(self) -> dict:
         return {"site": self.files.site, "state": str(self.files.state), "data": str(self.files.data),
@@ -107,11 +110,20 @@ class Console:
         path = self.files.audit_log
         if not path.exists():
             return {"file": str(path), "exists": False, "entries": [], "verified": None}
-        report = verify_chain(path)
+        report = self._chain_report(path)
         entries = _tail_entries(path, AUDIT_SHOWN)
         return {"file": str(path), "exists": True, "verified": report.ok, "summary": report.summary(),
                 "count": report.entries, "head": report.head, "broken_line": report.line, "problem": report.problem,
                 "entries": entries[::-1]}
+
+    def _chain_report(self, path: Path) -> ChainReport:
+        """The chain check, done again only when the file changed (the page asks every 3 s; the log grows
+        by a few lines a round and is read whole to check it). ctime is in the key: no one can set it back."""
+        stat = path.stat()
+        signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        if self._audit[0] != signature:
+            self._audit = (signature, verify_chain(path))
+        return self._audit[1]
 
     def policy(self) -> dict:
         path = self.files.policy
@@ -158,7 +170,8 @@ def _changes(previous: dict, entry: dict) -> dict:
 def _tail_entries(path: Path, count: int) -> list[dict]:
     import json
 
-    lines = path.read_bytes().splitlines()[-count:]
+    tail = read_tail(path, AUDIT_TAIL_BYTES)
+    lines = tail.splitlines()[int(len(tail) == AUDIT_TAIL_BYTES):][-count:]   # the first may be cut
     out = []
     for line in lines:
         try:

@@ -1,4 +1,4 @@
-"""Atomic file writes: temp file in the same folder, fsync, then `os.replace`."""
+"""Atomic file writes (temp file in the same folder, fsync, then `os.replace`) and bounded tail reads."""
 
 from __future__ import annotations
 
@@ -119,3 +119,10 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_tail(path: str | Path, limit: int) -> bytes:
+    """The last `limit` bytes of a file that keeps growing (a log): never the whole of it."""
+    with open(path, "rb") as handle:
+        handle.seek(max(0, handle.seek(0, os.SEEK_END) - limit))
+        return handle.read(limit)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image
 
@@ -46,15 +45,20 @@ def check_dataset(root: str | Path, *, verify_images: bool = True, max_pixels: i
 
 
 def _inspect_file(path: Path, decode: bool, max_pixels: int) -> _FileInfo:
-    """Hash a file and read its size and mode (decoding it fully when `decode`)."""
+    """Hash a file and read its size and mode (decoding it fully when `decode`). The file is streamed,
+    never held whole: eight threads over a folder with a few huge files must not exhaust memory."""
     try:
         with open_regular(path) as fh:
-            data = fh.read()
+            sha = hashlib.file_digest(fh, "sha256").hexdigest()
+            fh.seek(0)
+            return _inspect_image(fh, sha, decode, max_pixels)
     except OSError as exc:
         return _FileInfo(None, None, None, exc.strerror or str(exc))
-    sha = hashlib.sha256(data).hexdigest()
+
+
+def _inspect_image(fh: BinaryIO, sha: str, decode: bool, max_pixels: int) -> _FileInfo:
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(fh) as im:
             size, mode = f"{im.width}x{im.height}", im.mode
             check_pixels(im, max_pixels)
             if decode:

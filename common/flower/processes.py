@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from leukfed.common.atomic import read_tail
 from leukfed.common.errors import LeukError
 
 
@@ -102,9 +103,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
     """The last `lines` lines of a log file ('' if missing), ANSI colours removed; only its last 256 KiB are
     read (a coordinator's or site's log is appended to for as long as it runs)."""
     try:
-        with path.open("rb") as handle:
-            handle.seek(max(0, handle.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
-            text = handle.read().decode("utf-8", errors="replace")
+        text = read_tail(path, LOG_TAIL_BYTES).decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
     return "\n".join(strip_ansi(text).splitlines()[-lines:])

@@ -159,3 +159,22 @@ def test_train_on_a_bomb_is_one_error_line(smears: Path, tmp_path: Path) -> None
     lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert result.returncode == 2 and len(lines) == 1 and "B/bomb.png" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_data_check_streams_a_huge_file_instead_of_holding_it(smears: Path) -> None:
+    """A 256 MiB file named like an image (a real PNG, then junk: sparse, so the disk holds little) is
+    hashed and checked in pieces: eight threads over such files must not hold them whole."""
+    import tracemalloc
+
+    huge = smears / "A" / "huge.png"
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(huge)
+    with huge.open("r+b") as handle:
+        handle.truncate(256 << 20)
+    tracemalloc.start()
+    try:
+        report = check_dataset(smears)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report["num_images"] == 17 and report["ok"], report["unreadable"]
+    assert peak < 32 << 20, f"peak {peak >> 20} MiB"
