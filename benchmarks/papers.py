@@ -16,7 +16,7 @@ seed 0), and each seed draws its own partition, initialisation and data order. R
 benchmarks/results/papers.jsonl (one per finished cell); each cell's folder (report.md, per-seed runs)
 to benchmarks/runs/papers/<cell>/. An interrupted cell resumes with the methods and seeds it had finished:
 from its folder, and from benchmarks/results/papers-seeds.jsonl (one row per finished seed: its scores
-without models, committed with the results), so that a cell longer than one sitting (vgg16-iid, ~3.5 h)
+without models, committed with the results), so that a cell longer than one sitting (vgg16-iid, ~3 h)
 finishes over several, on other machines too, seed by seed.
 A cell that benchmarks/federated.py already ran with the same training settings (its rows in
 benchmarks/results/federated.jsonl; the Lite0 cells are its 3-seed headline) is taken from there, not
@@ -129,8 +129,8 @@ MODELS: dict[str, Paper] = {p.model: p for p in (
           dict(SCRATCH, model="resnet50", image_size=64, rounds=10, seeds=SEEDS, evaluate_every=2), (79, 29)),
     # vgg16 from scratch (no offline weights; the paper fine-tunes ImageNet weights at 224 px): 134 M
     # parameters (the 7x7 fully-connected layer dominates at any input size), no BatchNorm, so lr 1e-4.
-    # ~9 img/s at 48 px, 6 x 1: iid ~55 min/seed (seed 0, 2026-12-07: FedAvg 27 min, rounds 3.6-5.3 min on a
-    # machine also running tests; centralized 13.5 min; the 4 sites alone 15.4 min), Dirichlet ~27 min/seed.
+    # ~9 img/s at 48 px, 6 x 1: iid 55-58 min/seed (2026-12-07: FedAvg 25-29 min, rounds 2.9-6.1 min;
+    # centralized 13 min; the 4 sites alone 15-16 min), Dirichlet (FedAvg only) 21-30 min/seed.
     # Each site's update is 0.54 GB
     # and a training site peaks at ~4.8 GB at 32 px (weights, Adam's moments, gradients, the records in and
     # out); before each task freed the last one's records, the actor grew to 13 GB and Ray killed the sites
@@ -139,7 +139,7 @@ MODELS: dict[str, Paper] = {p.model: p for p in (
     Paper("001", "vgg16", "VGG16 (scratch; the paper fine-tunes ImageNet weights at 224 px)", "94 %",
           dict(SCRATCH, model="vgg16", image_size=48, lr=1e-4, rounds=6, seeds=SEEDS, evaluate_every=2,
                cpus_per_site=2),
-          (165, 80), paper_px=224),
+          (170, 80), paper_px=224),
 )}
 TABLE_ORDER = ("resnet50", "vgg16", "inception_v3", "efficientnet_b0_attn", "smallcnn", "dscnet",
                "efficientnet_lite0")
